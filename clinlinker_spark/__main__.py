@@ -1,0 +1,3 @@
+from clinlinker_spark.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""One frozen, validated configuration tree loaded from YAML, with ``key=value`` overrides.
+
+Every section is a frozen dataclass. Unknown keys are errors (a typo in a nightly job's config
+must fail loudly, not be ignored), values are checked against the field's type, and overrides
+given on the command line (``--set linking.top_k=50``) are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from clinlinker_spark.errors import ConfigError
+
+POOLINGS = ("cls", "mean")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10")
+GOLD_FORMATS = ("distemist", "medprocner", "codiesp")
+INPUT_FORMATS = ("parquet", "delta") + GOLD_FORMATS
+WRITERS = ("auto", "delta-spark", "deltalake")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How a bi-encoder turns text into vectors. Recorded in every index manifest."""
+
+    path: str = "artifacts/models/multilingual-e5-small"
+    pooling: str = "mean"  # cls | mean (attention-masked)
+    max_length: int = 32  # tokens, including special tokens
+    prefix: str = ""  # prepended to every text before tokenisation (e5: "query: ")
+    normalize: bool = True  # L2-normalise embeddings (inner product = cosine)
+    batch_size: int = 128
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16/fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        _check_choice("encoder.pooling", self.pooling, POOLINGS)
+        _check_choice("encoder.device", self.device, DEVICES)
+        _check_choice("encoder.precision", self.precision, PRECISIONS)
+        _check_positive("encoder.max_length", self.max_length)
+        _check_positive("encoder.batch_size", self.batch_size)
+        if self.num_threads < 0:
+            raise ConfigError("encoder.num_threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class TerminologySourceConfig:
+    """One file of terms (or of gold training mentions added as synonyms)."""
+
+    path: str
+    format: str = "table"  # gazetteer | table | cie10 | distemist | medprocner | codiesp
+    name: str = ""  # source name stored per row; defaults to the file stem
+    code_column: str = "code"  # table format only
+    term_column: str = "term"  # table format only
+    semantic_tag_column: str = ""  # table format only, optional
+    main_term_column: str = ""  # table format only, optional
+    min_level: int = 2  # cie10 only: keep rows of this level and deeper
+    labels: tuple[str, ...] = ()  # gold formats only: keep mentions with these labels
+
+    def __post_init__(self) -> None:
+        _check_choice(
+            "terminology source format", self.format, TERMINOLOGY_FORMATS + GOLD_FORMATS
+        )
+
+
+@dataclass(frozen=True)
+class TerminologyConfig:
+    name: str = "terminology"
+    version: str = ""
+    sources: tuple[TerminologySourceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    path: str = "artifacts/indexes/default"
+    index_type: str = "flat"  # flat (exact inner product) | ivf | hnsw
+    fp16: bool = False  # store vectors as fp16 (scalar quantiser); halves memory
+    ivf_nlist: int = 0  # 0: about 4 * sqrt(n)
+    ivf_nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("index.index_type", self.index_type, INDEX_TYPES)
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    path: str = ""  # empty: no re-ranking
+    top_n: int = 25  # how many retrieved candidates are re-scored
+    batch_size: int = 64
+    max_length: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_positive("reranker.top_n", self.top_n)
+        _check_positive("reranker.batch_size", self.batch_size)
+        _check_choice("reranker.device", self.device, DEVICES)
+        _check_choice("reranker.precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class LinkingConfig:
+    search_k: int = 200  # raw nearest-neighbour hits searched per mention
+    top_k: int = 25  # distinct codes kept per mention
+    exact_match_prior: bool = True  # codes whose term equals the mention come first
+    max_text_length: int = 256  # characters; longer mentions get status invalid_input
+    min_score: float = -1.0  # best score below this: status no_candidate
+
+    def __post_init__(self) -> None:
+        _check_positive("linking.search_k", self.search_k)
+        _check_positive("linking.top_k", self.top_k)
+        _check_positive("linking.max_text_length", self.max_text_length)
+        if self.top_k > self.search_k:
+            raise ConfigError("linking.top_k must be <= linking.search_k")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    app_name: str = "clinlinker"
+    shuffle_partitions: int = 8
+    arrow_batch_size: int = 2048
+    driver_memory: str = "4g"
+    task_cpus: int = 1
+    local_ip: str = "127.0.0.1"  # SPARK_LOCAL_IP for local masters only
+    conf: Mapping[str, str] = field(default_factory=dict)  # any extra spark.* settings
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = ""
+    format: str = "parquet"  # parquet | delta | distemist | medprocner | codiesp
+    mention_id_column: str = "mention_id"
+    doc_id_column: str = "doc_id"
+    start_column: str = "start"
+    end_column: str = "end"
+    text_column: str = "text"
+    label_column: str = "label"
+    passthrough_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("input.format", self.format, INPUT_FORMATS)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = "artifacts/tables/code_assignments"
+    writer: str = "auto"  # auto | delta-spark | deltalake
+    store_text: bool = True  # False: store a SHA-256 of the text instead of the text
+    incremental: bool = True  # skip mentions already linked with the same model + index
+
+    def __post_init__(self) -> None:
+        _check_choice("output.writer", self.writer, WRITERS)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The linking job's whole configuration (conf/local.yaml, conf/cluster.yaml, ...)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    terminology: TerminologyConfig = field(default_factory=TerminologyConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    linking: LinkingConfig = field(default_factory=LinkingConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    build_missing: bool = True  # build the base encoder / index when their directory is missing
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0; got {value}")
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, where + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping")
+        return from_dict(tp, value, where + ".")
+    if origin is tuple:
+        if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string; got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    cls: type[T] = JobConfig,  # type: ignore[assignment]
+) -> T:
+    """Load a YAML config file (or defaults when ``path`` is None) plus overrides into ``cls``.
+
+    Relative paths inside the config stay relative to the working directory, as a data
+    engineer running ``spark-submit`` from the project root expects.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded or {}
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain, JSON-serialisable dict of a config dataclass (for manifests and cards)."""
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        return value
+
+    return convert(config)
