@@ -65,11 +65,15 @@ class TerminologySourceConfig:
     main_term_column: str = ""  # table format only, optional
     min_level: int = 2  # cie10 only: keep rows of this level and deeper
     labels: tuple[str, ...] = ()  # gold formats only: keep mentions with these labels
+    split: str = "all"  # gold formats only: all | train | test side of a document-level split
+    test_fraction: float = 0.2  # gold formats only, with split
+    split_seed: int = 13  # gold formats only, with split
 
     def __post_init__(self) -> None:
         _check_choice(
             "terminology source format", self.format, TERMINOLOGY_FORMATS + GOLD_FORMATS
         )
+        _check_choice("terminology source split", self.split, ("all", "train", "test"))
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,28 @@ class SparkConfig:
     task_cpus: int = 1
     local_ip: str = "127.0.0.1"  # SPARK_LOCAL_IP for local masters only
     conf: Mapping[str, str] = field(default_factory=dict)  # any extra spark.* settings
+    # GPU resource scheduling (0 = CPU executors). executor_gpus sets
+    # spark.executor.resource.gpu.amount, task_gpus spark.task.resource.gpu.amount (a fraction
+    # lets several tasks share one GPU), gpu_discovery_script the executors' discovery script.
+    executor_gpus: int = 0
+    task_gpus: float = 0.0
+    gpu_discovery_script: str = ""
+    # Link each distinct normalised surface form once and join the result back to every
+    # mention (False: every valid mention goes through the UDFs; for benchmarks).
+    dedupe_surface_forms: bool = True
+    # True: the index (and the encoder and re-ranker directories) reach executors once through
+    # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
+    # directly (shared storage such as /dbfs or NFS; use it for multi-GB indexes).
+    ship_artifacts: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("spark.shuffle_partitions", self.shuffle_partitions)
+        _check_positive("spark.arrow_batch_size", self.arrow_batch_size)
+        _check_positive("spark.task_cpus", self.task_cpus)
+        if self.executor_gpus < 0 or self.task_gpus < 0:
+            raise ConfigError("spark.executor_gpus and spark.task_gpus must be >= 0")
+        if self.task_gpus > 0 and self.executor_gpus == 0:
+            raise ConfigError("spark.task_gpus > 0 needs spark.executor_gpus > 0")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""``clinlinker build-index``: embed a terminology and write an immutable index directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from clinlinker_spark.config import (
+    GOLD_FORMATS, TERMINOLOGY_FORMATS, TerminologyConfig, TerminologySourceConfig, load_config,
+)
+from clinlinker_spark.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build-index", help="embed a terminology and write a FAISS index artifact",
+        description=__doc__ + " Sources come from --config (terminology.sources) and/or "
+        "--source FORMAT=PATH flags; flags override the config's encoder and index settings.",
+    )
+    p.add_argument("--config", default=None, help="job config YAML (encoder, index, terminology)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. index.index_type=hnsw (repeatable)")
+    p.add_argument("--source", action="append", default=[], metavar="FORMAT=PATH",
+                   help=f"terminology source; FORMAT one of {', '.join(TERMINOLOGY_FORMATS + GOLD_FORMATS)}")
+    p.add_argument("--labels", default="", help="gold sources: comma-separated labels to keep")
+    p.add_argument("--split", default="all", choices=["all", "train", "test"],
+                   help="gold sources: side of a document-level split to index")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=13)
+    p.add_argument("--min-level", type=int, default=2, help="cie10 sources: minimum level")
+    p.add_argument("--encoder", default="", help="bi-encoder directory (overrides encoder.path)")
+    p.add_argument("--pooling", default="", choices=["", "cls", "mean"])
+    p.add_argument("--max-length", type=int, default=0)
+    p.add_argument("--out", default="", help="index directory (overrides index.path)")
+    p.add_argument("--index-type", default="", choices=["", "flat", "ivf", "hnsw"])
+    p.add_argument("--fp16", action="store_true", help="store vectors as fp16")
+    p.add_argument("--name", default="", help="terminology name recorded in the manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p.set_defaults(func=run)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.set)
+    for flag, key in ((args.encoder, "encoder.path"), (args.pooling, "encoder.pooling"),
+                      (args.max_length, "encoder.max_length"), (args.out, "index.path"),
+                      (args.index_type, "index.index_type"), (args.name, "terminology.name")):
+        if flag:
+            sets.append(f"{key}={flag}")
+    if args.fp16:
+        sets.append("index.fp16=true")
+    return sets
+
+
+def run(args: argparse.Namespace) -> int:
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import build_index
+    from clinlinker_spark.terminology import load_terminology, terminology_stats
+
+    config = load_config(args.config, _flag_overrides(args))
+    sources = list(config.terminology.sources)
+    labels = tuple(s.strip() for s in args.labels.split(",") if s.strip())
+    for item in args.source:
+        if "=" not in item:
+            raise ConfigError(f"--source {item!r} must look like FORMAT=PATH")
+        fmt, path = item.split("=", 1)
+        sources.append(TerminologySourceConfig(
+            path=path, format=fmt, min_level=args.min_level,
+            labels=labels if fmt in GOLD_FORMATS else (),
+            split=args.split if fmt in GOLD_FORMATS else "all",
+            test_fraction=args.test_fraction, split_seed=args.split_seed,
+        ))
+    if not sources:
+        raise ConfigError("no terminology sources: give --source FORMAT=PATH or a --config with "
+                          "terminology.sources")
+    terminology_config: TerminologyConfig = dataclasses.replace(
+        config.terminology, sources=tuple(sources))
+    terminology = load_terminology(terminology_config)
+    log.info("terminology: %s", terminology_stats(terminology))
+    encoder = BiEncoder.from_config(config.encoder)
+    out = build_index(terminology, encoder, config.index, config.index.path,
+                      name=terminology_config.name, version=terminology_config.version,
+                      overwrite=args.overwrite)
+    print(out)
+    return 0

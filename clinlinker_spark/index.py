@@ -1,0 +1,387 @@
+"""The terminology index artifact: FAISS vectors + a rows table + manifest.json.
+
+Layout of an index directory (immutable once written)::
+
+    manifest.json   what it is, content hash, encoder fingerprint, FAISS settings, terminology
+    index.faiss     FAISS native file, one vector per distinct normalised term (``term_norm``)
+    rows.parquet    one row per (code, term): position (the vector id), code, code_key, term,
+                    term_norm, is_main_term, semantic_tag, source, mention_count
+
+Vectors are per distinct normalised text, not per row: an index built from a code list plus
+training mentions holds the same text under several codes, and embedding it once is cheaper
+and makes a raw hit a distinct text. The rows of one position are stored in prior order
+(``mention_count`` descending, main terms first, then code), which is the order codes sharing
+that exact text are returned in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from clinlinker_spark import __version__
+from clinlinker_spark.config import IndexConfig
+from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
+from clinlinker_spark.text import normalize_code, normalize_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+ROWS_FILE = "rows.parquet"
+ARTIFACT_KIND = "clinlinker-terminology-index"
+FORMAT_VERSION = 1
+NORMALISATION = "nfkc-lower-ws"
+
+ROW_COLUMNS = [
+    "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
+    "source", "mention_count",
+]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact's content."""
+    import pyarrow
+    import torch
+    import transformers
+
+    return {
+        "clinlinker_spark": __version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pyarrow.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content_hash(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (INDEX_FILE, ROWS_FILE):
+        digest.update(name.encode())
+        digest.update(file_sha256(directory / name).encode())
+    return digest.hexdigest()
+
+
+def prepare_rows(terminology: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Order terminology rows by distinct normalised text and prior.
+
+    Returns the rows table (with ``position``) and the distinct texts, where ``texts[p]`` is
+    the text of vector ``p``.
+    """
+    missing = [c for c in ("code", "term") if c not in terminology.columns]
+    if missing:
+        raise InputDataError(
+            f"terminology is missing column(s) {missing}; it has {list(terminology.columns)}"
+        )
+    rows = terminology.copy()
+    if rows.empty:
+        raise InputDataError("terminology has no rows: nothing to index")
+    bad = rows["code"].isna() | rows["term"].isna()
+    if bad.any():
+        raise InputDataError(f"terminology has {int(bad.sum())} row(s) without code or term")
+    if "code_key" not in rows:
+        rows["code_key"] = rows["code"].map(normalize_code)
+    if "term_norm" not in rows:
+        rows["term_norm"] = rows["term"].map(normalize_text)
+    for column, default in (("is_main_term", False), ("semantic_tag", ""), ("source", ""),
+                            ("mention_count", 0)):
+        if column not in rows:
+            rows[column] = default
+    rows = rows[rows["term_norm"] != ""]
+    rows["mention_count"] = rows["mention_count"].fillna(0).astype("int64")
+    rows["is_main_term"] = rows["is_main_term"].fillna(False).astype(bool)
+    rows["semantic_tag"] = rows["semantic_tag"].fillna("").astype(str)
+    rows["source"] = rows["source"].fillna("").astype(str)
+    rows = rows.drop_duplicates(["code_key", "term_norm"], keep="first")
+    texts = sorted(rows["term_norm"].unique().tolist())
+    position_of = {t: i for i, t in enumerate(texts)}
+    rows["position"] = rows["term_norm"].map(position_of).astype("int64")
+    rows = rows.sort_values(
+        ["position", "mention_count", "is_main_term", "code_key"],
+        ascending=[True, False, False, True], kind="mergesort",
+    )
+    return rows[ROW_COLUMNS].reset_index(drop=True), texts
+
+
+def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, dict]:
+    n, dim = vectors.shape
+    metric = faiss.METRIC_INNER_PRODUCT
+    params: dict[str, Any] = {"type": config.index_type, "fp16": config.fp16,
+                              "metric": "inner_product", "dim": dim}
+    if config.index_type == "flat":
+        index = (faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, metric)
+                 if config.fp16 else faiss.IndexFlatIP(dim))
+    elif config.index_type == "ivf":
+        nlist = config.ivf_nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = min(nlist, n)
+        quantizer = faiss.IndexFlatIP(dim)
+        if config.fp16:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, metric)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+        rng = np.random.default_rng(0)
+        sample = vectors if n <= 256 * nlist else vectors[rng.choice(n, 256 * nlist, False)]
+        index.train(sample)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+        params.update(nlist=nlist, nprobe=index.nprobe)
+    else:  # hnsw
+        if config.fp16:
+            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, config.hnsw_m, metric)
+            index.train(vectors)
+        else:
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, metric)
+        index.hnsw.efSearch = config.hnsw_ef_search
+        params.update(hnsw_m=config.hnsw_m, ef_search=config.hnsw_ef_search)
+    index.add(vectors)
+    return index, params
+
+
+def _apply_search_params(index: faiss.Index, params: dict) -> None:
+    if params.get("type") == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    elif params.get("type") == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
+
+
+def build_index(
+    terminology: pd.DataFrame,
+    encoder: Any,
+    config: IndexConfig,
+    out_dir: str | Path,
+    name: str = "terminology",
+    version: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Embed a terminology with ``encoder`` (a BiEncoder) and write an index directory.
+
+    The directory is written under a temporary name beside ``out_dir`` and renamed into place,
+    so a crash never leaves a half-written index where a job would find it. An existing index
+    is never modified; ``overwrite=True`` replaces it as a whole.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ArtifactError(f"index directory {out} already exists (indexes are immutable; "
+                            "choose a new path or pass overwrite)")
+    rows, texts = prepare_rows(terminology)
+    started = time.perf_counter()
+    log.info("embedding %d distinct terms (%d rows, %d codes)", len(texts), len(rows),
+             rows["code_key"].nunique())
+    vectors = np.ascontiguousarray(encoder.encode(texts, show_progress=True), dtype=np.float32)
+    embed_s = time.perf_counter() - started
+    index, params = _make_faiss_index(vectors, config)
+    params["ntotal"] = int(index.ntotal)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        rows.to_parquet(tmp / ROWS_FILE, index=False)
+        sources = sorted({s for v in rows["source"] for s in str(v).split("|") if s})
+        manifest = {
+            "kind": ARTIFACT_KIND,
+            "format_version": FORMAT_VERSION,
+            "content_hash": _content_hash(tmp),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "encoder": encoder.fingerprint(),
+            "normalisation": NORMALISATION,
+            "index": params,
+            "terminology": {
+                "name": name, "version": version, "rows": int(len(rows)),
+                "codes": int(rows["code_key"].nunique()), "distinct_terms": len(texts),
+                "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
+            },
+            "build": {"embed_seconds": round(embed_s, 3)},
+            "libraries": library_versions(),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("index written to %s: %d vectors, dim %d, %s, embedding took %.1f s",
+             out, index.ntotal, vectors.shape[1], params["type"], embed_s)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and check an index directory's manifest.json."""
+    p = Path(path)
+    file = p / MANIFEST_FILE
+    if not file.is_file():
+        raise ArtifactError(f"{p} is not an index directory: no {MANIFEST_FILE}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file} is not valid JSON: {exc}") from None
+    if manifest.get("kind") != ARTIFACT_KIND:
+        raise ArtifactError(f"{file} is not a {ARTIFACT_KIND} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{file}: unsupported format_version {manifest.get('format_version')}")
+    return manifest
+
+
+def check_encoder(manifest: dict, fingerprint: dict, index_path: str | Path = "") -> None:
+    """Raise EncoderMismatchError when an index was built with another encoder."""
+    from clinlinker_spark.encoder import fingerprint_mismatches
+
+    problems = fingerprint_mismatches(manifest["encoder"], fingerprint)
+    if problems:
+        raise EncoderMismatchError(
+            f"index {index_path} was built with another encoder than the one given "
+            f"({manifest['encoder'].get('path')} vs {fingerprint.get('path')}): "
+            + "; ".join(problems)
+            + ". Rebuild the index with this encoder (clinlinker build-index) or use its encoder."
+        )
+
+
+@dataclass
+class Hits:
+    """Raw search hits: ``scores`` float32 [n, k], ``positions`` int64 [n, k] (-1 = none)."""
+
+    scores: np.ndarray
+    positions: np.ndarray
+
+
+class TerminologyIndex:
+    """A loaded index directory: FAISS index, rows, and lookups by position and exact text."""
+
+    def __init__(self, path: Path, manifest: dict, index: faiss.Index, rows: pd.DataFrame):
+        self.path = path
+        self.manifest = manifest
+        self.faiss_index = index
+        self.rows = rows
+        positions = rows["position"].to_numpy()
+        self.texts: list[str] = (
+            rows.drop_duplicates("position")["term_norm"].tolist()
+        )
+        n = len(self.texts)
+        # rows of position p are rows[starts[p]:starts[p + 1]] (rows are sorted by position)
+        self._starts = np.searchsorted(positions, np.arange(n + 1), side="left")
+        self._position_of_text = {t: i for i, t in enumerate(self.texts)}
+        self._codes = rows["code"].astype(str).tolist()
+        self._code_keys = rows["code_key"].astype(str).tolist()
+        self._terms = rows["term"].astype(str).tolist()
+        self._mention_counts = rows["mention_count"].to_numpy()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        expected_fingerprint: dict | None = None,
+        mmap: bool = False,
+        verify: bool = False,
+    ) -> "TerminologyIndex":
+        """Load an index directory.
+
+        ``expected_fingerprint``: the fingerprint of the encoder that will embed queries; a
+        mismatch raises EncoderMismatchError before anything large is read. ``mmap``: memory-map
+        the FAISS file (multi-GB indexes shared by several workers). ``verify``: recompute the
+        content hash.
+        """
+        p = Path(path)
+        manifest = read_manifest(p)
+        if expected_fingerprint is not None:
+            check_encoder(manifest, expected_fingerprint, p)
+        for name in (INDEX_FILE, ROWS_FILE):
+            if not (p / name).is_file():
+                raise ArtifactError(f"index directory {p} is incomplete: no {name}")
+        if verify and _content_hash(p) != manifest["content_hash"]:
+            raise ArtifactError(f"index directory {p} does not match its manifest's content hash")
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        index = faiss.read_index(str(p / INDEX_FILE), flags)
+        _apply_search_params(index, manifest["index"])
+        rows = pd.read_parquet(p / ROWS_FILE)
+        if index.ntotal != rows["position"].nunique():
+            raise ArtifactError(f"index directory {p}: {index.ntotal} vectors but "
+                                f"{rows['position'].nunique()} distinct terms in {ROWS_FILE}")
+        return cls(p, manifest, index, rows)
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.manifest["content_hash"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.faiss_index.d)
+
+    @property
+    def code_keys(self) -> set[str]:
+        return set(self._code_keys)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def search(self, vectors: np.ndarray, k: int) -> Hits:
+        """Top-``k`` distinct texts for each query vector [n, dim] (inner product)."""
+        k = min(k, len(self.texts))
+        if len(vectors) == 0:
+            return Hits(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        scores, positions = self.faiss_index.search(
+            np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return Hits(scores, positions)
+
+    def position_of(self, text_norm: str) -> int:
+        """Vector position of an exact normalised text, or -1."""
+        return self._position_of_text.get(text_norm, -1)
+
+    def row_range(self, position: int) -> range:
+        return range(int(self._starts[position]), int(self._starts[position + 1]))
+
+    def row(self, i: int) -> tuple[str, str, str, int]:
+        """(code, code_key, term, mention_count) of row ``i``."""
+        return (self._codes[i], self._code_keys[i], self._terms[i],
+                int(self._mention_counts[i]))
+
+
+def ensure_index(config: Any, encoder: Any) -> Path:
+    """Return ``config.index.path``, building it from ``config.terminology`` when missing.
+
+    ``config`` is a JobConfig. Building only happens when ``config.build_missing`` is true and
+    terminology sources are configured; otherwise a missing index is an error.
+    """
+    path = Path(config.index.path)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if not config.build_missing:
+        raise ArtifactError(f"no index at {path} (set build_missing: true to build it)")
+    if not config.terminology.sources:
+        raise ArtifactError(f"no index at {path} and no terminology.sources to build one from")
+    from clinlinker_spark.terminology import load_terminology
+
+    log.info("index %s missing: building it from %d terminology source(s)",
+             path, len(config.terminology.sources))
+    terminology = load_terminology(config.terminology)
+    return build_index(terminology, encoder, config.index, path,
+                       name=config.terminology.name, version=config.terminology.version)

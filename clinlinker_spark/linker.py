@@ -1,0 +1,258 @@
+"""The linker: mentions in, ranked codes out. The function every job (and every UDF) calls.
+
+Stages, each usable on its own:
+
+1. ``invalid_reason``: per-row validation (null, empty/whitespace, over-long text).
+2. ``retrieve``: bi-encoder embedding of the normalised text, FAISS search of ``search_k`` raw
+   hits (distinct texts), then one candidate per code (the code's best-scoring synonym), up to
+   ``top_k`` codes. With the exact-match prior, codes whose normalised term equals the mention
+   come first, ordered by how many training mentions carry them.
+3. ``rerank``: the cross-encoder re-scores the first ``top_n`` candidates and re-orders them
+   (exact matches stay first when the prior is on: a cross-encoder cannot tell identical texts
+   apart any more than the bi-encoder can); candidates past ``top_n`` keep their order.
+
+Scores: ``retrieval_score`` is the bi-encoder inner product (cosine when embeddings are
+L2-normalised); ``rerank_score`` is the cross-encoder logit. A mention's ``score`` is the
+sigmoid of the best candidate's rerank logit when a re-ranker ran, else its retrieval score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from clinlinker_spark.config import JobConfig, LinkingConfig, RerankerConfig
+from clinlinker_spark.errors import InputDataError
+from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
+from clinlinker_spark.text import normalize_text
+
+log = logging.getLogger(__name__)
+
+STATUS_LINKED = "linked"
+STATUS_NO_CANDIDATE = "no_candidate"
+STATUS_INVALID = "invalid_input"
+RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term", "score",
+                  "candidates"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    code: str
+    term: str
+    retrieval_score: float
+    rerank_score: float | None = None
+    exact: bool = False
+
+
+def invalid_reason(text: Any, max_text_length: int) -> str | None:
+    """Why a mention text cannot be linked, or None when it can."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return "null text"
+    if not isinstance(text, str):
+        return f"text is not a string ({type(text).__name__})"
+    if not text.strip():
+        return "empty text"
+    if len(text) > max_text_length:
+        return f"text longer than {max_text_length} characters"
+    return None
+
+
+def candidates_from_hits(
+    index: TerminologyIndex,
+    texts_norm: Sequence[str],
+    hits: Hits,
+    top_k: int,
+    exact_match_prior: bool,
+    self_scores: np.ndarray | None = None,
+) -> list[list[Candidate]]:
+    """Turn raw hits into up to ``top_k`` distinct codes per query.
+
+    ``self_scores[i]`` is the score a term identical to query ``i`` gets (1.0 for normalised
+    embeddings); it scores exact matches that are not among the raw hits.
+    """
+    results: list[list[Candidate]] = []
+    for i, text in enumerate(texts_norm):
+        seen: set[str] = set()
+        out: list[Candidate] = []
+        exact_position = index.position_of(text) if exact_match_prior else -1
+        if exact_position >= 0:
+            found = np.nonzero(hits.positions[i] == exact_position)[0]
+            if len(found):
+                exact_score = float(hits.scores[i, found[0]])
+            else:
+                exact_score = float(self_scores[i]) if self_scores is not None else 1.0
+            for r in index.row_range(exact_position):
+                code, key, term, _ = index.row(r)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Candidate(code, term, exact_score, None, True))
+        for score, position in zip(hits.scores[i], hits.positions[i]):
+            if len(out) >= top_k:
+                break
+            if position < 0 or position == exact_position:
+                continue
+            for r in index.row_range(int(position)):
+                code, key, term, _ = index.row(r)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Candidate(code, term, float(score), None, False))
+        results.append(out[:top_k])
+    return results
+
+
+def rerank_candidates(
+    texts_norm: Sequence[str],
+    candidates: list[list[Candidate]],
+    score_pairs: Callable[[list[str], list[str]], np.ndarray],
+    top_n: int,
+    exact_first: bool,
+) -> list[list[Candidate]]:
+    """Re-score the first ``top_n`` candidates of each mention with ``score_pairs`` and re-order.
+
+    All pairs of the batch are scored in one call (the scorer batches them).
+    """
+    mentions: list[str] = []
+    terms: list[str] = []
+    for text, cands in zip(texts_norm, candidates):
+        for c in cands[:top_n]:
+            mentions.append(text)
+            terms.append(normalize_text(c.term))
+    scores = score_pairs(mentions, terms) if mentions else np.zeros(0, np.float32)
+    out: list[list[Candidate]] = []
+    pos = 0
+    for cands in candidates:
+        head = cands[:top_n]
+        rescored = [
+            Candidate(c.code, c.term, c.retrieval_score, float(scores[pos + j]), c.exact)
+            for j, c in enumerate(head)
+        ]
+        pos += len(head)
+        rescored.sort(key=lambda c: (not (exact_first and c.exact), -(c.rerank_score or 0.0)))
+        out.append(rescored + list(cands[top_n:]))
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class Linker:
+    """Links batches of mentions with one bi-encoder, one index and an optional re-ranker."""
+
+    def __init__(
+        self,
+        encoder: Any,
+        index: TerminologyIndex,
+        linking: LinkingConfig | None = None,
+        reranker: Any | None = None,
+        reranker_config: RerankerConfig | None = None,
+    ):
+        check_encoder(index.manifest, encoder.fingerprint(), index.path)
+        self.encoder = encoder
+        self.index = index
+        self.linking = linking or LinkingConfig()
+        self.reranker = reranker
+        self.reranker_config = reranker_config or RerankerConfig()
+
+    @classmethod
+    def from_config(cls, config: JobConfig, index_path: str | None = None,
+                    mmap: bool = False) -> "Linker":
+        """Load encoder, index (``index_path`` overrides ``config.index.path``) and re-ranker."""
+        from clinlinker_spark.encoder import BiEncoder
+
+        encoder = BiEncoder.from_config(config.encoder)
+        index = TerminologyIndex.load(index_path or config.index.path,
+                                      expected_fingerprint=encoder.fingerprint(), mmap=mmap)
+        reranker = None
+        if config.reranker.path:
+            from clinlinker_spark.reranker import CrossEncoderReranker
+
+            reranker = CrossEncoderReranker.from_config(config.reranker)
+        return cls(encoder, index, config.linking, reranker, config.reranker)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {
+            "model_version": self.encoder.model_hash,
+            "index_version": self.index.content_hash,
+            "reranker_version": self.reranker.model_hash if self.reranker is not None else "",
+        }
+
+    def retrieve(self, texts_norm: Sequence[str]) -> list[list[Candidate]]:
+        """Bi-encoder + FAISS candidates (no re-ranking) for already normalised texts."""
+        texts_norm = list(texts_norm)
+        if not texts_norm:
+            return []
+        vectors = self.encoder.encode(texts_norm)
+        hits = self.index.search(vectors, self.linking.search_k)
+        self_scores = np.einsum("ij,ij->i", vectors, vectors)
+        return candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
+                                    self.linking.exact_match_prior, self_scores)
+
+    def rerank(self, texts_norm: Sequence[str],
+               candidates: list[list[Candidate]]) -> list[list[Candidate]]:
+        """Cross-encoder re-ranking; the identity when no re-ranker is configured."""
+        if self.reranker is None:
+            return candidates
+        return rerank_candidates(list(texts_norm), candidates, self.reranker.score,
+                                 self.reranker_config.top_n, self.linking.exact_match_prior)
+
+    def link_texts(self, texts: Sequence[str]) -> list[list[Candidate]]:
+        """Normalise, retrieve and re-rank; each distinct normal form is processed once."""
+        norms = [normalize_text(t) for t in texts]
+        unique = list(dict.fromkeys(norms))
+        ranked = self.rerank(unique, self.retrieve(unique))
+        by_text = dict(zip(unique, ranked))
+        return [by_text[n] for n in norms]
+
+    def score_of(self, candidates: list[Candidate]) -> float | None:
+        if not candidates:
+            return None
+        best = candidates[0]
+        if self.reranker is not None and best.rerank_score is not None:
+            return _sigmoid(best.rerank_score)
+        return best.retrieval_score
+
+    def link(self, mentions: pd.DataFrame | Any, text_column: str = "text",
+             id_column: str = "mention_id") -> pd.DataFrame:
+        """Link a batch (pandas DataFrame or Arrow table): one output row per input row.
+
+        Output columns: RESULT_COLUMNS. ``candidates`` is a list of dicts (code, term,
+        retrieval_score, rerank_score, exact). Invalid rows get status invalid_input and a
+        reason; they are never dropped.
+        """
+        if not isinstance(mentions, pd.DataFrame):
+            mentions = mentions.to_pandas()
+        missing = [c for c in (id_column, text_column) if c not in mentions.columns]
+        if missing:
+            raise InputDataError(f"mentions are missing column(s) {missing}; "
+                                 f"they have {list(mentions.columns)}")
+        texts = mentions[text_column].tolist()
+        reasons = [invalid_reason(t, self.linking.max_text_length) for t in texts]
+        valid = [i for i, r in enumerate(reasons) if r is None]
+        linked = self.link_texts([texts[i] for i in valid])
+        cands_of = dict(zip(valid, linked))
+        records = []
+        for i, (mention_id, text) in enumerate(zip(mentions[id_column].tolist(), texts)):
+            if reasons[i] is not None:
+                records.append((mention_id, None, STATUS_INVALID, reasons[i], None, None,
+                                None, []))
+                continue
+            cands = cands_of[i]
+            score = self.score_of(cands)
+            if not cands or score is None or score < self.linking.min_score:
+                why = "no candidate" if not cands else (
+                    f"best score below linking.min_score={self.linking.min_score}")
+                status, reason, code, term = STATUS_NO_CANDIDATE, why, None, None
+            else:
+                status, reason, code, term = STATUS_LINKED, None, cands[0].code, cands[0].term
+            records.append((mention_id, normalize_text(text), status, reason, code, term,
+                            score, [asdict(c) for c in cands]))
+        n_bad = len(texts) - len(valid)
+        log.debug("linked a batch of %d mentions (%d invalid)", len(texts), n_bad)
+        return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clinlinker_spark.config import IndexConfig
+from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
+from clinlinker_spark.index import (
+    INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex, build_index, prepare_rows,
+)
+from fake_encoder import FakeEncoder
+
+
+def terminology() -> pd.DataFrame:
+    rows = [
+        ("E11", "Diabetes mellitus tipo 2", True, 0),
+        ("E11", "diabetes tipo 2", False, 3),
+        ("E10", "Diabetes mellitus tipo 1", True, 0),
+        ("I50", "Insuficiencia cardiaca", True, 0),
+        ("I50.9", "insuficiencia  cardíaca", False, 1),
+        ("K35", "Apendicitis aguda", True, 0),
+        # the same text under two codes: training mentions rank K37 above K35
+        ("K35", "apendicitis", False, 1),
+        ("K37", "Apendicitis", False, 5),
+        ("J18", "Neumonía", True, 0),
+    ]
+    return pd.DataFrame(rows, columns=["code", "term", "is_main_term", "mention_count"])
+
+
+def test_prepare_rows_groups_codes_by_distinct_text_in_prior_order():
+    rows, texts = prepare_rows(terminology())
+    assert texts == sorted(set(texts))
+    assert len(texts) == 8  # "apendicitis" holds two codes
+    apend = rows[rows["term_norm"] == "apendicitis"]
+    assert apend["code"].tolist() == ["K37", "K35"]  # mention_count 5 before 1
+    assert apend["position"].nunique() == 1
+    assert rows.loc[rows["code"] == "I50.9", "code_key"].item() == "i509"
+    # original text kept beside the normal form
+    assert rows.loc[rows["code"] == "I50.9", "term"].item() == "insuficiencia  cardíaca"
+    assert rows.loc[rows["code"] == "I50.9", "term_norm"].item() == "insuficiencia cardíaca"
+
+
+def test_prepare_rows_rejects_missing_columns_and_codes():
+    with pytest.raises(InputDataError, match="code"):
+        prepare_rows(pd.DataFrame({"term": ["x"]}))
+    bad = terminology()
+    bad.loc[2, "code"] = None
+    with pytest.raises(InputDataError, match="without code"):
+        prepare_rows(bad)
+
+
+def test_build_and_load_roundtrip(tmp_path):
+    enc = FakeEncoder()
+    out = build_index(terminology(), enc, IndexConfig(), tmp_path / "idx", name="toy", version="1")
+    assert {p.name for p in out.iterdir()} == {MANIFEST_FILE, INDEX_FILE, ROWS_FILE}
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["encoder"]["model_hash"] == enc.model_hash
+    assert manifest["terminology"] == {
+        "name": "toy", "version": "1", "rows": 9, "codes": 7, "distinct_terms": 8,
+        "training_mentions": 10, "sources": [],
+    }
+    assert manifest["index"]["type"] == "flat" and manifest["index"]["ntotal"] == 8
+    index = TerminologyIndex.load(out, expected_fingerprint=enc.fingerprint(), verify=True)
+    vec = enc.encode(["neumonía"])
+    hits = index.search(vec, 3)
+    assert index.texts[hits.positions[0, 0]] == "neumonía"
+    assert hits.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert index.position_of("apendicitis") >= 0 and index.position_of("nada") == -1
+
+
+def test_index_is_immutable_and_build_is_atomic(tmp_path):
+    enc = FakeEncoder()
+    out = build_index(terminology(), enc, IndexConfig(), tmp_path / "idx")
+    before = (out / MANIFEST_FILE).read_text()
+    with pytest.raises(ArtifactError, match="immutable"):
+        build_index(terminology(), enc, IndexConfig(), out)
+    assert (out / MANIFEST_FILE).read_text() == before
+
+    class Exploding(FakeEncoder):
+        def fingerprint(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        build_index(terminology(), Exploding(), IndexConfig(), tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no half-written directory
+
+
+def test_load_refuses_other_encoder_and_broken_dirs(tmp_path):
+    out = build_index(terminology(), FakeEncoder(), IndexConfig(), tmp_path / "idx")
+    other = FakeEncoder(salt="other")
+    with pytest.raises(EncoderMismatchError, match="model_hash"):
+        TerminologyIndex.load(out, expected_fingerprint=other.fingerprint())
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        TerminologyIndex.load(tmp_path)
+    (out / ROWS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="incomplete"):
+        TerminologyIndex.load(out)
+
+
+@pytest.mark.parametrize("index_type,fp16", [("flat", True), ("ivf", False), ("ivf", True),
+                                             ("hnsw", False), ("hnsw", True)])
+def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, fp16):
+    rng = np.random.default_rng(0)
+    words = ["dolor", "fiebre", "tos", "cefalea", "anemia", "fractura", "hepatitis", "renal",
+             "aguda", "crónica", "bilateral", "izquierda", "derecha", "pulmonar", "cardiaca"]
+    terms = sorted({" ".join(rng.choice(words, size=rng.integers(1, 4))) for _ in range(600)})
+    df = pd.DataFrame({"code": [f"C{i}" for i in range(len(terms))], "term": terms})
+    enc = FakeEncoder(dim=48)
+    exact = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "exact"))
+    approx = TerminologyIndex.load(build_index(
+        df, enc, IndexConfig(index_type=index_type, fp16=fp16, ivf_nprobe=64),
+        tmp_path / f"{index_type}{fp16}"))
+    queries = enc.encode(terms[:100])
+    k = 10
+    a = exact.search(queries, k).positions
+    b = approx.search(queries, k).positions
+    recall = np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)])
+    assert recall >= 0.9, recall
+    assert (b[:, 0] == np.arange(100)).mean() >= 0.95  # a term finds itself first

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clinlinker_spark.config import IndexConfig, LinkingConfig
+from clinlinker_spark.errors import EncoderMismatchError, InputDataError
+from clinlinker_spark.index import TerminologyIndex, build_index
+from clinlinker_spark.linker import (
+    STATUS_INVALID, STATUS_LINKED, STATUS_NO_CANDIDATE, Candidate, Linker, invalid_reason,
+    rerank_candidates,
+)
+from fake_encoder import FakeEncoder
+from test_index import terminology
+
+
+@pytest.fixture()
+def toy_index(tmp_path):
+    return TerminologyIndex.load(build_index(terminology(), FakeEncoder(), IndexConfig(),
+                                             tmp_path / "idx"))
+
+
+def test_retrieve_returns_one_candidate_per_code_with_its_best_synonym(toy_index):
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=7,
+                                                             exact_match_prior=False))
+    [cands] = linker.retrieve(["diabetes tipo 2"])
+    codes = [c.code for c in cands]
+    assert len(codes) == len(set(codes)) == 7  # all 7 codes, once each
+    assert cands[0].code == "E11" and cands[0].term == "diabetes tipo 2"
+    assert [c.retrieval_score for c in cands] == sorted(
+        (c.retrieval_score for c in cands), reverse=True)
+    # "I50" and "I50.9" are different codes; both are kept
+    assert {"I50", "I50.9"} <= set(codes)
+
+
+def test_exact_match_prior_orders_tied_codes_by_training_frequency(toy_index):
+    for prior in (True, False):
+        linker = Linker(FakeEncoder(), toy_index,
+                        LinkingConfig(search_k=8, top_k=3, exact_match_prior=prior))
+        [cands] = linker.retrieve(["apendicitis"])
+        # rows of one text are stored in prior order, so K37 (5 mentions) comes first either way
+        assert [c.code for c in cands[:2]] == ["K37", "K35"]
+        assert cands[0].exact is prior
+
+
+def test_exact_match_prior_finds_codes_beyond_the_raw_hits(toy_index, monkeypatch):
+    # An approximate index (or a too small search_k) may miss the exact text: the prior finds
+    # it by lookup anyway, scored as the query's own similarity.
+    real_search = toy_index.search
+    exact = toy_index.position_of("apendicitis")
+
+    def search_without_exact(vectors, k):
+        hits = real_search(vectors, k)
+        keep = hits.positions[0] != exact
+        hits.positions = hits.positions[:, keep][:, : k - 1]
+        hits.scores = hits.scores[:, keep][:, : k - 1]
+        return hits
+
+    monkeypatch.setattr(toy_index, "search", search_without_exact)
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=3, top_k=3))
+    [cands] = linker.retrieve(["apendicitis"])
+    assert [(c.code, c.exact) for c in cands[:2]] == [("K37", True), ("K35", True)]
+    assert cands[0].retrieval_score == pytest.approx(1.0, abs=1e-5)
+    assert cands[2].exact is False
+    off = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=3, top_k=3,
+                                                          exact_match_prior=False))
+    [plain] = off.retrieve(["apendicitis"])
+    assert "K37" not in [c.code for c in plain]
+
+
+def test_link_statuses_and_batch_independence(toy_index):
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=5,
+                                                             max_text_length=30))
+    mentions = pd.DataFrame({
+        "mention_id": ["m1", "m2", "m3", "m4", "m5", "m6"],
+        "text": ["Neumonía", None, "   ", "x" * 31, "NEUMONÍA  ", "insuficiencia cardiaca"],
+    })
+    out = linker.link(mentions)
+    assert out["mention_id"].tolist() == mentions["mention_id"].tolist()
+    assert out["status"].tolist() == [STATUS_LINKED, STATUS_INVALID, STATUS_INVALID,
+                                      STATUS_INVALID, STATUS_LINKED, STATUS_LINKED]
+    assert out["reason"].tolist()[1:4] == ["null text", "empty text",
+                                          "text longer than 30 characters"]
+    assert out.loc[0, "code"] == "J18" and out.loc[0, "candidates"] == out.loc[4, "candidates"]
+    # each mention's result does not depend on its batch
+    alone = linker.link(mentions.iloc[[5]])
+    assert alone.loc[0, "candidates"] == out.loc[5, "candidates"]
+    # Arrow input is accepted too
+    import pyarrow as pa
+    arrow = linker.link(pa.Table.from_pandas(mentions.iloc[[0]]))
+    assert arrow.loc[0, "code"] == "J18"
+
+
+def test_link_min_score_gives_no_candidate(toy_index):
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3, min_score=0.99,
+                                                             exact_match_prior=False))
+    out = linker.link(pd.DataFrame({"mention_id": ["a", "b"],
+                                    "text": ["neumonía", "qwerty zzz"]}))
+    assert out["status"].tolist() == [STATUS_LINKED, STATUS_NO_CANDIDATE]
+    assert "min_score" in out.loc[1, "reason"]
+
+
+def test_link_missing_column_is_a_clear_error(toy_index):
+    linker = Linker(FakeEncoder(), toy_index)
+    with pytest.raises(InputDataError, match=r"missing column\(s\) \['text'\]"):
+        linker.link(pd.DataFrame({"mention_id": ["a"], "mention": ["x"]}))
+
+
+def test_linker_refuses_index_of_another_encoder(toy_index):
+    with pytest.raises(EncoderMismatchError):
+        Linker(FakeEncoder(salt="x"), toy_index)
+
+
+def test_invalid_reason():
+    assert invalid_reason("dolor", 10) is None
+    assert invalid_reason(float("nan"), 10) == "null text"
+    assert invalid_reason("\t\n", 10) == "empty text"
+    assert invalid_reason(5, 10).startswith("text is not a string")
+
+
+def test_rerank_reorders_head_only_and_keeps_retrieval_scores():
+    cands = [[Candidate("A", "a", 0.9), Candidate("B", "b", 0.8), Candidate("C", "c", 0.7)]]
+    scores = {"a": 0.1, "b": 2.0, "c": 5.0}
+
+    def scorer(mentions, terms):
+        assert mentions == ["q", "q"]
+        return np.array([scores[t] for t in terms], np.float32)
+
+    [out] = rerank_candidates(["q"], cands, scorer, top_n=2, exact_first=False)
+    assert [c.code for c in out] == ["B", "A", "C"]
+    assert out[0].retrieval_score == 0.8 and out[0].rerank_score == 2.0
+    assert out[2].rerank_score is None
+    exact = [[Candidate("A", "a", 0.9, exact=True), Candidate("B", "b", 0.8)]]
+    [kept] = rerank_candidates(["q"], exact, lambda m, t: np.array([scores[x] for x in t]),
+                               top_n=2, exact_first=True)
+    assert kept[0].code == "A"
