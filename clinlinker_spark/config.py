@@ -281,6 +281,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _parse_override_value(raw: str) -> Any:
+    """A YAML scalar or flow collection; text like ``query: `` stays the literal string."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, dict) and not raw.strip().startswith("{"):
+        return raw
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -296,7 +309,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = _parse_override_value(raw)
     return data
 
 
