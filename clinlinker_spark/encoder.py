@@ -1,0 +1,207 @@
+"""The bi-encoder: texts in, one L2-normalised vector per text out.
+
+Used to embed every terminology term once (index build) and every distinct mention (linking).
+Its contract (model hash, pooling, max length, prefix, normalisation, dimension) is the
+:meth:`BiEncoder.fingerprint` written into index manifests; an index is only used with an
+encoder whose fingerprint matches (:func:`fingerprint_mismatches`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clinlinker_spark.config import POOLINGS, EncoderConfig
+from clinlinker_spark.modeling import (
+    autocast_context,
+    check_texts,
+    effective_max_length,
+    length_order,
+    load_tokenizer_and_model,
+    model_hash,
+    pad_batch,
+    resolve_device,
+    set_torch_threads,
+)
+
+log = logging.getLogger(__name__)
+
+TEXT_NORMALISATION = "nfkc-lower-ws"  # clinlinker_spark.text.normalize_text
+FINGERPRINT_KEYS = ("model_hash", "pooling", "max_length", "prefix", "normalize", "dim")
+
+
+class BiEncoder:
+    """A Hugging Face encoder with CLS or attention-masked mean pooling.
+
+    ``encode`` sorts texts by token length to cut padding, encodes them in batches and returns
+    the vectors in input order. Padding is on the right and pooling never sees padded
+    positions, so a text's vector does not depend on the texts that share its batch.
+
+    The ``model`` (a transformers ``PreTrainedModel`` in eval mode) and ``tokenizer``
+    attributes are public so that training code can fine-tune them in place.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        pooling: str = "mean",
+        max_length: int = 32,
+        prefix: str = "",
+        normalize: bool = True,
+        batch_size: int = 128,
+        device: str = "auto",
+        precision: str = "auto",
+        num_threads: int = 0,
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if max_length <= 0 or batch_size <= 0:
+            raise ValueError("max_length and batch_size must be > 0")
+        set_torch_threads(num_threads)
+        self.path = Path(path)
+        self.pooling = pooling
+        self.prefix = prefix
+        self.normalize = bool(normalize)
+        self.batch_size = int(batch_size)
+        self._device, self._autocast_dtype = resolve_device(device, precision)
+        self.tokenizer, self.model = load_tokenizer_and_model(self.path, "encoder")
+        self.model.to(self._device)
+        self.model.eval()
+        self.max_length = effective_max_length(self.tokenizer, self.model.config, max_length)
+        self._dim = int(self.model.config.hidden_size)
+        self._model_hash: str | None = None
+        log.info(
+            "bi-encoder loaded from %s: dim %d, pooling %s, max_length %d, device %s",
+            self.path, self._dim, pooling, self.max_length, self._device,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig) -> BiEncoder:
+        """Build from the ``encoder`` section of the job configuration."""
+        return cls(
+            cfg.path, pooling=cfg.pooling, max_length=cfg.max_length, prefix=cfg.prefix,
+            normalize=cfg.normalize, batch_size=cfg.batch_size, device=cfg.device,
+            precision=cfg.precision, num_threads=cfg.num_threads,
+        )
+
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (the model's hidden size)."""
+        return self._dim
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def model_hash(self) -> str:
+        """SHA-256 of the model directory's files (computed once, then cached)."""
+        if self._model_hash is None:
+            self._model_hash = model_hash(self.path)
+        return self._model_hash
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an index built with this encoder records about it (JSON-serialisable)."""
+        return {
+            "path": str(self.path),
+            "model_hash": self.model_hash,
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "prefix": self.prefix,
+            "normalize": self.normalize,
+            "dim": self.dim,
+            "model_type": str(getattr(self.model.config, "model_type", "")),
+            "normalisation": TEXT_NORMALISATION,
+        }
+
+    # ----------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
+        """Token ids of ``prefix + text`` for every text, truncated, unpadded."""
+        check_texts(texts, "texts")
+        encoded = self.tokenizer(
+            [self.prefix + t for t in texts],
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=True,
+        )
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask",
+                                                          "token_type_ids")}
+
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` (already normalised by the caller; ``prefix`` is prepended).
+
+        Returns float32 [n, dim], C-contiguous, row i for ``texts[i]``; L2-normalised rows when
+        ``normalize``. An empty input gives shape (0, dim).
+        """
+        n = len(texts)
+        out = np.empty((n, self._dim), dtype=np.float32)
+        if n == 0:
+            return out
+        features = self.tokenize(texts)
+        order = length_order([len(ids) for ids in features["input_ids"]])
+        n_batches = (n + self.batch_size - 1) // self.batch_size
+        report_every = max(1, n_batches // 10)
+        pad_id = int(self.tokenizer.pad_token_id)
+        pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
+        for b, start in enumerate(range(0, n, self.batch_size)):
+            idx = order[start:start + self.batch_size]
+            batch = pad_batch(features, idx, pad_id, pad_type)
+            out[idx] = self._embed_batch(batch)
+            if show_progress and ((b + 1) % report_every == 0 or b + 1 == n_batches):
+                log.info("encoded %d/%d texts (%d/%d batches)", min(start + len(idx), n), n,
+                         b + 1, n_batches)
+        return out
+
+    def _embed_batch(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """Pooled (and normalised) vectors of one padded batch: float32 [b, dim]."""
+        batch = {k: v.to(self._device) for k, v in batch.items()}
+        with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):
+            hidden = self.model(**batch).last_hidden_state  # [b, t, dim]
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, t, 1]
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled.cpu().numpy()
+
+    def __repr__(self) -> str:
+        return (f"BiEncoder(path={str(self.path)!r}, pooling={self.pooling!r}, "
+                f"max_length={self.max_length}, dim={self._dim}, device={self._device})")
+
+
+def fingerprint_mismatches(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two encoder fingerprints (empty list: they match).
+
+    Compared: model_hash, pooling, max_length, prefix, normalize, dim, and normalisation when
+    both sides record it. The path is not compared: the same model may move.
+    """
+    keys = list(FINGERPRINT_KEYS)
+    if "normalisation" in expected and "normalisation" in actual:
+        keys.append("normalisation")
+    problems = []
+    for key in keys:
+        if key not in expected or key not in actual:
+            side = "expected" if key not in expected else "actual"
+            problems.append(f"{key}: missing from the {side} fingerprint")
+            continue
+        want, got = expected[key], actual[key]
+        if want != got:
+            if key == "model_hash":
+                want, got = str(want)[:16] + "…", str(got)[:16] + "…"
+            problems.append(f"{key}: index has {want!r}, encoder has {got!r}")
+    return problems
+
+
+__all__ = ["TEXT_NORMALISATION", "BiEncoder", "fingerprint_mismatches"]

@@ -1,0 +1,300 @@
+"""Helpers shared by the bi-encoder, the cross-encoder and training: devices, loading, hashing.
+
+Models are Hugging Face directories (config.json, safetensors weights, tokenizer files) loaded
+from local paths only: ``local_files_only=True``, ``use_safetensors=True``, never
+``trust_remote_code``. Pickle-only checkpoints (``pytorch_model.bin``) are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from clinlinker_spark.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["encoder", "sequence-classification"]
+
+# Files that define a model's behaviour, hashed by model_hash().
+HASHED_NAMES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+HASHED_SUFFIXES = (".safetensors",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+_HASH_CACHE: dict[tuple[Any, ...], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """Pick the torch device and the autocast dtype (None: plain fp32).
+
+    ``device``: "auto" (cuda when available, else cpu), "cpu" or "cuda".
+    ``precision``: "auto" (bf16 on a GPU that supports it, else fp16; fp32 on cpu), "fp32",
+    "fp16" or "bf16". Autocast is only used on GPU: fp16/bf16 asked for on cpu gives fp32
+    with a warning.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device must be auto, cpu or cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    dev = torch.device(device)
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ModelLoadError(f"precision must be auto, fp32, fp16 or bf16; got {precision!r}")
+    if precision == "fp32":
+        return dev, None
+    if dev.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            log.warning("precision %s ignored on cpu (autocast is used on GPU only); using fp32",
+                        precision)
+        return dev, None
+    if precision == "auto":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dev, torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def set_torch_threads(n: int) -> None:
+    """Set torch's intra-op thread count; 0 leaves torch's default."""
+    if n < 0:
+        raise ValueError(f"number of threads must be >= 0; got {n}")
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Check that ``path`` looks like a loadable Hugging Face model directory.
+
+    Requires a directory with config.json, at least one ``*.safetensors`` weight file and a
+    tokenizer (tokenizer.json or a vocabulary / SentencePiece file). Raises ModelLoadError
+    saying what is missing; pickle-only weights are refused.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise ModelLoadError(f"{p} is not a Hugging Face model directory: it is a file")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p} is not a Hugging Face model directory: no config.json")
+    names = [f.name for f in p.iterdir() if f.is_file()]
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = sorted(n for n in names if n.endswith(PICKLE_WEIGHT_SUFFIXES))
+        if pickled:
+            raise ModelLoadError(
+                f"{p} has only pickle weights ({', '.join(pickled)}), which are never loaded "
+                "(they can run code). Convert them to safetensors on a trusted machine, e.g. "
+                "model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ModelLoadError(f"{p} is not a Hugging Face model directory: no *.safetensors weights")
+    if not any(n in names for n in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "next to the model with tokenizer.save_pretrained(dir)"
+        )
+    return p
+
+
+def load_tokenizer_and_model(path: str | Path, kind: ModelKind = "encoder") -> tuple[Any, Any]:
+    """Load (tokenizer, model) from a local Hugging Face directory, in eval mode on cpu.
+
+    ``kind`` "encoder" loads ``AutoModel`` (hidden states); "sequence-classification" loads
+    ``AutoModelForSequenceClassification`` and requires exactly one output (num_labels == 1).
+    Every failure is a ModelLoadError naming ``path``.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if kind not in ("encoder", "sequence-classification"):
+        raise ValueError(f"kind must be 'encoder' or 'sequence-classification'; got {kind!r}")
+    p = check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: config.json could not be read: {exc}") from exc
+    if kind == "sequence-classification" and config.num_labels != 1:
+        raise ModelLoadError(
+            f"{p}: a cross-encoder needs one output (num_labels == 1); this model has "
+            f"num_labels == {config.num_labels}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: the tokenizer could not be loaded: {exc}") from exc
+    if tokenizer.pad_token is None:
+        raise ModelLoadError(f"{p}: the tokenizer has no padding token; batching needs one")
+    auto = AutoModel if kind == "encoder" else AutoModelForSequenceClassification
+    try:
+        with _no_progress_bars():
+            model = auto.from_pretrained(
+                p, config=config, local_files_only=True, use_safetensors=True
+            )
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: the {kind} model could not be loaded: {exc}") from exc
+    model.eval()
+    log.debug("loaded %s model %s (%s)", kind, p, type(model).__name__)
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' progress bars while loading (executor logs stay readable)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _hashed_files(p: Path) -> list[Path]:
+    return sorted(
+        (
+            f for f in p.iterdir()
+            if f.is_file() and (f.name in HASHED_NAMES or f.name.endswith(HASHED_SUFFIXES))
+        ),
+        key=lambda f: f.name,
+    )
+
+
+def model_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 (full hex) of a model directory's defining files, names included.
+
+    Hashed, in sorted name order: config.json, every ``*.safetensors`` and the tokenizer
+    files. Each file contributes its name, its size and its bytes (streamed in chunks). The
+    result is cached in-process by (resolved path, names, sizes, mtimes), so asking again for
+    an unchanged directory costs a ``stat`` per file.
+    """
+    p = Path(path).resolve()
+    if not p.is_dir():
+        raise ModelLoadError(f"model directory {p} does not exist")
+    files = _hashed_files(p)
+    if not files:
+        raise ModelLoadError(f"{p} holds no model files to hash")
+    stats = [(f.name, f.stat()) for f in files]
+    key = (str(p),) + tuple((n, s.st_size, s.st_mtime_ns) for n, s in stats)
+    with _HASH_LOCK:
+        cached = _HASH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for f, (name, st) in zip(files, stats):
+        digest.update(f"{name}\0{st.st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk_size):
+                digest.update(block)
+    result = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = result
+    log.debug("model hash of %s: %s (%d files)", p, result[:16], len(files))
+    return result
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` on GPU with ``dtype``; a no-op context elsewhere or when None."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def length_order(lengths: list[int]) -> list[int]:
+    """Indices sorting ``lengths`` longest first (stable), to batch texts of similar length."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def pad_batch(
+    features: dict[str, list[list[int]]],
+    indices: list[int],
+    pad_token_id: int,
+    pad_token_type_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Right-pad the tokenised rows ``indices`` of ``features`` into int64 tensors [b, t].
+
+    ``features`` maps input names (input_ids, attention_mask, token_type_ids) to one list of
+    ids per text, as a tokenizer returns them without padding. Padding is always on the right
+    so that every text keeps positions 0..len-1 whatever the batch: with masked attention a
+    text's hidden states then do not depend on the other texts of its batch.
+    """
+    width = max(len(features["input_ids"][i]) for i in indices)
+    pad_values = {
+        "input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": pad_token_type_id,
+    }
+    batch: dict[str, torch.Tensor] = {}
+    for name, rows in features.items():
+        if name not in pad_values:
+            continue
+        fill = pad_values[name]
+        out = torch.full((len(indices), width), fill, dtype=torch.long)
+        for r, i in enumerate(indices):
+            row = rows[i]
+            out[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        batch[name] = out
+    if "attention_mask" not in batch:
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for r, i in enumerate(indices):
+            mask[r, : len(features["input_ids"][i])] = 1
+        batch["attention_mask"] = mask
+    return batch
+
+
+def effective_max_length(tokenizer: Any, config: Any, max_length: int) -> int:
+    """``max_length`` capped by what the tokenizer and the position embeddings allow."""
+    limits = [max_length]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    pos_limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(pos_limit, int) and pos_limit > 0:
+        # RoBERTa-family models start positions at pad_token_id + 1.
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in (
+            "roberta", "xlm-roberta", "camembert"
+        ) else 0
+        limits.append(pos_limit - offset)
+    capped = min(limits)
+    if capped < max_length:
+        log.warning("max_length %d capped to %d (tokenizer / position embeddings limit)",
+                    max_length, capped)
+    return capped
+
+
+def check_texts(texts: Sequence[str], what: str) -> None:
+    """Raise TypeError unless ``texts`` is a sequence of str (not one str). Names no text."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of strings, not a single string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, not str")

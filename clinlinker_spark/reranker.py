@@ -1,0 +1,135 @@
+"""The cross-encoder re-ranker: one relevance logit per (mention, candidate term) pair.
+
+A BERT-style sequence-classification model with one output (num_labels == 1), trained on
+hard negatives mined with the bi-encoder. Pairs are scored in batches, like
+sentence-transformers' ``CrossEncoder.predict``; the caller re-orders candidates by score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clinlinker_spark.config import RerankerConfig
+from clinlinker_spark.errors import ModelLoadError
+from clinlinker_spark.modeling import (
+    autocast_context,
+    check_texts,
+    effective_max_length,
+    length_order,
+    load_tokenizer_and_model,
+    model_hash,
+    pad_batch,
+    resolve_device,
+    set_torch_threads,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CrossEncoderReranker:
+    """Scores (mention, term) pairs with a Hugging Face sequence-classification model.
+
+    Each pair is encoded as a text pair (``[CLS] mention [SEP] term [SEP]`` or the model's
+    equivalent), truncated to ``max_length`` tokens (longest side first). The ``model`` and
+    ``tokenizer`` attributes are public for training code.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int = 64,
+        max_length: int = 64,
+        device: str = "auto",
+        precision: str = "auto",
+        num_threads: int = 0,
+    ) -> None:
+        if max_length <= 0 or batch_size <= 0:
+            raise ValueError("max_length and batch_size must be > 0")
+        if not str(path):
+            raise ModelLoadError("no cross-encoder path given (reranker.path is empty)")
+        set_torch_threads(num_threads)
+        self.path = Path(path)
+        self.batch_size = int(batch_size)
+        self._device, self._autocast_dtype = resolve_device(device, precision)
+        self.tokenizer, self.model = load_tokenizer_and_model(self.path, "sequence-classification")
+        self.model.to(self._device)
+        self.model.eval()
+        self.max_length = effective_max_length(self.tokenizer, self.model.config, max_length)
+        self._model_hash: str | None = None
+        log.info("cross-encoder loaded from %s: max_length %d, device %s",
+                 self.path, self.max_length, self._device)
+
+    @classmethod
+    def from_config(cls, cfg: RerankerConfig, num_threads: int = 0) -> CrossEncoderReranker:
+        """Build from the ``reranker`` section of the job configuration."""
+        if not cfg.path:
+            raise ModelLoadError("reranker.path is empty: re-ranking is switched off")
+        return cls(
+            cfg.path, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device,
+            precision=cfg.precision, num_threads=num_threads,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def model_hash(self) -> str:
+        """SHA-256 of the model directory's files (computed once, then cached)."""
+        if self._model_hash is None:
+            self._model_hash = model_hash(self.path)
+        return self._model_hash
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What outputs scored by this re-ranker record about it (JSON-serialisable)."""
+        return {
+            "path": str(self.path),
+            "model_hash": self.model_hash,
+            "max_length": self.max_length,
+            "model_type": str(getattr(self.model.config, "model_type", "")),
+        }
+
+    def score(self, mentions: Sequence[str], terms: Sequence[str]) -> np.ndarray:
+        """Logit of each pair (``mentions[i]``, ``terms[i]``): float32 [n]; higher = better.
+
+        Empty input gives shape (0,). Pairs are sorted by token length for batching and the
+        scores returned in input order; a pair's score does not depend on its batch.
+        """
+        check_texts(mentions, "mentions")
+        check_texts(terms, "terms")
+        if len(mentions) != len(terms):
+            raise ValueError(
+                f"mentions and terms must have the same length; got {len(mentions)} and "
+                f"{len(terms)}"
+            )
+        n = len(mentions)
+        out = np.empty(n, dtype=np.float32)
+        if n == 0:
+            return out
+        encoded = self.tokenizer(
+            list(mentions), list(terms), truncation=True, max_length=self.max_length,
+            padding=False, return_attention_mask=True,
+        )
+        features = {k: v for k, v in encoded.items()
+                    if k in ("input_ids", "attention_mask", "token_type_ids")}
+        order = length_order([len(ids) for ids in features["input_ids"]])
+        pad_id = int(self.tokenizer.pad_token_id)
+        pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = {k: v.to(self._device) for k, v in pad_batch(features, idx, pad_id,
+                                                                   pad_type).items()}
+            with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):
+                logits = self.model(**batch).logits  # [b, 1]
+            out[idx] = logits.float().reshape(-1).cpu().numpy()
+        return out
+
+    def __repr__(self) -> str:
+        return (f"CrossEncoderReranker(path={str(self.path)!r}, max_length={self.max_length}, "
+                f"device={self._device})")
