@@ -1,0 +1,958 @@
+"""The one module that writes tables: an idempotent MERGE into a Delta table, and its readers.
+
+``merge_into_delta(spark, df, path, key)`` leaves the table holding exactly
+(old rows whose key is not in ``df``) + (``df``'s rows), so a rerun with the same ``df`` leaves
+the same rows and adds one Delta version. Two writers implement it:
+
+``delta-spark``
+    Where the session has Delta Lake (Databricks, clusters started with ``io.delta:delta-spark``
+    and the ``DeltaSparkSessionExtension``): ``DeltaTable.forPath(...).merge(...)
+    .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()``, with
+    ``withSchemaEvolution()`` when ``df`` adds columns; ``df.write.format("delta")`` creates a
+    missing table. With ``replace_keys_df`` the MERGE source carries a delete marker
+    (``whenMatchedDelete`` / ``whenMatchedUpdate`` / ``whenNotMatchedInsert`` with explicit
+    columns); new columns are then added first by an empty ``mergeSchema`` append, one extra
+    metadata-only version. ``rows_replaced`` comes from the commit's ``operationMetrics``.
+
+``deltalake``
+    Everywhere else (plain pip installs, CI). Spark writes the Parquet files, the driver commits
+    them to ``_delta_log`` with the ``deltalake`` package (delta-rs) in one transaction, so the
+    table is a real Delta table that delta-spark, delta-rs, DuckDB and Databricks read. MERGE is
+    copy-on-write:
+
+    1. Spark writes ``df`` once into a hidden staging folder of the table,
+       ``<table>/_clinlinker_staging/<write id>/`` (``df`` is evaluated exactly once; the key
+       check and everything after it read those Parquet files, not ``df``).
+    2. The key check (one Spark aggregate) refuses null or duplicate keys.
+    3. Spark reads the current snapshot's files (listed by ``DeltaTable.get_add_actions`` /
+       ``file_uris``, never a directory glob) with ``_metadata.file_path`` and finds the files
+       that hold a key being replaced (key and file columns only, a semi-join).
+    4. The surviving rows of those files are written to the staging folder; every staged file
+       is then moved to ``<table>/part-NNNNN-<write id>.<ext>`` (unique per write).
+    5. ONE commit: ``DeltaTable.create_write_transaction(adds + removes, mode="append")`` with
+       ``AddAction`` (size, ``partition_values={}``, modification time, ``data_change=True``,
+       stats: ``numRecords`` plus ``nullCount``/``minValues``/``maxValues`` of top-level
+       integer, string and date columns, read from the Parquet footers) for the new files and
+       ``deltalake.transaction.RemoveAction`` for the replaced ones. Files without a replaced
+       key are neither read in full nor rewritten. A new table is created by
+       ``create_table_with_add_actions`` (version 0).
+
+    Two cases cannot use step 5 and rewrite every surviving row instead, committed as one
+    ``create_write_transaction(adds, mode="overwrite")`` (delta-rs then writes the removes of
+    every current file itself, also one commit):
+
+    * ``df`` adds columns: an ``append`` commit does not change the table schema in delta-rs
+      (it keeps the old schema and readers would drop the new column); ``overwrite`` does.
+    * an older ``deltalake`` 1.x without ``deltalake.transaction.RemoveAction`` (1.6.6 has
+      it): ``append`` cannot remove files there. The tempting shortcut, ``overwrite`` that
+      re-adds the untouched files under their old paths, is NOT used: delta-rs (checked with
+      1.6.6) then writes an ``add`` and a ``remove`` of the same path into one commit, which
+      the Delta protocol leaves undefined (delta-spark keeps the last action of a version,
+      here the remove, and would drop those rows).
+
+    Crash safety: the log alone decides what the table holds. Files staged or moved by a write
+    that fails before its commit are unreferenced (they are deleted on the way out when
+    possible, and ``VACUUM`` removes any that a killed process left); nothing committed is
+    touched before the commit, so the table reads as before. ``read_delta`` reads exactly the
+    current snapshot's files.
+
+Both writers: ``df`` must hold one row per non-null key (checked, error otherwise); it must
+have every column of an existing table (a missing column is an error, not silently null), may
+add new columns (stored nullable), and may not change a column's type. ``replace_keys_df``
+(a DataFrame with the key column) names further keys whose old rows are deleted even when
+``df`` has no row for them; the table then holds (old rows whose key is in neither) + ``df``.
+The ``deltalake`` writer supports unpartitioned tables without deletion vectors or column
+mapping (the tables this project writes), assumes one writer per table at a time, and needs
+the driver to reach the table's storage through pyarrow / deltalake: plain paths are local
+paths, on clusters give URIs both Spark and delta-rs understand (``s3://``, ``abfss://``,
+``gs://``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from urllib.parse import unquote, urlparse
+
+from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
+
+log = logging.getLogger(__name__)
+
+WRITER_DELTA_SPARK = "delta-spark"
+WRITER_DELTALAKE = "deltalake"
+_WRITER_CHOICES = ("auto", WRITER_DELTA_SPARK, WRITER_DELTALAKE)
+
+STAGING_DIR = "_clinlinker_staging"
+_DELETE_MARKER = "__clinlinker_delete__"
+_FILE_COLUMN = "__clinlinker_file__"
+_DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+_DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+# Session settings every Parquet write of this module runs under: microsecond timestamps (the
+# Spark default, INT96, is deprecated and not what delta-rs expects) and standard 3-level lists.
+_PARQUET_WRITE_CONF = {
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.parquet.writeLegacyFormat": "false",
+}
+# Reader features whose tables are read correctly by listing the snapshot's Parquet files.
+_SUPPORTED_READER_FEATURES = {"timestampNtz", "v2Checkpoint", "vacuumProtocolCheck"}
+
+try:  # newer deltalake (1.6.6 has it): removals can be committed together with adds
+    from deltalake.transaction import RemoveAction as _RemoveAction
+except ImportError:  # pragma: no cover - older deltalake
+    _RemoveAction = None
+
+
+class DeltaWriteError(ClinLinkerError):
+    """A Delta table cannot be written or read as asked (schema, table layout, commit)."""
+
+
+class SchemaMismatchError(DeltaWriteError):
+    """The DataFrame's schema is not compatible with the existing table's schema."""
+
+
+class DuplicateKeyError(InputDataError):
+    """The DataFrame to merge has null keys or more than one row for a key."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one ``merge_into_delta`` call did.
+
+    ``rows_replaced`` counts old rows taken out of the table: rows whose key was in ``df``
+    (replaced by ``df``'s row) plus rows deleted through ``replace_keys_df``.
+    """
+
+    writer: str  # "delta-spark" | "deltalake"
+    table_version: int
+    rows_written: int
+    rows_replaced: int
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def delta_spark_available(spark: SparkSession) -> bool:
+    """Whether ``spark`` can run Delta Lake itself (delta-spark jars + session extension).
+
+    True when the ``delta`` Python package imports, the session is configured with the
+    ``DeltaSparkSessionExtension`` or ``DeltaCatalog`` (or runs on Databricks, where Delta is
+    built in), and the JVM can load ``io.delta.tables.DeltaTable``. On Spark Connect, where
+    there is no JVM handle, a Delta data source lookup on a missing path stands in for the
+    class check. Never raises.
+    """
+    try:
+        import delta.tables  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        extensions = spark.conf.get("spark.sql.extensions", "") or ""
+        catalog = spark.conf.get("spark.sql.catalog.spark_catalog", "") or ""
+    except Exception:  # noqa: BLE001 - a conf lookup must not fail the caller
+        extensions, catalog = "", ""
+    on_databricks = bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+    if not on_databricks and _DELTA_EXTENSION not in extensions and _DELTA_CATALOG not in catalog:
+        return False
+    jvm = _classic_jvm(spark)
+    if jvm is not None:
+        try:
+            from py4j.java_gateway import JavaClass
+
+            # py4j answers a JavaPackage (not a JavaClass) for a class the JVM cannot load.
+            return isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
+        except Exception:  # noqa: BLE001
+            return False
+    return _probe_delta_source(spark)
+
+
+def merge_into_delta(
+    spark: SparkSession,
+    df: DataFrame,
+    path: str,
+    key: str = "mention_id",
+    writer: str = "auto",
+    replace_keys_df: DataFrame | None = None,
+) -> WriteResult:
+    """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
+
+    After the call the table holds exactly (old rows whose key is neither in ``df`` nor in
+    ``replace_keys_df``) + (``df``'s rows), in one new Delta version. ``writer`` is ``auto``
+    (delta-spark when :func:`delta_spark_available`, else deltalake), ``delta-spark`` or
+    ``deltalake``. Raises :class:`DuplicateKeyError` when ``df`` has null or repeated keys,
+    :class:`SchemaMismatchError` when its schema conflicts with the table's.
+    """
+    if writer not in _WRITER_CHOICES:
+        raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
+    if key not in df.columns:
+        raise SchemaMismatchError(f"the DataFrame to merge has no key column {key!r}")
+    if replace_keys_df is not None and key not in replace_keys_df.columns:
+        raise SchemaMismatchError(f"replace_keys_df has no key column {key!r}")
+    available = writer != WRITER_DELTALAKE and delta_spark_available(spark)
+    use_delta_spark = available and writer in ("auto", WRITER_DELTA_SPARK)
+    if writer == WRITER_DELTA_SPARK and not available:
+        raise ConfigError(
+            "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
+            "start it with the io.delta:delta-spark jars and "
+            f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
+        )
+    started = time.monotonic()
+    if use_delta_spark:
+        result = _merge_delta_spark(spark, df, path, key, replace_keys_df)
+    else:
+        result = _merge_deltalake(spark, df, path, key, replace_keys_df)
+    log.info(
+        "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
+        "replaced, %.1fs",
+        path, result.writer, result.table_version, result.rows_written, result.rows_replaced,
+        time.monotonic() - started,
+    )
+    return result
+
+
+def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
+    """The current snapshot of the Delta table at ``path`` as a DataFrame; None if no table.
+
+    With delta-spark: ``spark.read.format("delta")``. Otherwise Spark reads exactly the Parquet
+    files of the snapshot that deltalake lists (uncommitted or removed files in the folder are
+    never read), with the table's schema (files written before a column was added read it as
+    null).
+    """
+    if delta_spark_available(spark):
+        from delta.tables import DeltaTable as SparkDeltaTable
+
+        if not SparkDeltaTable.isDeltaTable(spark, path):
+            return None
+        return spark.read.format("delta").load(path)
+    loc = _locate(path)
+    table = _open_table(loc)
+    if table is None:
+        return None
+    _check_readable(table, loc)
+    schema = _spark_schema(table)
+    files = [_spark_uri(uri) for uri in table.file_uris()]
+    if not files:
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(*files)
+
+
+def table_exists(path: str) -> bool:
+    """Whether a Delta table (a readable ``_delta_log``) exists at ``path``."""
+    from deltalake import DeltaTable
+
+    return bool(DeltaTable.is_deltatable(_locate(path).uri))
+
+
+def table_version(path: str) -> int | None:
+    """The latest committed version of the Delta table at ``path``; None if there is none."""
+    table = _open_table(_locate(path))
+    return None if table is None else int(table.version())
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+
+
+def _nullable(data_type: DataType) -> DataType:
+    """``data_type`` with every field, element and value nullable and no field metadata."""
+    from pyspark.sql.types import ArrayType, MapType, StructField, StructType
+
+    if isinstance(data_type, StructType):
+        return StructType(
+            [StructField(f.name, _nullable(f.dataType), True) for f in data_type.fields]
+        )
+    if isinstance(data_type, ArrayType):
+        return ArrayType(_nullable(data_type.elementType), True)
+    if isinstance(data_type, MapType):
+        return MapType(_nullable(data_type.keyType), _nullable(data_type.valueType), True)
+    return data_type
+
+
+def _merged_schema(
+    table: StructType | None, incoming: StructType, key: str
+) -> tuple[StructType, list[str]]:
+    """The table schema after writing ``incoming``, and the names of the columns it adds.
+
+    Columns are matched by exact name. A column whose type differs (nullability aside), a
+    column that differs only in case, or a table column missing from ``incoming`` is a
+    :class:`SchemaMismatchError`. New columns are appended, nullable.
+    """
+    from pyspark.sql.types import StructType
+
+    lowered = [name.lower() for name in incoming.names]
+    if len(set(lowered)) != len(lowered):
+        raise SchemaMismatchError(
+            "the DataFrame to merge has column names that differ only in case"
+        )
+    new_incoming = _nullable(incoming)
+    assert isinstance(new_incoming, StructType)
+    if table is None:
+        return new_incoming, []
+    if key not in table.names:
+        raise SchemaMismatchError(f"the existing table has no key column {key!r}")
+    by_lower = {f.name.lower(): f for f in table.fields}
+    problems: list[str] = []
+    added = []
+    for field in new_incoming.fields:
+        existing = by_lower.get(field.name.lower())
+        if existing is None:
+            added.append(field)
+        elif existing.name != field.name:
+            problems.append(f"column {field.name!r} is {existing.name!r} in the table")
+        elif _nullable(existing.dataType) != field.dataType:
+            problems.append(
+                f"column {field.name!r} is {existing.dataType.simpleString()} in the table but "
+                f"{field.dataType.simpleString()} in the DataFrame"
+            )
+    missing = [name for name in table.names if name not in incoming.names]
+    if missing:
+        problems.append(
+            "the DataFrame lacks table column(s) " + ", ".join(repr(m) for m in missing)
+        )
+    if problems:
+        raise SchemaMismatchError(
+            "cannot merge into the existing Delta table: " + "; ".join(problems)
+            + " (type changes and dropped columns need a new table or an explicit migration)"
+        )
+    return StructType(list(table.fields) + added), [f.name for f in added]
+
+
+def _conform(df: DataFrame, schema: StructType) -> DataFrame:
+    """``df``'s columns in ``schema``'s order (every column of ``schema`` is in ``df``)."""
+    from pyspark.sql import functions as F
+
+    return df.select(*[F.col(_quoted(name)) for name in schema.names])
+
+
+def _quoted(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _spark_schema(table: DeltaTable) -> StructType:
+    """The Spark schema of a deltalake table (Delta's schema JSON is Spark's StructType JSON)."""
+    from pyspark.sql.types import StructType
+
+    return StructType.fromJson(json.loads(table.schema().to_json()))
+
+
+def _delta_schema(schema: StructType) -> Any:
+    """A ``deltalake.Schema`` from a Spark schema, without field metadata."""
+    from deltalake import Schema
+
+    return Schema.from_json(_nullable_metadata_free(schema).json())
+
+
+def _nullable_metadata_free(schema: StructType) -> StructType:
+    """``schema`` with field metadata dropped (nullability kept)."""
+    from pyspark.sql.types import ArrayType, MapType, StructField, StructType
+
+    def strip(data_type: DataType) -> DataType:
+        if isinstance(data_type, StructType):
+            return StructType(
+                [StructField(f.name, strip(f.dataType), f.nullable) for f in data_type.fields]
+            )
+        if isinstance(data_type, ArrayType):
+            return ArrayType(strip(data_type.elementType), data_type.containsNull)
+        if isinstance(data_type, MapType):
+            return MapType(
+                strip(data_type.keyType), strip(data_type.valueType), data_type.valueContainsNull
+            )
+        return data_type
+
+    result = strip(schema)
+    assert isinstance(result, StructType)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Key check
+
+
+def _check_keys(df: DataFrame, key: str) -> int:
+    """Row count of ``df``; raises :class:`DuplicateKeyError` on null or repeated keys.
+
+    One Spark job: a count per key, then totals over those counts.
+    """
+    from pyspark.sql import functions as F
+
+    per_key = df.groupBy(F.col(_quoted(key)).alias("k")).agg(F.count(F.lit(1)).alias("n"))
+    totals = per_key.agg(
+        F.coalesce(F.sum("n"), F.lit(0)).alias("rows"),
+        F.coalesce(F.sum(F.when(F.col("k").isNull(), F.col("n"))), F.lit(0)).alias("null_rows"),
+        F.coalesce(
+            F.sum(F.when(F.col("k").isNotNull() & (F.col("n") > 1), F.lit(1))), F.lit(0)
+        ).alias("dup_keys"),
+        F.coalesce(F.max(F.when(F.col("k").isNotNull(), F.col("n"))), F.lit(0)).alias("max_n"),
+    ).first()
+    assert totals is not None
+    if totals["null_rows"]:
+        raise DuplicateKeyError(
+            f"{totals['null_rows']} row(s) of the DataFrame to merge have a null {key!r}; "
+            "every row needs a key"
+        )
+    if totals["dup_keys"]:
+        raise DuplicateKeyError(
+            f"the DataFrame to merge has {totals['dup_keys']} {key!r} value(s) on more than one "
+            f"row (up to {totals['max_n']} rows for one key); MERGE needs one row per key, "
+            "de-duplicate it first"
+        )
+    return int(totals["rows"])
+
+
+# --------------------------------------------------------------------------------------------
+# delta-spark writer
+
+
+def _merge_delta_spark(
+    spark: SparkSession,
+    df: DataFrame,
+    path: str,
+    key: str,
+    replace_keys_df: DataFrame | None,
+) -> WriteResult:
+    from delta.tables import DeltaTable as SparkDeltaTable
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    exists = bool(SparkDeltaTable.isDeltaTable(spark, path))
+    table_schema = spark.read.format("delta").load(path).schema if exists else None
+    merged, added = _merged_schema(table_schema, df.schema, key)
+    source = df.select(*[F.col(_quoted(name)) for name in df.columns])
+    # df is read by the key check and again by the MERGE: keep it rather than recompute it.
+    source = source.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        rows = _check_keys(source, key)
+        with _parquet_write_conf(spark):
+            if not exists:
+                _conform(source, merged).write.format("delta").mode("errorifexists").save(path)
+            else:
+                _delta_spark_merge(
+                    spark, SparkDeltaTable, source, path, key, merged, added, replace_keys_df
+                )
+        last = (
+            SparkDeltaTable.forPath(spark, path).history(1)
+            .select("version", "operation", "operationMetrics").first()
+        )
+        assert last is not None
+        replaced = 0
+        if exists:
+            # The commit's own metrics (execute() returns no metrics in every Delta release).
+            metrics = last["operationMetrics"] or {}
+            replaced = int(metrics.get("numTargetRowsUpdated") or 0) + int(
+                metrics.get("numTargetRowsDeleted") or 0
+            )
+        return WriteResult(WRITER_DELTA_SPARK, int(last["version"]), rows, replaced)
+    finally:
+        source.unpersist()
+
+
+def _delta_spark_merge(
+    spark: SparkSession,
+    spark_delta_table: Any,
+    source: DataFrame,
+    path: str,
+    key: str,
+    merged: StructType,
+    added: Sequence[str],
+    replace_keys_df: DataFrame | None,
+) -> None:
+    """Run the MERGE into an existing table (one commit, plus one when columns are added
+    together with ``replace_keys_df``)."""
+    from pyspark.sql import functions as F
+
+    condition = f"t.{_quoted(key)} = s.{_quoted(key)}"
+    if replace_keys_df is None:
+        builder = (
+            spark_delta_table.forPath(spark, path).alias("t")
+            .merge(source.alias("s"), condition)
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+        )
+        if added:
+            builder = builder.withSchemaEvolution()
+    else:
+        if added:
+            # Add the new columns first (a metadata-only commit): the MERGE below assigns
+            # columns explicitly, and explicit assignments do not evolve a schema everywhere.
+            spark.createDataFrame([], merged).write.format("delta").mode("append").option(
+                "mergeSchema", "true"
+            ).save(path)
+        key_type = source.schema[key].dataType
+        extra_keys = (
+            replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
+            .where(F.col(_quoted(key)).isNotNull())
+            .distinct()
+            .join(source.select(key), on=key, how="left_anti")
+        )
+        marked = source.withColumn(_DELETE_MARKER, F.lit(False)).unionByName(
+            extra_keys.withColumn(_DELETE_MARKER, F.lit(True)), allowMissingColumns=True
+        )
+        assignments = {_quoted(c): f"s.{_quoted(c)}" for c in source.columns}
+        builder = (
+            spark_delta_table.forPath(spark, path).alias("t")
+            .merge(marked.alias("s"), condition)
+            .whenMatchedDelete(condition=f"s.{_quoted(_DELETE_MARKER)}")
+            .whenMatchedUpdate(set=assignments)
+            .whenNotMatchedInsert(condition=f"NOT s.{_quoted(_DELETE_MARKER)}", values=assignments)
+        )
+    builder.execute()
+
+
+# --------------------------------------------------------------------------------------------
+# deltalake writer
+
+
+@dataclass(frozen=True)
+class _Location:
+    """A table root as deltalake (``uri``), Spark (``spark_uri``) and pyarrow (``fs``) see it."""
+
+    uri: str
+    spark_uri: str
+    fs: pafs.FileSystem
+    fs_path: str
+
+    def child(self, *parts: str) -> str:
+        """A path under the root, for ``fs``."""
+        return "/".join([self.fs_path.rstrip("/"), *parts])
+
+    def spark_child(self, *parts: str) -> str:
+        """A path under the root, for Spark."""
+        return "/".join([self.spark_uri.rstrip("/"), *parts])
+
+
+def _locate(path: str) -> _Location:
+    """Resolve ``path``: plain paths and ``file:`` URIs are local, others go to pyarrow as is."""
+    import pyarrow.fs as pafs
+
+    parsed = urlparse(path)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
+        local = os.path.abspath(parsed.path if parsed.scheme == "file" else path)
+        return _Location(local, "file://" + local, pafs.LocalFileSystem(), local)
+    uri = path.rstrip("/")
+    fs, fs_path = pafs.FileSystem.from_uri(uri)
+    return _Location(uri, uri, fs, fs_path)
+
+
+def _spark_uri(file_uri: str) -> str:
+    """A data file URI from deltalake (local files come as plain absolute paths) for Spark."""
+    return "file://" + file_uri if file_uri.startswith("/") else file_uri
+
+
+def _open_table(loc: _Location) -> DeltaTable | None:
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(loc.uri):
+        return None
+    return DeltaTable(loc.uri)
+
+
+def _check_readable(table: DeltaTable, loc: _Location) -> None:
+    """Refuse table layouts that listing the snapshot's Parquet files would read wrongly."""
+    protocol = table.protocol()
+    unsupported = sorted(set(protocol.reader_features or ()) - _SUPPORTED_READER_FEATURES)
+    mapping = (table.metadata().configuration or {}).get("delta.columnMapping.mode") or "none"
+    problems = []
+    if unsupported:
+        problems.append("reader feature(s) " + ", ".join(unsupported))
+    if mapping != "none":
+        problems.append(f"column mapping mode {mapping!r}")
+    if table.metadata().partition_columns:
+        problems.append("partition columns")
+    if problems:
+        raise DeltaWriteError(
+            f"the Delta table at {loc.uri} uses {'; '.join(problems)}, which the 'deltalake' "
+            "writer/reader does not support; use a Spark session with delta-spark"
+        )
+
+
+class _FileIndex:
+    """Maps any spelling of a data file's path (URI scheme, percent-encoding) to its action."""
+
+    def __init__(self, relative_paths: Sequence[str]) -> None:
+        self._by_relative = {unquote(p).lstrip("/"): p for p in relative_paths}
+
+    def lookup(self, any_path: str) -> str:
+        parts = unquote(any_path).split("/")
+        for start in range(len(parts)):  # longest suffix first
+            candidate = "/".join(parts[start:])
+            if candidate in self._by_relative:
+                return self._by_relative[candidate]
+        raise DeltaWriteError(
+            f"data file {any_path} is not in the table snapshot; is another process writing "
+            "this table?"
+        )
+
+
+@contextmanager
+def _parquet_write_conf(spark: SparkSession) -> Iterator[None]:
+    """Run Parquet writes with :data:`_PARQUET_WRITE_CONF`, restoring the session after."""
+    saved: dict[str, str | None] = {}
+    for name, value in _PARQUET_WRITE_CONF.items():
+        saved[name] = spark.conf.get(name, None)
+        spark.conf.set(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                spark.conf.unset(name)
+            else:
+                spark.conf.set(name, value)
+
+
+def _list_parquet(loc: _Location, folder: str) -> list[str]:
+    """The Parquet files Spark wrote directly in ``folder`` (a path for ``loc.fs``)."""
+    import pyarrow.fs as pafs
+
+    infos = loc.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    names = [
+        info.path for info in infos
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".parquet")
+        and not info.base_name.startswith(("_", "."))
+    ]
+    return sorted(names)
+
+
+def _stats_json(metadata: pq.FileMetaData, schema: StructType) -> str:
+    """Delta ``stats`` for one Parquet file from its footer.
+
+    ``numRecords`` always; ``nullCount`` for top-level primitive columns and
+    ``minValues``/``maxValues`` for top-level integer, string and date columns, each only when
+    every row group carries that statistic. (Timestamps and floats are left out: their Parquet
+    statistics do not map exactly onto what Delta readers assume.)
+    """
+    from pyspark.sql.types import (
+        ArrayType,
+        ByteType,
+        DateType,
+        IntegerType,
+        LongType,
+        MapType,
+        ShortType,
+        StringType,
+        StructType,
+    )
+
+    stats: dict[str, Any] = {"numRecords": int(metadata.num_rows)}
+    if metadata.num_row_groups == 0:
+        return json.dumps(stats)
+    top_level = {f.name: f.dataType for f in schema.fields}
+    min_max_types = (ByteType, ShortType, IntegerType, LongType, StringType, DateType)
+    null_counts: dict[str, int] = {}
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    for column in range(metadata.num_columns):
+        name = metadata.schema.column(column).path
+        data_type = top_level.get(name)
+        if data_type is None or isinstance(data_type, (StructType, ArrayType, MapType)):
+            continue
+        chunks = [
+            metadata.row_group(group).column(column).statistics
+            for group in range(metadata.num_row_groups)
+        ]
+        if all(s is not None and s.has_null_count for s in chunks):
+            null_counts[name] = int(sum(s.null_count for s in chunks))
+        if isinstance(data_type, min_max_types) and all(
+            s is not None and s.has_min_max for s in chunks
+        ):
+            low = min(s.min for s in chunks)
+            high = max(s.max for s in chunks)
+            if isinstance(low, bytes) or isinstance(high, bytes):
+                continue  # not decodable as text: leave it out rather than guess
+            mins[name] = low.isoformat() if isinstance(low, date) else low
+            maxs[name] = high.isoformat() if isinstance(high, date) else high
+    if null_counts:
+        stats["nullCount"] = null_counts
+    if mins:
+        stats["minValues"] = mins
+        stats["maxValues"] = maxs
+    return json.dumps(stats)
+
+
+def _publish(
+    loc: _Location, staged: Sequence[str], write_id: str, schema: StructType, moved: list[str]
+) -> list[Any]:
+    """Move staged files into the table root under unique names; their ``AddAction``s.
+
+    Files without rows are deleted instead. Every moved path is appended to ``moved`` as soon as
+    it exists, so a failure later can delete them.
+    """
+    import pyarrow.parquet as pq
+    from deltalake.transaction import AddAction
+
+    actions = []
+    for number, source in enumerate(staged):
+        metadata = pq.read_metadata(source, filesystem=loc.fs)
+        if metadata.num_rows == 0:
+            loc.fs.delete_file(source)
+            continue
+        base = source.rsplit("/", 1)[-1]
+        extension = base.split(".", 1)[1] if "." in base else "parquet"
+        name = f"part-{number:05d}-{write_id}.{extension}"
+        target = loc.child(name)
+        loc.fs.move(source, target)
+        moved.append(target)
+        info = loc.fs.get_file_info(target)
+        assert info.mtime is not None and info.size is not None
+        actions.append(
+            AddAction(
+                path=name,
+                size=int(info.size),
+                partition_values={},
+                modification_time=int(info.mtime.timestamp() * 1000),
+                data_change=True,
+                stats=_stats_json(metadata, schema),
+            )
+        )
+    return actions
+
+
+def _commit(
+    loc: _Location,
+    table: DeltaTable | None,
+    schema: StructType,
+    adds: Sequence[Any],
+    removes: Sequence[Any],
+    mode: str,
+    custom_metadata: dict[str, Any],
+) -> None:
+    """The single commit of a write (tests replace this to simulate a crash before it)."""
+    from deltalake.transaction import CommitProperties, create_table_with_add_actions
+
+    properties = CommitProperties(custom_metadata=custom_metadata)
+    if table is None:
+        create_table_with_add_actions(
+            loc.uri, _delta_schema(schema), list(adds), mode="error", commit_properties=properties
+        )
+        return
+    table.create_write_transaction(
+        list(adds) + list(removes), mode=mode, schema=_delta_schema(schema),
+        commit_properties=properties,
+    )
+
+
+def _find_commit(loc: _Location, write_id: str) -> int | None:
+    """The version whose commit carries ``write_id`` (recent history only); None if none."""
+    table = _open_table(loc)
+    if table is None:
+        return None
+    for entry in table.history(20):
+        if entry.get("clinlinker.write_id") == write_id:
+            return int(entry["version"])
+    return None
+
+
+def _committed_version(loc: _Location, write_id: str) -> int:
+    """The version this write committed."""
+    version = _find_commit(loc, write_id)
+    if version is None:  # pragma: no cover - more than 20 commits since ours
+        raise DeltaWriteError(f"commit of write {write_id} not found in {loc.uri}'s history")
+    return version
+
+
+def _commit_landed(loc: _Location, write_id: str) -> bool:
+    """Whether this write's commit is in the log; True when that cannot be told."""
+    try:
+        return _find_commit(loc, write_id) is not None
+    except Exception:  # noqa: BLE001 - keep the files: unreferenced files are harmless
+        return True
+
+
+def _delete_quietly(loc: _Location, paths: Sequence[str]) -> None:
+    for file_path in paths:
+        try:
+            loc.fs.delete_file(file_path)
+        except Exception:  # noqa: BLE001 - unreferenced files are invisible; VACUUM removes them
+            log.warning("could not delete uncommitted file %s", file_path)
+
+
+def _cleanup_staging(loc: _Location, staging: str) -> None:
+    try:
+        loc.fs.delete_dir(staging)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001
+        log.warning("could not delete staging folder %s", staging)
+
+
+def _merge_deltalake(
+    spark: SparkSession,
+    df: DataFrame,
+    path: str,
+    key: str,
+    replace_keys_df: DataFrame | None,
+) -> WriteResult:
+    from pyspark.sql import functions as F
+
+    loc = _locate(path)
+    table = _open_table(loc)
+    table_schema = None
+    if table is not None:
+        _check_readable(table, loc)
+        table_schema = _spark_schema(table)
+    merged, added = _merged_schema(table_schema, df.schema, key)
+    write_id = uuid.uuid4().hex
+    staging = loc.child(STAGING_DIR, write_id)
+    spark_staging = loc.spark_child(STAGING_DIR, write_id)
+    moved: list[str] = []
+    try:
+        with _parquet_write_conf(spark):
+            _conform(df, merged).write.mode("errorifexists").parquet(spark_staging + "/new")
+        staged_new = _list_parquet(loc, staging + "/new")
+        written = (
+            spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
+            if staged_new else spark.createDataFrame([], merged)
+        )
+        rows = _check_keys(written, key)
+        metadata: dict[str, Any] = {
+            "clinlinker.writer": WRITER_DELTALAKE,
+            "clinlinker.write_id": write_id,
+            "clinlinker.key": key,
+            "clinlinker.rows_written": rows,
+        }
+        if table is None:
+            adds = _publish(loc, staged_new, write_id, merged, moved)
+            _commit(loc, None, merged, adds, [], "error",
+                    {**metadata, "clinlinker.operation": "CREATE"})
+            return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0)
+
+        assert table_schema is not None
+        key_type = merged[key].dataType
+        keys = written.select(key)
+        if replace_keys_df is not None:
+            keys = keys.unionByName(
+                replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
+                .where(F.col(_quoted(key)).isNotNull())
+            ).distinct()
+        actions = _add_actions(table)
+        index = _FileIndex([a["path"] for a in actions])
+        uri_of = {index.lookup(uri): _spark_uri(uri) for uri in table.file_uris()}
+        hits: dict[str, int] = {}
+        if actions:
+            old = spark.read.schema(table_schema).parquet(*uri_of.values())
+            located = old.select(
+                F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN)
+            )
+            for row in (
+                located.join(keys, on=key, how="left_semi").groupBy(_FILE_COLUMN).count().collect()
+            ):
+                relative = index.lookup(row[_FILE_COLUMN])
+                hits[relative] = hits.get(relative, 0) + int(row["count"])
+        replaced = sum(hits.values())
+        full_rewrite = bool(added) or _RemoveAction is None
+        rewrite = [a["path"] for a in actions] if full_rewrite else sorted(hits)
+        staged_rewrite: list[str] = []
+        if rewrite:
+            survivors = (
+                spark.read.schema(table_schema).parquet(*[uri_of[p] for p in rewrite])
+                .join(keys, on=key, how="left_anti")
+            )
+            with _parquet_write_conf(spark):
+                survivors.select(
+                    *[
+                        F.col(_quoted(f.name)) if f.name in table_schema.names
+                        else F.lit(None).cast(f.dataType).alias(f.name)
+                        for f in merged.fields
+                    ]
+                ).write.mode("errorifexists").parquet(spark_staging + "/rewrite")
+            staged_rewrite = _list_parquet(loc, staging + "/rewrite")
+        adds = _publish(loc, staged_new + staged_rewrite, write_id, merged, moved)
+        removes = []
+        if full_rewrite:
+            mode = "overwrite"  # delta-rs removes every current file in the same commit
+        else:
+            mode = "append"
+            now = int(time.time() * 1000)
+            size_of = {a["path"]: a["size_bytes"] for a in actions}
+            removes = [
+                _RemoveAction(
+                    path=p, data_change=True, deletion_timestamp=now,
+                    size=int(size_of[p]), partition_values={},
+                )
+                for p in rewrite
+            ]
+        _commit(
+            loc, table, merged, adds, removes, mode,
+            {
+                **metadata,
+                "clinlinker.operation": "MERGE",
+                "clinlinker.rows_replaced": replaced,
+                "clinlinker.files_added": len(adds),
+                "clinlinker.files_removed": len(rewrite),
+                "clinlinker.full_rewrite": full_rewrite,
+            },
+        )
+        log.debug(
+            "deltalake MERGE %s: %d files added, %d removed (full rewrite: %s)",
+            loc.uri, len(adds), len(rewrite), full_rewrite,
+        )
+        return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, replaced)
+    except BaseException:
+        # Published files are deleted only when the log surely does not reference them (a
+        # commit can land and still raise, e.g. in a post-commit hook).
+        if moved and not _commit_landed(loc, write_id):
+            _delete_quietly(loc, moved)
+        raise
+    finally:
+        _cleanup_staging(loc, staging)
+
+
+def _spark_uri_for(loc: _Location, fs_path: str) -> str:
+    """A file under the table root, listed by pyarrow, as the URI Spark reads."""
+    root = loc.fs_path.rstrip("/")
+    if not fs_path.startswith(root + "/"):
+        raise DeltaWriteError(f"{fs_path} is not under the table root {loc.uri}")
+    return loc.spark_uri.rstrip("/") + fs_path[len(root):]
+
+
+def _add_actions(table: DeltaTable) -> list[dict[str, Any]]:
+    """The snapshot's add actions as dicts (``path``, ``size_bytes``, ...)."""
+    import pyarrow as pa
+
+    return pa.table(table.get_add_actions(flatten=True)).select(
+        ["path", "size_bytes"]
+    ).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# Session probes
+
+
+def _classic_jvm(spark: SparkSession) -> Any:
+    """The py4j JVM view of a classic session; None on Spark Connect."""
+    try:
+        from pyspark.sql.utils import is_remote
+
+        if is_remote():
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return spark.sparkContext._jvm
+    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+        return None
+
+
+def _probe_delta_source(spark: SparkSession) -> bool:
+    """Whether the session resolves the ``delta`` data source (asks about a missing path)."""
+    probe = f"/nonexistent-clinlinker-delta-probe-{uuid.uuid4().hex}"
+    try:
+        spark.read.format("delta").load(probe).schema  # noqa: B018 - forces analysis
+    except Exception as exc:  # noqa: BLE001
+        message = str(exc)
+        return "DATA_SOURCE_NOT_FOUND" not in message and "Failed to find" not in message
+    return True
