@@ -294,6 +294,9 @@ class TerminologyIndex:
         self._code_keys = rows["code_key"].astype(str).tolist()
         self._terms = rows["term"].astype(str).tolist()
         self._mention_counts = rows["mention_count"].to_numpy()
+        # the same rows with each position's codes in code order instead of prior order: the
+        # "no prior" ranking, where codes sharing a text are not told apart by training counts
+        self._code_order = np.lexsort((rows["code_key"].to_numpy(), positions))
 
     @classmethod
     def load(
@@ -357,7 +360,12 @@ class TerminologyIndex:
         return self._position_of_text.get(text_norm, -1)
 
     def row_range(self, position: int) -> range:
+        """Row numbers of a position's codes, in prior order (most training mentions first)."""
         return range(int(self._starts[position]), int(self._starts[position + 1]))
+
+    def rows_in_code_order(self, position: int) -> np.ndarray:
+        """Row numbers of a position's codes, in code order (no training-frequency prior)."""
+        return self._code_order[int(self._starts[position]):int(self._starts[position + 1])]
 
     def row(self, i: int) -> tuple[str, str, str, int]:
         """(code, code_key, term, mention_count) of row ``i``."""

@@ -72,9 +72,14 @@ def candidates_from_hits(
 ) -> list[list[Candidate]]:
     """Turn raw hits into up to ``top_k`` distinct codes per query.
 
-    ``self_scores[i]`` is the score a term identical to query ``i`` gets (1.0 for normalised
-    embeddings); it scores exact matches that are not among the raw hits.
+    With ``exact_match_prior``, codes whose term equals the query come first, and codes that
+    share one text are ordered by how many training mentions carry them; without it, codes
+    that share a text come in code order (the embedding cannot tell them apart), so the
+    prior's effect can be measured on its own. ``self_scores[i]`` is the score a term identical
+    to query ``i`` gets (1.0 for normalised embeddings); it scores exact matches that are not
+    among the raw hits.
     """
+    rows_of = index.row_range if exact_match_prior else index.rows_in_code_order
     results: list[list[Candidate]] = []
     for i, text in enumerate(texts_norm):
         seen: set[str] = set()
@@ -96,7 +101,7 @@ def candidates_from_hits(
                 break
             if position < 0 or position == exact_position:
                 continue
-            for r in index.row_range(int(position)):
+            for r in rows_of(int(position)):
                 code, key, term, _ = index.row(r)
                 if key not in seen:
                     seen.add(key)

@@ -35,13 +35,15 @@ def test_retrieve_returns_one_candidate_per_code_with_its_best_synonym(toy_index
 
 
 def test_exact_match_prior_orders_tied_codes_by_training_frequency(toy_index):
+    expected = {True: ["K37", "K35"], False: ["K35", "K37"]}  # 5 training mentions vs 1
     for prior in (True, False):
         linker = Linker(FakeEncoder(), toy_index,
                         LinkingConfig(search_k=8, top_k=3, exact_match_prior=prior))
         [cands] = linker.retrieve(["apendicitis"])
-        # rows of one text are stored in prior order, so K37 (5 mentions) comes first either way
-        assert [c.code for c in cands[:2]] == ["K37", "K35"]
+        # without the prior, codes that share the text come in code order
+        assert [c.code for c in cands[:2]] == expected[prior]
         assert cands[0].exact is prior
+        assert cands[0].retrieval_score == cands[1].retrieval_score
 
 
 def test_exact_match_prior_finds_codes_beyond_the_raw_hits(toy_index, monkeypatch):
