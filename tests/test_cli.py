@@ -1,0 +1,74 @@
+"""End-to-end through the command line: build-index then evaluate, on the shipped samples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clinlinker_spark.cli import main
+from clinlinker_spark.samples import sample_path
+from tiny_models import make_tiny_encoder
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory, tiny_encoder_dir):
+    out = tmp_path_factory.mktemp("cli") / "index"
+    rc = main([
+        "--log-level", "WARNING", "build-index", "--encoder", str(tiny_encoder_dir),
+        "--out", str(out), "--name", "sample",
+        "--source", f"codiesp={sample_path('codiesp_train_sample.tsv')}",
+        "--labels", "DIAGNOSTICO",
+    ])
+    assert rc == 0
+    return out
+
+
+def test_build_index_then_evaluate_prints_table_and_json(sample_index, tiny_encoder_dir,
+                                                           tmp_path, capsys):
+    capsys.readouterr()
+    json_out = tmp_path / "report.json"
+    rc = main([
+        "--log-level", "WARNING", "evaluate",
+        "--gold", str(sample_path("codiesp_train_sample.tsv")), "--gold-format", "codiesp",
+        "--labels", "DIAGNOSTICO", "--index", str(sample_index),
+        "--encoder", str(tiny_encoder_dir), "--k", "1,5,25", "--json-out", str(json_out),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "[tfidf+exact_prior]" in printed and "unseen_mentions" in printed
+    report = json.loads(json_out.read_text())
+    assert set(report["results"]) == {"dense", "dense+exact_prior", "tfidf", "tfidf+exact_prior"}
+    for result in report["results"].values():
+        # gold = the index's own training mentions: every gold text is in the index
+        assert result["ceiling_clean"] == 1.0
+        assert result["subsets"]["unseen_mentions"]["n"] == 0
+    # with the prior, an indexed mention is found by exact text whatever the (random) model
+    assert report["results"]["dense+exact_prior"]["subsets"]["clean"]["acc@25"] > 0.95
+    assert report["results"]["tfidf+exact_prior"]["subsets"]["clean"]["acc@1"] > 0.8
+
+
+def test_evaluate_refuses_index_built_with_another_encoder(sample_index, tmp_path, caplog):
+    other = make_tiny_encoder(tmp_path / "other", seed=7)
+    rc = main(["evaluate", "--gold", str(sample_path("codiesp_dev_sample.tsv")),
+               "--gold-format", "codiesp", "--index", str(sample_index),
+               "--encoder", str(other), "--retriever", "dense"])
+    assert rc == 2
+    assert "EncoderMismatchError" in caplog.text and "model_hash" in caplog.text
+
+
+def test_model_dir_that_is_not_a_model_is_a_clear_error(sample_index, tmp_path, caplog):
+    rc = main(["evaluate", "--gold", str(sample_path("codiesp_dev_sample.tsv")),
+               "--gold-format", "codiesp", "--index", str(sample_index),
+               "--encoder", str(tmp_path), "--retriever", "dense"])
+    assert rc == 2
+    assert "ModelLoadError" in caplog.text and "config.json" in caplog.text
+
+
+def test_python_dash_m_entry_point_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "clinlinker_spark", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("base-encoder", "build-index", "link", "evaluate"):
+        assert command in out
