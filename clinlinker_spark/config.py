@@ -152,6 +152,8 @@ class SparkConfig:
     # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
     # directly (shared storage such as /dbfs or NFS; use it for multi-GB indexes).
     ship_artifacts: bool = True
+    # Memory-map the FAISS file on executors (several Python workers share the OS page cache).
+    mmap_index: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("spark.shuffle_partitions", self.shuffle_partitions)

@@ -1,0 +1,567 @@
+"""The Spark batch job: mentions (Parquet, Delta or gold TSVs) -> code assignments (Delta).
+
+:func:`run_link_job` is the whole job; the CLI, ``jobs/link_mentions.py`` and the notebooks
+call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame function:
+
+1. :func:`read_mentions` + :func:`select_mentions`: read the input and map its columns to the
+   canonical names (config.input). A missing column fails here, before anything is computed.
+2. :func:`resolve_artifacts` (driver, no Spark): the encoder (the base encoder is built when
+   missing and ``build_missing``), the index (built from ``terminology`` when missing), the
+   index manifest checked against the encoder's fingerprint (EncoderMismatchError names
+   both), and the versions (hashes) written into every row.
+3. :func:`validate_mentions`: one row per distinct mention_id, normalised text, invalid reasons.
+4. incremental (``output.incremental``): drop mentions the table already holds as linked or
+   no_candidate with the same model, index and re-ranker versions and the same text.
+5. de-duplicate surface forms (``spark.dedupe_surface_forms``), embed + FAISS search
+   (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set.
+6. join the results back to every mention, add lineage, MERGE into the Delta table on
+   mention_id (:mod:`clinlinker_spark.spark.writer`).
+
+Row rules (every distinct mention_id gets exactly one output row):
+
+- duplicate mention_id: all rows sharing an id become ONE row with status invalid_input and
+  reason ``"duplicate mention_id (N rows)"``; the row kept for doc_id/span/text is the first
+  by (doc_id, start, end, text_sha256). Linking one of them would silently pick a winner.
+- null or blank mention_id: the row cannot be a MERGE key, so it gets the synthetic id
+  ``"null:" + sha256`` of its (doc_id, start, end, text) as JSON, status invalid_input and
+  reason ``"null mention_id"`` (identical such rows collapse into one, with ``(N rows)``).
+  The id is deterministic, so a rerun replaces these rows instead of adding new ones.
+- null, empty/whitespace-only or over-long text (``linking.max_text_length`` characters):
+  status invalid_input with ``linker.invalid_reason``'s reason.
+
+Nothing but ids and counts is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clinlinker_spark.config import GOLD_FORMATS, InputConfig, JobConfig, to_dict
+from clinlinker_spark.errors import ConfigError, InputDataError
+from clinlinker_spark.spark import schemas
+from clinlinker_spark.spark.schemas import LINK_KEY_COLUMN, TEXT_NORM_COLUMN
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from clinlinker_spark.spark.udfs import LinkerSpec
+
+log = logging.getLogger(__name__)
+
+STATUS_LINKED = "linked"
+STATUS_NO_CANDIDATE = "no_candidate"
+STATUS_INVALID = "invalid_input"
+FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
+GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+def _col(name: str) -> Column:
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def read_mentions(spark: SparkSession, cfg: InputConfig) -> DataFrame:
+    """Read the input named by ``cfg`` (lazily for Parquet and Delta).
+
+    Gold TSV formats (distemist | medprocner | codiesp; a file or a folder) are read by
+    :func:`clinlinker_spark.corpora.read_gold` on the driver; their gold ``code``/``codes``
+    columns are renamed ``gold_code``/``gold_codes`` so they can be passed through without
+    clashing with the predicted code.
+    """
+    if not cfg.path:
+        raise ConfigError("input.path is empty: set it to the mentions to link")
+    if cfg.format == "parquet":
+        if not Path(cfg.path).exists() and "://" not in cfg.path:
+            raise InputDataError(f"input not found: {cfg.path}")
+        return spark.read.parquet(cfg.path)
+    if cfg.format == "delta":
+        from clinlinker_spark.spark.writer import read_delta
+
+        df = read_delta(spark, cfg.path)
+        if df is None:
+            raise InputDataError(f"no Delta table at {cfg.path}")
+        return df
+    if cfg.format in GOLD_FORMATS:
+        from clinlinker_spark.corpora import read_gold
+
+        table = read_gold(cfg.path, cfg.format).rename(columns=GOLD_RENAMES)
+        log.info("read %d gold mentions (%s)", len(table), cfg.format)
+        return spark.createDataFrame(table)
+    raise ConfigError(f"input.format {cfg.format!r} is not supported")
+
+
+def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) -> DataFrame:
+    """Map input columns to the canonical mention columns plus the pass-through columns.
+
+    Raises InputDataError naming every missing column and listing the columns present, before
+    any row is read. A canonical column mapped to ``""`` (allowed for doc_id, start, end,
+    label) is filled with nulls.
+    """
+    from pyspark.sql import functions as F
+
+    mapping = {
+        "mention_id": cfg.mention_id_column,
+        "doc_id": cfg.doc_id_column,
+        "start": cfg.start_column,
+        "end": cfg.end_column,
+        "text": cfg.text_column,
+        "label": cfg.label_column,
+    }
+    for name in schemas.REQUIRED_MENTION_COLUMNS:
+        if not mapping[name]:
+            raise ConfigError(f"input.{name}_column must name a column (it is required)")
+    present = list(df.columns)
+    missing = [f"{src!r} (input.{name}_column)" for name, src in mapping.items()
+               if src and src not in present]
+    missing += [f"{c!r} (input.passthrough_columns)" for c in cfg.passthrough_columns
+                if c not in present]
+    if missing:
+        raise InputDataError(
+            f"input {cfg.path} is missing required column(s) {', '.join(missing)}; "
+            f"its columns are {present}"
+        )
+    clashes = [c for c in cfg.passthrough_columns if c in schemas.RESERVED_COLUMNS]
+    if clashes:
+        raise ConfigError(f"input.passthrough_columns {clashes} clash with output columns; "
+                          "rename them in the input first")
+    if not store_text and cfg.text_column in cfg.passthrough_columns:
+        raise ConfigError("output.store_text is false but the text column is a pass-through "
+                          "column; remove it from input.passthrough_columns")
+    columns = []
+    for name, dtype in schemas.MENTION_COLUMNS:
+        src = mapping[name]
+        if not src:
+            columns.append(F.lit(None).cast(dtype).alias(name))
+        elif name in ("start", "end"):
+            columns.append(_col(src).try_cast(dtype).alias(name))
+        else:
+            columns.append(_col(src).cast(dtype).alias(name))
+    columns += [_col(c).alias(c) for c in cfg.passthrough_columns]
+    return df.select(*columns)
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts
+
+
+@dataclass(frozen=True)
+class ResolvedArtifacts:
+    """Absolute artifact paths and their versions, fixed on the driver before Spark work."""
+
+    encoder_path: str
+    index_path: str
+    reranker_path: str
+    model_version: str
+    index_version: str
+    reranker_version: str
+    index_manifest: dict[str, Any]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {"model_version": self.model_version, "index_version": self.index_version,
+                "reranker_version": self.reranker_version}
+
+
+def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
+    """Find (or build, with ``build_missing``) the encoder and index; check they match.
+
+    The encoder is loaded on the driver (CPU unless configured otherwise) for its fingerprint;
+    the index is not loaded, only its manifest is read. Raises EncoderMismatchError when the
+    index was built with another encoder, ArtifactError/ModelLoadError when something is
+    missing.
+    """
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import check_encoder, ensure_index, read_manifest
+    from clinlinker_spark.modeling import check_model_dir, model_hash
+
+    encoder_path = Path(config.encoder.path)
+    if config.build_missing and not (encoder_path / "config.json").is_file():
+        from clinlinker_spark.base_encoder import ensure_base_encoder
+
+        ensure_base_encoder(encoder_path)
+    driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
+    encoder = BiEncoder.from_config(dataclasses.replace(config.encoder, device=driver_device))
+    index_path = ensure_index(config, encoder)
+    manifest = read_manifest(index_path)
+    check_encoder(manifest, encoder.fingerprint(), index_path)
+    reranker_path = ""
+    reranker_version = ""
+    if config.reranker.path:
+        reranker_path = str(check_model_dir(config.reranker.path).resolve())
+        reranker_version = model_hash(reranker_path)
+    resolved = ResolvedArtifacts(
+        encoder_path=str(encoder_path.resolve()),
+        index_path=str(Path(index_path).resolve()),
+        reranker_path=reranker_path,
+        model_version=encoder.model_hash,
+        index_version=str(manifest["content_hash"]),
+        reranker_version=reranker_version,
+        index_manifest=manifest,
+    )
+    del encoder
+    log.info("artifacts: model %s, index %s (%s rows), re-ranker %s",
+             resolved.model_version[:12], resolved.index_version[:12],
+             manifest.get("terminology", {}).get("rows", "?"),
+             resolved.reranker_version[:12] or "none")
+    return resolved
+
+
+def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) -> LinkerSpec:
+    """The plain values the UDFs capture; ships the artifacts when ``spark.ship_artifacts``."""
+    from clinlinker_spark.spark.session import is_local_master
+    from clinlinker_spark.spark.udfs import ArtifactRef, LinkerSpec, ship_artifact
+
+    try:
+        sc = spark.sparkContext
+        master = sc.master
+    except Exception:  # noqa: BLE001 - Spark Connect (Databricks shared clusters): no context
+        sc, master = None, ""
+    if config.spark.ship_artifacts and sc is None:
+        raise ConfigError(
+            "spark.ship_artifacts needs a classic Spark session (SparkContext.addFile); on "
+            "Spark Connect put the artifacts on storage every executor reads (e.g. Unity "
+            "Catalog volumes) and set spark.ship_artifacts: false"
+        )
+
+    def ref(path: str, version: str) -> ArtifactRef:
+        if sc is not None and config.spark.ship_artifacts:
+            return ArtifactRef(path=path, spark_file=ship_artifact(sc, path, version))
+        return ArtifactRef(path=path)
+
+    return LinkerSpec(
+        config=to_dict(config),
+        encoder=ref(art.encoder_path, art.model_version),
+        index=ref(art.index_path, art.index_version),
+        reranker=ref(art.reranker_path, art.reranker_version) if art.reranker_path else None,
+        model_version=art.model_version,
+        index_version=art.index_version,
+        reranker_version=art.reranker_version,
+        mmap_index=config.spark.mmap_index,
+        local_master=is_local_master(master),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
+    """One row per distinct mention_id with ``text_sha256``, ``text_norm`` and ``reason``.
+
+    ``reason`` is null for rows that can be linked; otherwise why not (see the module
+    docstring for the duplicate and null-id rules). ``text_norm`` is null for invalid rows.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.udfs import make_prepare_udf
+
+    blank_id = F.col("mention_id").isNull() | (F.trim(F.col("mention_id")) == "")
+    synthetic = F.concat(
+        F.lit("null:"),
+        F.sha2(F.to_json(F.struct("doc_id", "start", "end", "text")), 256),
+    )
+    df = (
+        mentions
+        .withColumn("_null_id", blank_id)
+        .withColumn("mention_id", F.when(blank_id, synthetic).otherwise(F.col("mention_id")))
+        .withColumn("text_sha256", F.sha2(F.col("text"), 256))
+    )
+    by_id = Window.partitionBy("mention_id")
+    first = by_id.orderBy(
+        F.col("doc_id").asc_nulls_first(), F.col("start").asc_nulls_first(),
+        F.col("end").asc_nulls_first(), F.col("text_sha256").asc_nulls_first(),
+    )
+    df = (
+        df.withColumn("_rows", F.count(F.lit(1)).over(by_id))
+        .withColumn("_rank", F.row_number().over(first))
+        .filter(F.col("_rank") == 1)
+    )
+    prepare = make_prepare_udf(max_text_length)
+    df = df.withColumn("_prep", prepare(F.col("text")))
+    rows_note = F.when(F.col("_rows") > 1,
+                       F.concat(F.lit(" ("), F.col("_rows").cast("string"), F.lit(" rows)")))
+    reason = (
+        F.when(F.col("_null_id"),
+               F.concat(F.lit("null mention_id"), F.coalesce(rows_note, F.lit(""))))
+        .when(F.col("_rows") > 1, F.concat(F.lit("duplicate mention_id"), rows_note))
+        .otherwise(F.col("_prep.reason"))
+    )
+    return (
+        df.withColumn("reason", reason)
+        .withColumn(TEXT_NORM_COLUMN,
+                    F.when(reason.isNull(), F.col(f"_prep.{TEXT_NORM_COLUMN}")))
+        .drop("_prep", "_rows", "_rank", "_null_id")
+    )
+
+
+def already_linked(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
+    """(mention_id, text_sha256) the output table holds as final with these versions."""
+    from pyspark.sql import functions as F
+
+    if existing is None:
+        return None
+    needed = {"mention_id", "text_sha256", "status", *versions}
+    if not needed.issubset(existing.columns):
+        log.warning("output table lacks columns %s: incremental skipping is off for this run",
+                    sorted(needed - set(existing.columns)))
+        return None
+    cond = F.col("status").isin(*FINAL_STATUSES)
+    for name, value in versions.items():
+        cond = cond & (F.col(name) == F.lit(value))
+    return existing.filter(cond).select("mention_id", "text_sha256")
+
+
+def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int) -> DataFrame:
+    """The rows the UDFs see: (link_key, text_norm), one per distinct text when ``dedupe``."""
+    from pyspark.sql import functions as F
+
+    if dedupe:
+        return (to_link.select(TEXT_NORM_COLUMN).distinct()
+                .withColumn(LINK_KEY_COLUMN, F.col(TEXT_NORM_COLUMN))
+                .select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN))
+    return (to_link.select(F.col("mention_id").alias(LINK_KEY_COLUMN), TEXT_NORM_COLUMN)
+            .repartition(partitions))
+
+
+def table_candidates(column: str = "candidates") -> Column:
+    """Stage candidates (with ``exact``) -> the table's candidate structs, best first."""
+    from pyspark.sql import functions as F
+
+    return F.transform(
+        F.col(column),
+        lambda c: F.struct(*[c[f].alias(f) for f in schemas.CANDIDATE_FIELDS]),
+    ).cast(schemas.CANDIDATES_TYPE)
+
+
+def assemble_output(
+    validated: DataFrame,
+    to_link: DataFrame,
+    results: DataFrame | None,
+    config: JobConfig,
+    versions: dict[str, str],
+    run_id: str,
+    run_ts: datetime,
+    dedupe: bool,
+) -> DataFrame:
+    """Invalid rows + linked rows, with lineage, in the code-assignment schema's order."""
+    from pyspark.sql import functions as F
+
+    passthrough = list(config.input.passthrough_columns)
+    mention_cols = ["mention_id", "doc_id", "start", "end", "text", "text_sha256", "label",
+                    *passthrough]
+    invalid = validated.filter(F.col("reason").isNotNull()).select(
+        *[_col(c) for c in mention_cols],
+        F.lit(STATUS_INVALID).alias("status"),
+        F.col("reason"),
+        F.lit(None).cast("string").alias("code"),
+        F.lit(None).cast("string").alias("term"),
+        F.lit(None).cast("double").alias("score"),
+        F.array().cast(schemas.CANDIDATES_TYPE).alias("candidates"),
+    )
+    parts = [invalid]
+    if results is not None:
+        key = TEXT_NORM_COLUMN if dedupe else "mention_id"
+        outcome = ["status", "reason", "code", "term", "score"]
+        res = results.select(
+            F.col(LINK_KEY_COLUMN).alias("_key"),
+            *[F.col(c).alias(f"_r_{c}") for c in outcome],
+            table_candidates().alias("_r_candidates"),
+        )
+        linked = to_link.join(res, to_link[key] == res["_key"], "inner").select(
+            *[to_link[c] for c in mention_cols],
+            *[res[f"_r_{c}"].alias(c) for c in [*outcome, "candidates"]],
+        )
+        parts.append(linked)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    out = out.select(
+        *out.columns,
+        *[F.lit(v).alias(k) for k, v in versions.items()],
+        F.lit(run_id).alias("run_id"),
+        F.lit(run_ts).cast("timestamp").alias("run_ts"),
+    )
+    names = schemas.assignment_columns(config.output.store_text, passthrough)
+    return out.select(*[_col(c) for c in names])
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+
+
+def run_link_job(
+    spark: SparkSession,
+    config: JobConfig,
+    run_id: str | None = None,
+    mentions: DataFrame | None = None,
+) -> dict[str, Any]:
+    """Link the configured input and MERGE the code assignments into ``output.path``.
+
+    ``mentions`` (optional) replaces reading ``config.input``: a DataFrame with the input's
+    columns (the column mapping still applies). Returns a summary: run_id, table path,
+    writer, table version, rows written/replaced, counts by status, how many mentions were
+    skipped (incremental) and how many surface forms went through the UDFs, artifact versions
+    and wall time per stage in seconds.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.udfs import make_rerank_fn, make_retrieve_fn
+    from clinlinker_spark.spark.writer import merge_into_delta, read_delta
+
+    run_id = run_id or uuid.uuid4().hex
+    run_ts = datetime.now(timezone.utc)  # aware: Spark stores the instant, whatever the TZ
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    log.info("link job %s: starting", run_id)
+
+    # 1. input columns (schema only) -- fails before any work
+    raw = mentions if mentions is not None else read_mentions(spark, config.input)
+    selected = select_mentions(raw, config.input, config.output.store_text)
+    # 2. artifacts (driver only) -- fails before any Spark job
+    t = time.perf_counter()
+    art = resolve_artifacts(config)
+    spec = linker_spec(spark, config, art)
+    timings["artifacts"] = time.perf_counter() - t
+
+    cached: list[DataFrame] = []
+
+    def persist(df: DataFrame) -> DataFrame:
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(df)
+        return df
+
+    try:
+        # 3. validate + normalise
+        t = time.perf_counter()
+        validated = persist(validate_mentions(selected, config.linking.max_text_length))
+        n_mentions = validated.count()
+        valid = validated.filter(F.col("reason").isNull())
+        n_invalid = validated.filter(F.col("reason").isNotNull()).count()
+        timings["validate"] = time.perf_counter() - t
+
+        # 4. incremental skip
+        t = time.perf_counter()
+        to_link = valid
+        n_skipped = 0
+        if config.output.incremental:
+            done = already_linked(read_delta(spark, config.output.path), art.versions)
+            if done is not None:
+                to_link = persist(valid.join(done, ["mention_id", "text_sha256"], "left_anti"))
+        n_to_link = to_link.count()
+        n_skipped = (n_mentions - n_invalid) - n_to_link
+        timings["incremental"] = time.perf_counter() - t
+
+        # 5. UDF stages over surface forms
+        dedupe = config.spark.dedupe_surface_forms
+        results: DataFrame | None = None
+        n_forms = 0
+        if n_to_link:
+            t = time.perf_counter()
+            forms = surface_forms(to_link, dedupe, config.spark.shuffle_partitions)
+            results = persist(forms.mapInArrow(make_retrieve_fn(spec), schemas.STAGE_SCHEMA))
+            n_forms = results.count()
+            timings["embed_search"] = time.perf_counter() - t
+            if spec.has_reranker:
+                t = time.perf_counter()
+                results = persist(results.mapInArrow(make_rerank_fn(spec),
+                                                     schemas.STAGE_SCHEMA))
+                results.count()
+                timings["rerank"] = time.perf_counter() - t
+        log.info("link job %s: %d mentions, %d invalid, %d skipped (already linked), "
+                 "%d to link as %d surface forms", run_id, n_mentions, n_invalid, n_skipped,
+                 n_to_link, n_forms)
+
+        # 6. join back + write
+        t = time.perf_counter()
+        out = assemble_output(validated, to_link, results, config, art.versions, run_id,
+                              run_ts, dedupe)
+        n_out = n_invalid + n_to_link
+        by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
+        if n_out:
+            for row in out.groupBy("status").count().collect():
+                by_status[row["status"]] = int(row["count"])
+            written = merge_into_delta(spark, out, config.output.path, key="mention_id",
+                                       writer=config.output.writer)
+            write_info = {"writer": written.writer, "table_version": written.table_version,
+                          "rows_written": written.rows_written,
+                          "rows_replaced": written.rows_replaced}
+        else:  # nothing new: no commit, the table stays at its version
+            write_info = {"writer": None, "table_version": _current_version(config.output.path),
+                          "rows_written": 0, "rows_replaced": 0}
+        timings["write"] = time.perf_counter() - t
+    finally:
+        for df in cached:
+            df.unpersist()
+    timings["total"] = time.perf_counter() - t_start
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "run_ts": run_ts.isoformat(),
+        "table_path": config.output.path,
+        **write_info,
+        "mentions": n_mentions,
+        "counts_by_status": by_status,
+        "skipped_already_linked": n_skipped,
+        "to_link": n_to_link,
+        "surface_forms": n_forms,
+        "dedupe_surface_forms": dedupe,
+        **art.versions,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    log.info("link job %s done: %s rows written (table version %s), status counts %s, "
+             "%.1f s", run_id, write_info["rows_written"], write_info["table_version"],
+             by_status, timings["total"])
+    return summary
+
+
+def _current_version(path: str) -> int | None:
+    """The table's latest version (None when it does not exist or delta-rs cannot read it)."""
+    from clinlinker_spark.spark.writer import table_version
+
+    try:
+        return table_version(path)
+    except Exception:  # noqa: BLE001 - informational only (e.g. a path only Spark can read)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook widgets -> config overrides
+
+WIDGET_KEYS = {
+    "input_path": "input.path",
+    "input_format": "input.format",
+    "output_path": "output.path",
+    "index_path": "index.path",
+    "encoder_path": "encoder.path",
+    "reranker_path": "reranker.path",
+    "top_k": "linking.top_k",
+    "incremental": "output.incremental",
+    "store_text": "output.store_text",
+}
+
+
+def widget_overrides(values: dict[str, str]) -> list[str]:
+    """``--set`` style overrides from notebook widget values (the notebooks' only mapping).
+
+    Known widgets (:data:`WIDGET_KEYS`) map to one config key each and are skipped when empty;
+    the free-form ``overrides`` widget holds further ``key=value`` items separated by newlines
+    or semicolons. Later items win, as on the command line.
+    """
+    sets = [f"{key}={values[name]}" for name, key in WIDGET_KEYS.items()
+            if str(values.get(name, "") or "").strip()]
+    extra = str(values.get("overrides", "") or "")
+    sets += [item.strip() for item in extra.replace(";", "\n").splitlines() if item.strip()]
+    return sets

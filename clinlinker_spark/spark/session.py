@@ -1,0 +1,128 @@
+"""The one place a SparkSession is built from configuration.
+
+Everything else takes the session as an argument. For local masters the environment a fresh
+machine needs is filled in when unset: ``SPARK_LOCAL_IP`` (no reverse-DNS surprises on laptops
+and CI runners) and ``PYSPARK_PYTHON`` / ``PYSPARK_DRIVER_PYTHON`` = this interpreter (so Python
+workers import the same virtual environment as the driver). On a cluster those come from the
+cluster (spark-submit ``--archives`` with a packed environment, a container image, Databricks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Mapping
+
+from clinlinker_spark.config import SparkConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def is_local_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local[N,F]``, ``local[*]`` and ``local-cluster[...]``."""
+    return master == "local" or master.startswith("local[") or master.startswith("local-cluster")
+
+
+def spark_conf_pairs(cfg: SparkConfig) -> dict[str, str]:
+    """The ``spark.*`` settings derived from ``cfg`` (extra ``cfg.conf`` entries win)."""
+    conf: dict[str, str] = {
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
+        "spark.task.cpus": str(cfg.task_cpus),
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.driver.memory": cfg.driver_memory,
+    }
+    if cfg.executor_gpus > 0:
+        conf["spark.executor.resource.gpu.amount"] = str(cfg.executor_gpus)
+    if cfg.task_gpus > 0:
+        conf["spark.task.resource.gpu.amount"] = _number(cfg.task_gpus)
+    if cfg.gpu_discovery_script:
+        conf["spark.executor.resource.gpu.discoveryScript"] = cfg.gpu_discovery_script
+    conf.update({str(k): str(v) for k, v in cfg.conf.items()})
+    return conf
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def prepare_local_environment(cfg: SparkConfig, environ: Mapping[str, str] | None = None) -> dict:
+    """Environment variables to set before a local JVM starts (only those not already set)."""
+    env = os.environ if environ is None else environ
+    wanted = {
+        "SPARK_LOCAL_IP": cfg.local_ip,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
+    return {k: v for k, v in wanted.items() if v and not env.get(k)}
+
+
+def build_spark_session(
+    cfg: SparkConfig, extra_conf: Mapping[str, str] | None = None
+) -> SparkSession:
+    """Build (or get) the SparkSession described by ``cfg``.
+
+    ``extra_conf`` is applied last (tests use it to lower memory or disable the UI). Settings
+    such as driver memory only take effect when this call starts the JVM; when a session
+    already exists (a notebook, ``pyspark`` shell, Databricks) it is returned with the
+    session-level SQL settings applied.
+    """
+    from pyspark.sql import SparkSession
+
+    if is_local_master(cfg.master):
+        for key, value in prepare_local_environment(cfg).items():
+            os.environ[key] = value
+            log.debug("set %s for a local Spark master", key)
+    conf = spark_conf_pairs(cfg)
+    conf.update({str(k): str(v) for k, v in (extra_conf or {}).items()})
+    master = cfg.master
+    submitted = _submitted_conf()
+    if submitted:
+        # Under spark-submit, what its command line (or spark-defaults.conf) set wins.
+        kept = sorted(k for k in conf if k in submitted)
+        conf = {k: v for k, v in conf.items() if k not in submitted}
+        if "spark.master" in submitted:
+            master = ""
+        log.debug("spark-submit settings kept over the config: %s", kept)
+
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if master:
+        builder = builder.master(master)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    # getOrCreate() on an existing session ignores builder settings it cannot change; the
+    # SQL ones can still be set at runtime.
+    for key, value in conf.items():
+        if key.startswith("spark.sql."):
+            try:
+                spark.conf.set(key, value)
+            except Exception:  # noqa: BLE001 - static SQL conf on a running session
+                log.debug("could not set %s on the running session", key)
+    log.info(
+        "Spark session ready: master=%s, version=%s, shuffle partitions=%s",
+        spark.sparkContext.master, spark.version,
+        spark.conf.get("spark.sql.shuffle.partitions"),
+    )
+    return spark
+
+
+def _submitted_conf() -> set[str]:
+    """Keys spark-submit already set for this driver (empty when Python started the JVM).
+
+    ``PYSPARK_GATEWAY_PORT`` is set when the driver runs under spark-submit (the JVM came
+    first); only then is ``SparkConf()`` read before the session is built, because reading it
+    otherwise would start the JVM without the driver settings of the config.
+    """
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return set()
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM; starts nothing
+    return {key for key, _ in SparkConf().getAll()}

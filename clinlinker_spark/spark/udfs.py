@@ -1,0 +1,421 @@
+"""UDF factories: thin Spark wrappers over :class:`clinlinker_spark.linker.Linker`.
+
+Pattern (STYLE.md 4): a factory captures only plain values, a :class:`LinkerSpec` (the job
+config as a dict, where each artifact is found, the artifact hashes); the function it returns
+runs on executors in the ``mapInArrow`` iterator form and gets its :class:`Linker` from a
+module-level, per-Python-worker cache keyed by (index content hash, model hash, re-ranker
+hash, config, device). With ``spark.python.worker.reuse`` (Spark's default) a worker loads the
+models and the FAISS index once and keeps them for every later task and stage of the job.
+
+Artifacts reach executors once: either through ``SparkContext.addFile`` (``spark.ship_artifacts``,
+the default; :func:`ship_artifact` on the driver, ``SparkFiles.get`` on the worker) or from a
+path every executor can read (shared storage; the FAISS file can be memory-mapped with
+``spark.mmap_index``). Nothing large is ever captured in a closure.
+
+Stages:
+
+- :func:`make_prepare_udf`: per row, the normalised text or the reason it cannot be linked
+  (``linker.invalid_reason`` + ``text.normalize_text``; no model needed).
+- :func:`make_retrieve_fn`: bi-encoder embedding + FAISS search (``Linker.retrieve``).
+- :func:`make_rerank_fn`: cross-encoder re-ranking (``Linker.rerank``); not used without one.
+
+Devices and threads: a task that was given a GPU (``TaskContext.resources()["gpu"]``) runs on
+that GPU with the configured precision ("auto": bf16 or fp16); otherwise on CPU. torch and
+FAISS use ``TaskContext.cpus()`` threads (``spark.task.cpus``).
+
+Test hook: when the Spark local property :data:`FAIL_ONCE_PROPERTY` names a file path, the
+first retrieval task attempt that finds the file missing creates it and fails after emitting
+its first batch; the retried attempt succeeds. Tests use it to check that retried tasks do
+not duplicate output. It is inert unless a caller sets that property.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+from clinlinker_spark.errors import ArtifactError
+from clinlinker_spark.spark.schemas import (
+    ARROW_STAGE_SCHEMA,
+    LINK_KEY_COLUMN,
+    PREPARED_STRUCT,
+    TEXT_NORM_COLUMN,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark import SparkContext, TaskContext
+
+    from clinlinker_spark.linker import Candidate, Linker
+
+log = logging.getLogger(__name__)
+
+FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
+MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
+
+ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+class InjectedTaskFailure(RuntimeError):
+    """Raised by the test hook (FAIL_ONCE_PROPERTY) to make one task attempt fail."""
+
+
+# --------------------------------------------------------------------------------------------
+# Plain values captured by the UDFs
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where a worker finds an artifact directory.
+
+    ``spark_file``: the name it was shipped under with ``SparkContext.addFile`` (resolved with
+    ``SparkFiles.get`` on the worker); otherwise ``path``, an absolute path every executor can
+    read.
+    """
+
+    path: str
+    spark_file: str = ""
+
+    def local_path(self) -> str:
+        if self.spark_file:
+            from pyspark import SparkFiles
+
+            return SparkFiles.get(self.spark_file)
+        return self.path
+
+
+@dataclass(frozen=True)
+class LinkerSpec:
+    """Everything a worker needs to build (or find in its cache) the job's Linker."""
+
+    config: dict[str, Any]  # clinlinker_spark.config.to_dict(JobConfig)
+    encoder: ArtifactRef
+    index: ArtifactRef
+    reranker: ArtifactRef | None
+    model_version: str
+    index_version: str
+    reranker_version: str
+    mmap_index: bool = False
+    local_master: bool = True
+
+    @property
+    def has_reranker(self) -> bool:
+        return self.reranker is not None
+
+    def cache_key(self, device: str) -> tuple[str, ...]:
+        return (
+            self.index_version,
+            self.model_version,
+            self.reranker_version,
+            json.dumps(self.config, sort_keys=True, default=str),
+            device,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: shipping artifact directories once
+
+_SHIPPED: dict[tuple[str, str], tuple[str, str]] = {}  # (app id, name) -> (path, content hash)
+_SHIP_LOCK = threading.Lock()
+
+
+def ship_artifact(sc: SparkContext, path: str | Path, content_hash: str) -> str:
+    """Make directory ``path`` available on every executor; return its ``SparkFiles`` name.
+
+    The directory is added with ``sc.addFile(path, recursive=True)`` under its base name.
+    Spark cannot replace a name once added, so when that name is already taken in this
+    application by another directory or by other content (an index rebuilt in place), a
+    snapshot named ``<name>-<hash12>`` (hard links, or a copy across file systems) is added
+    instead. Adding the same directory with the same content again is a no-op.
+    """
+    p = Path(path).resolve()
+    app = sc.applicationId
+    with _SHIP_LOCK:
+        name = p.name
+        taken = _SHIPPED.get((app, name))
+        if taken == (str(p), content_hash):
+            return name
+        if taken is not None:
+            name = f"{p.name}-{content_hash[:12]}"
+            taken = _SHIPPED.get((app, name))
+            if taken is not None:
+                return name  # that snapshot was shipped already (same name = same content)
+            p = _snapshot(p, name)
+        sc.addFile(str(p), recursive=True)
+        _SHIPPED[(app, name)] = (str(Path(path).resolve()), content_hash)
+        log.info("shipped artifact %s to executors as %s", Path(path).name, name)
+        return name
+
+
+def _snapshot(src: Path, name: str) -> Path:
+    """A read-only snapshot of directory ``src`` named ``name`` in a temporary folder."""
+    dest = Path(tempfile.mkdtemp(prefix="clinlinker-ship-")) / name
+    for root, _dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            s, d = Path(root) / f, dest / rel / f
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: device, threads, the per-worker Linker cache
+
+_LINKERS: OrderedDict[tuple[str, ...], Linker] = OrderedDict()
+_LINKER_LOCK = threading.Lock()
+
+
+def _task_context() -> TaskContext | None:
+    from pyspark import TaskContext
+
+    return TaskContext.get()
+
+
+def task_device(ctx: TaskContext | None, configured: str, local_master: bool) -> tuple[str, int]:
+    """(device, gpu index) for this task: ("cuda", i) when the task holds GPU ``i``.
+
+    Without a GPU resource, "auto" means CPU on a cluster (a GPU the scheduler did not give
+    this task belongs to another one) and torch's choice under a local master.
+    """
+    resources = ctx.resources() if ctx is not None else {}
+    gpu = resources.get("gpu") if resources else None
+    if gpu is not None and gpu.addresses:
+        return "cuda", int(gpu.addresses[0])
+    if configured == "auto" and not local_master:
+        return "cpu", -1
+    return configured, -1
+
+
+def task_cpus(ctx: TaskContext | None) -> int:
+    try:
+        return max(1, int(ctx.cpus())) if ctx is not None else 1
+    except Exception:  # noqa: BLE001 - older TaskContext without cpus()
+        return 1
+
+
+def _set_threads(n: int) -> None:
+    import faiss
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def get_linker(spec: LinkerSpec) -> Linker:
+    """The worker's Linker for ``spec`` (built on first use, then cached)."""
+    ctx = _task_context()
+    cpus = task_cpus(ctx)
+    device, gpu = task_device(ctx, str(spec.config["encoder"]["device"]), spec.local_master)
+    if gpu >= 0:
+        import torch
+
+        torch.cuda.set_device(gpu)
+    _set_threads(cpus)
+    key = spec.cache_key(f"{device}:{gpu}")
+    with _LINKER_LOCK:
+        linker = _LINKERS.get(key)
+        if linker is not None:
+            _LINKERS.move_to_end(key)
+            return linker
+        linker = _build_linker(spec, device, cpus)
+        _LINKERS[key] = linker
+        while len(_LINKERS) > MAX_CACHED_LINKERS:
+            _LINKERS.popitem(last=False)
+    return linker
+
+
+def _build_linker(spec: LinkerSpec, device: str, cpus: int) -> Linker:
+    from clinlinker_spark.config import JobConfig, from_dict
+    from clinlinker_spark.linker import Linker
+
+    config = from_dict(JobConfig, spec.config)
+    index_path = spec.index.local_path()
+    reranker_device = device if config.reranker.device == "auto" or device == "cuda" else (
+        config.reranker.device)
+    config = dataclasses.replace(
+        config,
+        encoder=dataclasses.replace(config.encoder, path=spec.encoder.local_path(),
+                                    device=device, num_threads=cpus),
+        index=dataclasses.replace(config.index, path=index_path),
+        reranker=dataclasses.replace(
+            config.reranker,
+            path=spec.reranker.local_path() if spec.reranker is not None else "",
+            device=reranker_device,
+        ),
+    )
+    linker = Linker.from_config(config, index_path, mmap=spec.mmap_index)
+    expected = {"model_version": spec.model_version, "index_version": spec.index_version,
+                "reranker_version": spec.reranker_version}
+    if linker.versions != expected:
+        raise ArtifactError(
+            "the artifacts an executor loaded differ from the driver's: "
+            + ", ".join(f"{k} {linker.versions[k][:12]} != {v[:12]}"
+                        for k, v in expected.items() if linker.versions[k] != v)
+        )
+    log.info("executor linker ready: model %s, index %s, device %s, %d threads",
+             spec.model_version[:12], spec.index_version[:12], device, cpus)
+    return linker
+
+
+def clear_cache() -> None:
+    """Drop this process's cached Linkers (tests, notebooks)."""
+    with _LINKER_LOCK:
+        _LINKERS.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Row checks
+
+
+def make_prepare_udf(max_text_length: int) -> Any:
+    """A pandas UDF: mention text -> struct<text_norm, reason>.
+
+    ``reason`` is ``linker.invalid_reason`` (null text, empty text, too long); ``text_norm`` is
+    ``normalize_text(text)`` for valid rows and null otherwise.
+    """
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf(PREPARED_STRUCT)  # type: ignore[call-overload]
+    def prepare(texts: pd.Series) -> pd.DataFrame:
+        from clinlinker_spark.linker import invalid_reason
+        from clinlinker_spark.text import normalize_text
+
+        reasons = [invalid_reason(t, max_text_length) for t in texts.tolist()]
+        norms = [normalize_text(t) if r is None else None
+                 for t, r in zip(texts.tolist(), reasons)]
+        return pd.DataFrame({TEXT_NORM_COLUMN: norms, "reason": reasons})
+
+    return prepare
+
+
+# --------------------------------------------------------------------------------------------
+# Linking stages (mapInArrow)
+
+
+def _outcome(linker: Linker, cands: list[Candidate]) -> tuple[str, str | None, str | None,
+                                                              str | None, float | None]:
+    """(status, reason, code, term, score) of one ranked candidate list, as ``Linker.link``."""
+    from clinlinker_spark.linker import STATUS_LINKED, STATUS_NO_CANDIDATE
+
+    score = linker.score_of(cands)
+    min_score = linker.linking.min_score
+    if not cands or score is None or score < min_score:
+        why = ("no candidate" if not cands
+               else f"best score below linking.min_score={min_score}")
+        return STATUS_NO_CANDIDATE, why, None, None, score
+    return STATUS_LINKED, None, cands[0].code, cands[0].term, score
+
+
+def _to_batch(keys: list[str], texts: list[str], ranked: list[list[Candidate]],
+              linker: Linker | None) -> pa.RecordBatch:
+    n = len(keys)
+    outcomes = ([_outcome(linker, c) for c in ranked] if linker is not None
+                else [(None, None, None, None, None)] * n)
+    columns = list(zip(*outcomes)) if n else [(), (), (), (), ()]
+    cands = [[dataclasses.asdict(c) for c in cs] for cs in ranked]
+    arrays = [
+        pa.array(keys, pa.string()),
+        pa.array(texts, pa.string()),
+        *(pa.array(list(col), field.type) for col, field in
+          zip(columns, list(ARROW_STAGE_SCHEMA)[2:7])),
+        pa.array(cands, ARROW_STAGE_SCHEMA.field("candidates").type),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=ARROW_STAGE_SCHEMA)
+
+
+def _from_arrow(candidates: pa.Array) -> list[list[Candidate]]:
+    from clinlinker_spark.linker import Candidate
+
+    return [[Candidate(**d) for d in (cs or [])] for cs in candidates.to_pylist()]
+
+
+def _fail_once_marker(ctx: TaskContext | None) -> str | None:
+    if ctx is None:
+        return None
+    try:
+        return ctx.getLocalProperty(FAIL_ONCE_PROPERTY) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _claim_marker(marker: str) -> bool:
+    """Create ``marker`` atomically; True when this call created it (so: fail now)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def make_retrieve_fn(spec: LinkerSpec) -> ArrowFn:
+    """mapInArrow function: (link_key, text_norm) -> STAGE_SCHEMA rows with candidates.
+
+    Without a re-ranker the outcome columns (status, reason, code, term, score) are filled
+    here; with one they are left null for :func:`make_rerank_fn`.
+    """
+    finalize = not spec.has_reranker
+
+    def retrieve_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        ctx = _task_context()
+        marker = _fail_once_marker(ctx)
+        linker: Linker | None = None
+        n_rows = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if linker is None:
+                linker = get_linker(spec)
+            keys = batch.column(LINK_KEY_COLUMN).to_pylist()
+            texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
+            ranked = linker.retrieve(texts)
+            yield _to_batch(keys, texts, ranked, linker if finalize else None)
+            n_rows += len(keys)
+            if marker and _claim_marker(marker):
+                raise InjectedTaskFailure(
+                    f"injected failure (test hook {FAIL_ONCE_PROPERTY}) in partition "
+                    f"{ctx.partitionId() if ctx else -1}, attempt "
+                    f"{ctx.attemptNumber() if ctx else -1}"
+                )
+        log.debug("retrieval task done: %d surface forms", n_rows)
+
+    return retrieve_partition
+
+
+def make_rerank_fn(spec: LinkerSpec) -> ArrowFn:
+    """mapInArrow function: STAGE_SCHEMA rows -> the same rows re-ranked, outcome filled."""
+    if not spec.has_reranker:
+        raise ValueError("make_rerank_fn needs a spec with a re-ranker")
+
+    def rerank_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        linker: Linker | None = None
+        n_rows = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if linker is None:
+                linker = get_linker(spec)
+            keys = batch.column(LINK_KEY_COLUMN).to_pylist()
+            texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
+            ranked = linker.rerank(texts, _from_arrow(batch.column("candidates")))
+            yield _to_batch(keys, texts, ranked, linker)
+            n_rows += len(keys)
+        log.debug("re-rank task done: %d surface forms", n_rows)
+
+    return rerank_partition

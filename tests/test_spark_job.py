@@ -1,0 +1,521 @@
+"""The Spark batch job on local[2]: same answers as the core linker, exactly one row per
+mention in a real Delta table, idempotent reruns, retried tasks, bad rows, early failures and
+incremental runs. Tiny random-weight models (built in the tests) and real mentions."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clinlinker_spark.config import (
+    IndexConfig, JobConfig, SparkConfig, TerminologyConfig, TerminologySourceConfig, load_config,
+)
+from clinlinker_spark.corpora import read_gold
+from clinlinker_spark.encoder import BiEncoder
+from clinlinker_spark.errors import EncoderMismatchError, InputDataError
+from clinlinker_spark.index import build_index
+from clinlinker_spark.linker import Linker
+from clinlinker_spark.samples import sample_path
+from clinlinker_spark.terminology import load_terminology, terms_from_mentions
+
+pytestmark = pytest.mark.spark
+
+TEST_SPARK = SparkConfig(
+    master="local[2,2]",  # 2 threads, 2 attempts per task (retries, for the failure test)
+    app_name="clinlinker-tests",
+    shuffle_partitions=2,
+    arrow_batch_size=64,  # several Arrow batches per task
+    driver_memory="2g",
+)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """The Spark tier's shared local session (tests/spark_fixtures.py), as local[2,2].
+
+    local[2,2]: 2 threads and 2 attempts per task, so that the retried-task test can run;
+    a plain local[N] master never retries (that test then skips). Whichever test module asks
+    first creates the session; the others get the same one.
+    """
+    from spark_fixtures import make_local_spark
+
+    session = make_local_spark({"spark.master": TEST_SPARK.master})
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(autouse=True)
+def small_arrow_batches(spark):
+    """Several Arrow batches per task (the job's UDFs must handle batch boundaries)."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    saved = spark.conf.get(key, None)
+    spark.conf.set(key, str(TEST_SPARK.arrow_batch_size))
+    yield
+    if saved is None:
+        spark.conf.unset(key)
+    else:
+        spark.conf.set(key, saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts and data
+
+
+@pytest.fixture(scope="module")
+def sample_terminology() -> pd.DataFrame:
+    """Spanish ICD-10 (level >= 2) + CodiEsp train sample mentions, as conf/local.yaml."""
+    return load_terminology(TerminologyConfig(sources=(
+        TerminologySourceConfig(path=str(sample_path("cie10_es.csv")), format="cie10"),
+        TerminologySourceConfig(path=str(sample_path("codiesp_train_sample.tsv")),
+                                format="codiesp", labels=("DIAGNOSTICO", "PROCEDIMIENTO")),
+    )))
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory, tiny_encoder_dir, sample_terminology) -> Path:
+    encoder = BiEncoder(tiny_encoder_dir, device="cpu")
+    return build_index(sample_terminology, encoder, IndexConfig(),
+                       tmp_path_factory.mktemp("indexes") / "cie10-codiesp-sample",
+                       name="sample")
+
+
+@pytest.fixture(scope="module")
+def dev_mentions() -> pd.DataFrame:
+    """430 real CodiEsp-X dev mentions shipped with the package."""
+    return read_gold(sample_path("codiesp_dev_sample.tsv"), "codiesp")
+
+
+def job_config(tmp_path: Path, encoder: Path, index: Path, *overrides: str,
+               reranker: Path | None = None) -> JobConfig:
+    sets = [
+        f"encoder.path={encoder}", "encoder.device=cpu", "encoder.batch_size=32",
+        f"index.path={index}", "build_missing=false",
+        f"reranker.path={reranker or ''}", "reranker.device=cpu", "reranker.top_n=10",
+        "linking.search_k=50", "linking.top_k=10",
+        f"input.path={sample_path('codiesp_dev_sample.tsv')}", "input.format=codiesp",
+        "input.passthrough_columns=[spans, gold_code]",
+        f"output.path={tmp_path / 'code_assignments'}", "output.incremental=false",
+        *overrides,
+    ]
+    config = load_config(None, sets)
+    return dataclasses.replace(config, spark=TEST_SPARK)
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """The Delta table as pandas, read with delta-rs (independently of Spark)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(path)).to_pandas()
+
+
+def table_version(path: Path | str) -> int:
+    from deltalake import DeltaTable
+
+    return int(DeltaTable(str(path)).version())
+
+
+def assert_matches_core(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Every mention's status, best code and top-k (codes, scores) equal the core linker's."""
+    got = table.set_index("mention_id")
+    want = expected.set_index("mention_id")
+    assert sorted(got.index) == sorted(want.index)
+    mismatches = []
+    for mention_id, row in want.iterrows():
+        g = got.loc[mention_id]
+        cands_g = list(g["candidates"])
+        cands_w = list(row["candidates"])
+        codes_g = [c["code"] for c in cands_g]
+        codes_w = [c["code"] for c in cands_w]
+        if (g["status"], g["code"], codes_g) != (row["status"], row["code"], codes_w):
+            mismatches.append(mention_id)
+            continue
+        for cg, cw in zip(cands_g, cands_w):
+            assert cg["term"] == cw["term"]
+            assert cg["retrieval_score"] == pytest.approx(cw["retrieval_score"], abs=1e-5)
+            if cw["rerank_score"] is None:
+                assert cg["rerank_score"] is None or math.isnan(cg["rerank_score"])
+            else:
+                assert cg["rerank_score"] == pytest.approx(cw["rerank_score"], abs=1e-4)
+        if row["score"] is not None and not pd.isna(row["score"]):
+            assert g["score"] == pytest.approx(row["score"], abs=1e-5)
+    assert not mismatches, f"{len(mismatches)} mention(s) differ from the core linker, e.g. " \
+        f"{mismatches[:5]}"
+
+
+def run_job(spark, config: JobConfig, **kwargs):
+    from clinlinker_spark.spark.job import run_link_job
+
+    return run_link_job(spark, config, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) + (b): same top-k as the core linker, one row per mention
+
+
+@pytest.mark.parametrize("with_reranker", [False, True], ids=["retrieval", "reranked"])
+def test_job_matches_core_linker_on_package_samples(
+    spark, tmp_path, tiny_encoder_dir, tiny_cross_encoder_dir, sample_index, dev_mentions,
+    with_reranker,
+):
+    reranker = tiny_cross_encoder_dir if with_reranker else None
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, reranker=reranker)
+    summary = run_job(spark, config, run_id="run-a")
+
+    table = read_table(config.output.path)
+    assert len(table) == len(dev_mentions) == table["mention_id"].nunique()
+    assert summary["rows_written"] == len(dev_mentions)
+    assert summary["mentions"] == len(dev_mentions)
+    assert sum(summary["counts_by_status"].values()) == len(dev_mentions)
+    assert summary["surface_forms"] < len(dev_mentions)  # de-duplicated
+    assert ("rerank" in summary["timings_s"]) is with_reranker
+
+    expected = Linker.from_config(config).link(dev_mentions)
+    assert_matches_core(table, expected)
+    # lineage and pass-through columns
+    linker_versions = Linker.from_config(config).versions
+    for name, value in linker_versions.items():
+        assert set(table[name]) == {value}
+    assert set(table["run_id"]) == {"run-a"}
+    run_ts = pd.Timestamp(table["run_ts"].iloc[0])
+    run_ts = run_ts.tz_localize("UTC") if run_ts.tzinfo is None else run_ts
+    assert table["run_ts"].nunique() == 1
+    assert abs(pd.Timestamp(summary["run_ts"]) - run_ts) < pd.Timedelta(seconds=1)
+    by_id = dev_mentions.set_index("mention_id")
+    row = table.iloc[0]
+    assert row["gold_code"] == by_id.loc[row["mention_id"], "code"]
+    assert row["text"] == by_id.loc[row["mention_id"], "text"]
+    assert len(table.iloc[0]["candidates"]) == config.linking.top_k
+
+
+@pytest.mark.realdata
+def test_job_matches_core_linker_on_distemist(
+    spark, tmp_path, shared_data, tiny_encoder_dir, tiny_cross_encoder_dir,
+):
+    folder = shared_data / "distemist" / "training" / "subtrack2_linking"
+    index_mentions = read_gold(folder / "distemist_subtrack2_training2_linking.tsv", "distemist")
+    encoder = BiEncoder(tiny_encoder_dir, device="cpu")
+    index = build_index(terms_from_mentions(index_mentions), encoder, IndexConfig(),
+                        tmp_path / "distemist-index")
+    mentions = read_gold(folder / "distemist_subtrack2_training1_linking.tsv",
+                         "distemist").head(300)
+    parquet = tmp_path / "mentions.parquet"
+    mentions.drop(columns=["codes"]).to_parquet(parquet, index=False)
+    config = job_config(tmp_path, tiny_encoder_dir, index, f"input.path={parquet}",
+                        "input.format=parquet", "input.passthrough_columns=[code]",
+                        reranker=tiny_cross_encoder_dir)
+    with pytest.raises(Exception, match="clash with output columns"):
+        run_job(spark, config)  # "code" would collide with the predicted code
+    config = dataclasses.replace(config, input=dataclasses.replace(
+        config.input, passthrough_columns=("semantic_rel",)))
+    run_job(spark, config)
+    table = read_table(config.output.path)
+    assert len(table) == len(mentions) == table["mention_id"].nunique()
+    assert_matches_core(table, Linker.from_config(config).link(mentions))
+
+
+# --------------------------------------------------------------------------------------------
+# (c) reruns, (d) a retried task
+
+
+def test_rerun_replaces_rows_and_adds_one_version(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index)
+    first = run_job(spark, config, run_id="first")
+    before = read_table(config.output.path)
+    version = table_version(config.output.path)
+    second = run_job(spark, config, run_id="second")
+    after = read_table(config.output.path)
+
+    assert table_version(config.output.path) == version + 1
+    assert (first["table_version"], second["table_version"]) == (version, version + 1)
+    assert second["rows_replaced"] == len(dev_mentions)
+    assert len(after) == after["mention_id"].nunique() == len(dev_mentions)
+    assert set(after["run_id"]) == {"second"}
+    columns = [c for c in before.columns if c not in ("run_id", "run_ts")]
+    key = "mention_id"
+    pd.testing.assert_frame_equal(
+        before[columns].sort_values(key).reset_index(drop=True).astype(str),
+        after[columns].sort_values(key).reset_index(drop=True).astype(str),
+    )
+
+
+def test_a_failed_task_is_retried_and_each_mention_written_once(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    from clinlinker_spark.spark.udfs import FAIL_ONCE_PROPERTY
+
+    if not re.fullmatch(r"local\[(\d+|\*),\s*([2-9]|\d\d+)\]", spark.sparkContext.master):
+        pytest.skip(f"master {spark.sparkContext.master} does not retry failed tasks")
+    # without surface-form de-duplication (every mention goes through the UDF), so that this
+    # run also checks that path against the core linker
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index)
+    config = dataclasses.replace(config, spark=dataclasses.replace(
+        TEST_SPARK, dedupe_surface_forms=False))
+    marker = tmp_path / "failed-once"
+    sc = spark.sparkContext
+    sc.setLocalProperty(FAIL_ONCE_PROPERTY, str(marker))
+    try:
+        summary = run_job(spark, config)
+    finally:
+        sc.setLocalProperty(FAIL_ONCE_PROPERTY, None)
+    assert marker.exists(), "the injected failure did not happen"
+    table = read_table(config.output.path)
+    assert len(table) == table["mention_id"].nunique() == len(dev_mentions)
+    assert summary["rows_written"] == len(dev_mentions)
+    assert summary["surface_forms"] == len(dev_mentions)  # no de-duplication
+    assert_matches_core(table, Linker.from_config(config).link(dev_mentions))
+
+
+# --------------------------------------------------------------------------------------------
+# (e) bad rows, (f) failures before any work
+
+
+def bad_rows(spark):
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    schema = StructType([
+        StructField("mention_id", StringType()), StructField("doc_id", StringType()),
+        StructField("start", LongType()), StructField("end", LongType()),
+        StructField("text", StringType()), StructField("label", StringType()),
+    ])
+    rows = [
+        ("ok", "d1", 0, 8, "neumonía", "DIAGNOSTICO"),
+        ("null-text", "d1", 10, 12, None, "DIAGNOSTICO"),
+        ("empty", "d1", 12, 12, "", "DIAGNOSTICO"),
+        ("blank", "d1", 13, 16, " \t\u00a0", "DIAGNOSTICO"),
+        ("long", "d1", 20, 80, "dolor " * 10, "DIAGNOSTICO"),
+        ("dup", "d2", 0, 6, "fiebre", "DIAGNOSTICO"),
+        ("dup", "d2", 9, 12, "tos", "DIAGNOSTICO"),
+        (None, "d3", 0, 7, "cefalea", "DIAGNOSTICO"),
+        ("  ", "d3", 9, 12, "tos", "DIAGNOSTICO"),
+    ]
+    return spark.createDataFrame(rows, schema)
+
+
+def test_bad_rows_reach_the_table_as_invalid_input(
+    spark, tmp_path, tiny_encoder_dir, sample_index,
+):
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index,
+                        "linking.max_text_length=40", "input.passthrough_columns=[]",
+                        "output.store_text=false")
+    summary = run_job(spark, config, mentions=bad_rows(spark))
+    table = read_table(config.output.path).set_index("mention_id")
+    assert len(table) == 8 and table.index.is_unique
+    # store_text false: no text column, its SHA-256 instead
+    assert "text" not in table.columns
+    assert table.loc["ok", "text_sha256"] == hashlib.sha256("neumonía".encode()).hexdigest()
+    assert table.loc["null-text", "text_sha256"] is None
+    reasons = table["reason"].to_dict()
+    assert table.loc["ok", "status"] == "linked" and reasons["ok"] is None
+    assert reasons["null-text"] == "null text"
+    assert reasons["empty"] == reasons["blank"] == "empty text"
+    assert reasons["long"] == "text longer than 40 characters"
+    assert reasons["dup"] == "duplicate mention_id (2 rows)"
+    null_ids = [i for i in table.index if i.startswith("null:")]
+    assert len(null_ids) == 2 and {reasons[i] for i in null_ids} == {"null mention_id"}
+    invalid = table[table.index != "ok"]
+    assert (invalid["status"] == "invalid_input").all()
+    assert invalid["code"].isna().all() and invalid["candidates"].map(len).eq(0).all()
+    assert table.loc["dup", "doc_id"] == "d2" and table.loc["dup", "start"] == 0
+    assert summary["counts_by_status"] == {"linked": 1, "no_candidate": 0, "invalid_input": 7}
+    # a rerun gives the same ids (the synthetic ones included): no new rows
+    run_job(spark, config, mentions=bad_rows(spark))
+    again = read_table(config.output.path)
+    assert sorted(again["mention_id"]) == sorted(table.index)
+
+
+def _jobs_in_group(spark, group: str) -> list[int]:
+    return list(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+
+
+def test_missing_column_fails_before_any_work(spark, tmp_path, tiny_encoder_dir, sample_index,
+                                              dev_mentions):
+    parquet = tmp_path / "mentions.parquet"
+    dev_mentions.drop(columns=["codes", "text"]).to_parquet(parquet, index=False)
+    # the encoder path does not exist: failing on it would mean the column check came later
+    config = job_config(tmp_path, tmp_path / "no-such-encoder", sample_index,
+                        f"input.path={parquet}", "input.format=parquet",
+                        "input.passthrough_columns=[]")
+    with pytest.raises(InputDataError) as err:
+        run_job(spark, config)
+    message = str(err.value)
+    assert "'text'" in message and "input.text_column" in message and "mention_id" in message
+    # no Spark job at all once the input's schema is known (reading a Parquet schema may run one)
+    mentions = spark.read.parquet(str(parquet))
+    spark.sparkContext.setJobGroup("missing-column", "test")
+    try:
+        with pytest.raises(InputDataError):
+            run_job(spark, config, mentions=mentions)
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    assert _jobs_in_group(spark, "missing-column") == []
+    assert not Path(config.output.path).exists()
+
+
+def test_index_built_with_another_encoder_fails_before_any_work(
+    spark, tmp_path, tiny_encoder_dir, sample_index,
+):
+    from tiny_models import make_tiny_encoder
+
+    other = make_tiny_encoder(tmp_path / "other-encoder", seed=7)
+    config = job_config(tmp_path, other, sample_index)
+    spark.sparkContext.setJobGroup("encoder-mismatch", "test")
+    try:
+        with pytest.raises(EncoderMismatchError) as err:
+            run_job(spark, config)
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    message = str(err.value)
+    assert str(sample_index) in message and "other-encoder" in message
+    assert "model_hash" in message
+    assert _jobs_in_group(spark, "encoder-mismatch") == []
+    assert not Path(config.output.path).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# (g) incremental runs
+
+
+def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
+    spark, tmp_path, tiny_encoder_dir, sample_index, sample_terminology, dev_mentions,
+):
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        "input.passthrough_columns=[]")
+    columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
+    old, new = dev_mentions.iloc[:400][columns], dev_mentions.iloc[400:][columns]
+
+    first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
+    assert first["to_link"] == len(old) and first["skipped_already_linked"] == 0
+
+    # night 2: 30 new mentions, and one old mention whose text changed
+    changed = old.copy()
+    changed.iloc[0, changed.columns.get_loc("text")] = "hepatitis c crónica"
+    both = pd.concat([changed, new], ignore_index=True)
+    second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(both))
+    assert second["to_link"] == len(new) + 1
+    assert second["skipped_already_linked"] == len(old) - 1
+    assert second["surface_forms"] <= len(new) + 1
+    assert second["rows_written"] == len(new) + 1
+    table = read_table(config.output.path).set_index("mention_id")
+    assert len(table) == len(dev_mentions) and table.index.is_unique
+    runs = table["run_id"]
+    assert (runs.loc[new["mention_id"]] == "night-2").all()
+    assert runs.loc[old["mention_id"].iloc[0]] == "night-2"
+    assert (runs.loc[old["mention_id"].iloc[1:]] == "night-1").all()
+    assert_matches_core(table.reset_index(),
+                        Linker.from_config(config).link(both))
+
+    # night 3: nothing new -> nothing linked, no new table version
+    version = table_version(config.output.path)
+    third = run_job(spark, config, run_id="night-3", mentions=spark.createDataFrame(both))
+    assert third["to_link"] == 0 and third["surface_forms"] == 0
+    assert third["rows_written"] == 0 and table_version(config.output.path) == version
+
+    # a new index version relinks everything
+    encoder = BiEncoder(tiny_encoder_dir, device="cpu")
+    new_index = build_index(sample_terminology.iloc[:-50], encoder, IndexConfig(),
+                            tmp_path / "index-v2")
+    config2 = dataclasses.replace(config, index=dataclasses.replace(config.index,
+                                                                    path=str(new_index)))
+    fourth = run_job(spark, config2, run_id="night-4", mentions=spark.createDataFrame(both))
+    assert fourth["to_link"] == len(both) and fourth["skipped_already_linked"] == 0
+    table = read_table(config.output.path)
+    assert len(table) == len(both) and set(table["run_id"]) == {"night-4"}
+    assert set(table["index_version"]) == {fourth["index_version"]} != {first["index_version"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def test_artifacts_are_shipped_once_under_distinct_names(spark, tmp_path):
+    from pyspark import SparkFiles
+
+    from clinlinker_spark.spark.udfs import ship_artifact
+
+    a, b = tmp_path / "a" / "idx", tmp_path / "b" / "idx"
+    for folder, content in ((a, "first"), (b, "second")):
+        folder.mkdir(parents=True)
+        (folder / "payload.txt").write_text(content)
+    sc = spark.sparkContext
+    name_a = ship_artifact(sc, a, "1" * 64)
+    name_b = ship_artifact(sc, b, "2" * 64)  # same base name, other content
+    assert name_a == "idx" and name_b == "idx-" + "2" * 12
+    assert ship_artifact(sc, a, "1" * 64) == name_a  # no second addFile
+
+    def read(_):
+        return [(Path(SparkFiles.get(n)) / "payload.txt").read_text() for n in (name_a, name_b)]
+
+    assert sc.parallelize([0], 1).map(read).collect() == [["first", "second"]]
+
+
+def test_task_device_uses_the_gpu_a_task_holds():
+    from clinlinker_spark.spark.udfs import task_device
+
+    class Resource:
+        def __init__(self, addresses):
+            self.addresses = addresses
+
+    class Context:
+        def __init__(self, resources):
+            self._resources = resources
+
+        def resources(self):
+            return self._resources
+
+    assert task_device(Context({"gpu": Resource(["3"])}), "auto", False) == ("cuda", 3)
+    assert task_device(Context({"gpu": Resource(["0"])}), "cpu", True) == ("cuda", 0)
+    assert task_device(Context({}), "auto", False) == ("cpu", -1)  # not this task's GPU
+    assert task_device(Context({}), "auto", True) == ("auto", -1)  # local: torch decides
+    assert task_device(None, "cpu", True) == ("cpu", -1)
+
+
+def test_session_settings_and_notebook_overrides():
+    from clinlinker_spark.spark.job import widget_overrides
+    from clinlinker_spark.spark.session import (
+        is_local_master, prepare_local_environment, spark_conf_pairs,
+    )
+
+    cfg = SparkConfig(master="yarn", shuffle_partitions=64, arrow_batch_size=500, task_cpus=4,
+                      executor_gpus=1, task_gpus=0.5, gpu_discovery_script="/opt/gpus.sh",
+                      conf={"spark.sql.shuffle.partitions": "128"})
+    conf = spark_conf_pairs(cfg)
+    assert conf["spark.sql.shuffle.partitions"] == "128"  # extra conf wins
+    assert conf["spark.sql.execution.arrow.maxRecordsPerBatch"] == "500"
+    assert conf["spark.task.cpus"] == "4"
+    assert conf["spark.executor.resource.gpu.amount"] == "1"
+    assert conf["spark.task.resource.gpu.amount"] == "0.5"
+    assert conf["spark.executor.resource.gpu.discoveryScript"] == "/opt/gpus.sh"
+    assert conf["spark.sql.session.timeZone"] == "UTC"
+    assert conf["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
+    assert "spark.executor.resource.gpu.amount" not in spark_conf_pairs(SparkConfig())
+    assert all(map(is_local_master, ["local", "local[2]", "local[*]", "local[2,3]",
+                                     "local-cluster[2,1,1024]"]))
+    assert not is_local_master("yarn") and not is_local_master("k8s://https://h:6443")
+    env = prepare_local_environment(SparkConfig(), {"PYSPARK_PYTHON": "/opt/py"})
+    assert "PYSPARK_PYTHON" not in env and env["SPARK_LOCAL_IP"] == "127.0.0.1"
+    assert widget_overrides({"input_path": "/in", "top_k": "", "overrides":
+                             "linking.top_k=5; output.incremental=false\nspark.task_cpus=2"}) == [
+        "input.path=/in", "linking.top_k=5", "output.incremental=false", "spark.task_cpus=2"]
+
+
+def test_build_spark_session_reuses_a_running_session(spark):
+    from clinlinker_spark.spark.session import build_spark_session
+
+    key = "spark.sql.shuffle.partitions"
+    saved = spark.conf.get(key)
+    try:
+        again = build_spark_session(dataclasses.replace(TEST_SPARK, shuffle_partitions=3))
+        assert again.sparkContext is spark.sparkContext
+        assert again.conf.get(key) == "3"  # SQL settings reach a running session
+        assert again.conf.get("spark.sql.session.timeZone") == "UTC"
+    finally:
+        spark.conf.set(key, saved)
