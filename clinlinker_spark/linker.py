@@ -223,6 +223,16 @@ class Linker:
             return _sigmoid(best.rerank_score)
         return best.retrieval_score
 
+    def outcome(self, candidates: list[Candidate]
+                ) -> tuple[str, str | None, str | None, str | None, float | None]:
+        """(status, reason, code, term, score) of a valid mention's ranked candidates."""
+        score = self.score_of(candidates)
+        if not candidates or score is None or score < self.linking.min_score:
+            why = "no candidate" if not candidates else (
+                f"best score below linking.min_score={self.linking.min_score}")
+            return STATUS_NO_CANDIDATE, why, None, None, score
+        return STATUS_LINKED, None, candidates[0].code, candidates[0].term, score
+
     def link(self, mentions: pd.DataFrame | Any, text_column: str = "text",
              id_column: str = "mention_id") -> pd.DataFrame:
         """Link a batch (pandas DataFrame or Arrow table): one output row per input row.
@@ -249,13 +259,7 @@ class Linker:
                                 None, []))
                 continue
             cands = cands_of[i]
-            score = self.score_of(cands)
-            if not cands or score is None or score < self.linking.min_score:
-                why = "no candidate" if not cands else (
-                    f"best score below linking.min_score={self.linking.min_score}")
-                status, reason, code, term = STATUS_NO_CANDIDATE, why, None, None
-            else:
-                status, reason, code, term = STATUS_LINKED, None, cands[0].code, cands[0].term
+            status, reason, code, term, score = self.outcome(cands)
             records.append((mention_id, normalize_text(text), status, reason, code, term,
                             score, [asdict(c) for c in cands]))
         n_bad = len(texts) - len(valid)

@@ -29,3 +29,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (only developers and CI have it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """The Spark tier's one local session, shared by every Spark test module.
+
+    local[2,2]: 2 threads and 2 attempts per task, so that the retried-task test can run (a
+    plain local[N] master never retries a task). Delta Lake is configured when its jars are on
+    the machine (tests/spark_fixtures.py).
+    """
+    from spark_fixtures import make_local_spark
+
+    session = make_local_spark({"spark.master": "local[2,2]"})
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

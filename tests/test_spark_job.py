@@ -35,22 +35,6 @@ TEST_SPARK = SparkConfig(
 )
 
 
-@pytest.fixture(scope="session")
-def spark():
-    """The Spark tier's shared local session (tests/spark_fixtures.py), as local[2,2].
-
-    local[2,2]: 2 threads and 2 attempts per task, so that the retried-task test can run;
-    a plain local[N] master never retries (that test then skips). Whichever test module asks
-    first creates the session; the others get the same one.
-    """
-    from spark_fixtures import make_local_spark
-
-    session = make_local_spark({"spark.master": TEST_SPARK.master})
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 @pytest.fixture(autouse=True)
 def small_arrow_batches(spark):
     """Several Arrow batches per task (the job's UDFs must handle batch boundaries)."""

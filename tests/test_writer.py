@@ -77,14 +77,6 @@ RUN_TS = {
 }
 
 
-@pytest.fixture(scope="session")
-def spark():
-    """One local[2] session for the Spark tests (the lead moves this to conftest.py)."""
-    session = make_local_spark()
-    yield session
-    session.stop()
-
-
 def rows_for(ids: list[int], run: str) -> list[tuple]:
     """Code-assignment rows for mentions ``m<i>``; values depend on the run."""
     rows = []

@@ -308,24 +308,10 @@ def make_prepare_udf(max_text_length: int) -> Any:
 # Linking stages (mapInArrow)
 
 
-def _outcome(linker: Linker, cands: list[Candidate]) -> tuple[str, str | None, str | None,
-                                                              str | None, float | None]:
-    """(status, reason, code, term, score) of one ranked candidate list, as ``Linker.link``."""
-    from clinlinker_spark.linker import STATUS_LINKED, STATUS_NO_CANDIDATE
-
-    score = linker.score_of(cands)
-    min_score = linker.linking.min_score
-    if not cands or score is None or score < min_score:
-        why = ("no candidate" if not cands
-               else f"best score below linking.min_score={min_score}")
-        return STATUS_NO_CANDIDATE, why, None, None, score
-    return STATUS_LINKED, None, cands[0].code, cands[0].term, score
-
-
 def _to_batch(keys: list[str], texts: list[str], ranked: list[list[Candidate]],
               linker: Linker | None) -> pa.RecordBatch:
     n = len(keys)
-    outcomes = ([_outcome(linker, c) for c in ranked] if linker is not None
+    outcomes = ([linker.outcome(c) for c in ranked] if linker is not None
                 else [(None, None, None, None, None)] * n)
     columns = list(zip(*outcomes)) if n else [(), (), (), (), ()]
     cands = [[dataclasses.asdict(c) for c in cs] for cs in ranked]
