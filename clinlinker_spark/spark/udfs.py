@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 import threading
 from collections import OrderedDict
@@ -133,7 +134,9 @@ _SHIP_LOCK = threading.Lock()
 def ship_artifact(sc: SparkContext, path: str | Path, content_hash: str) -> str:
     """Make directory ``path`` available on every executor; return its ``SparkFiles`` name.
 
-    The directory is added with ``sc.addFile(path, recursive=True)`` under its base name.
+    Under a local master the directory is added with ``sc.addFile(path, recursive=True)``
+    under its base name; on a cluster (YARN, Kubernetes, standalone, ``local-cluster``) Spark
+    refuses local directories there, so it is added as a tar with ``sc.addArchive``.
     Spark cannot replace a name once added, so when that name is already taken in this
     application by another directory or by other content (an index rebuilt in place), a
     snapshot named ``<name>-<hash12>`` (hard links, or a copy across file systems) is added
@@ -152,10 +155,32 @@ def ship_artifact(sc: SparkContext, path: str | Path, content_hash: str) -> str:
             if taken is not None:
                 return name  # that snapshot was shipped already (same name = same content)
             p = _snapshot(p, name)
-        sc.addFile(str(p), recursive=True)
+        if _single_jvm_master(sc.master):
+            sc.addFile(str(p), recursive=True)
+        else:
+            # Spark adds local directories only under a local master: elsewhere the directory
+            # travels as an uncompressed tar that each executor unpacks once under ``name``.
+            sc.addArchive(f"{_tar(p, name)}#{name}")
         _SHIPPED[(app, name)] = (str(Path(path).resolve()), content_hash)
         log.info("shipped artifact %s to executors as %s", Path(path).name, name)
         return name
+
+
+def _single_jvm_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local[N,F]``: executors share the driver's files.
+
+    Not for ``local-cluster[...]``, whose executors are separate JVMs like a real cluster's.
+    """
+    return master == "local" or master.startswith("local[")
+
+
+def _tar(src: Path, name: str) -> Path:
+    """An uncompressed tar of directory ``src`` (its files at the archive root)."""
+    archive = Path(tempfile.mkdtemp(prefix="clinlinker-ship-")) / f"{name}.tar"
+    with tarfile.open(archive, "w") as tar:
+        for child in sorted(src.iterdir()):
+            tar.add(child, arcname=child.name)
+    return archive
 
 
 def _snapshot(src: Path, name: str) -> Path:
