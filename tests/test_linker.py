@@ -137,3 +137,16 @@ def test_rerank_reorders_head_only_and_keeps_retrieval_scores():
     [kept] = rerank_candidates(["q"], exact, lambda m, t: np.array([scores[x] for x in t]),
                                top_n=2, exact_first=True)
     assert kept[0].code == "A"
+
+
+def test_no_mention_text_in_logs_at_info(toy_index, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    texts = ["neumonía grave bilateral", "dolor torácico opresivo"]
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3))
+    out = linker.link(pd.DataFrame({"mention_id": ["a", "b"], "text": texts}))
+    assert (out["status"] == STATUS_LINKED).all()
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    for text in texts:
+        assert text not in logged and text.split()[0] not in logged
