@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "build_index",
     "link",
     "evaluate",
+    "variables",
 )
 
 log = logging.getLogger("clinlinker_spark")
