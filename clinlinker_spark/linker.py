@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -38,6 +39,9 @@ STATUS_NO_CANDIDATE = "no_candidate"
 STATUS_INVALID = "invalid_input"
 RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term", "score",
                   "candidates"]
+# Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
+# search, hits -> per-code candidates, cross-encoder re-ranking.
+STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,12 @@ class Linker:
         self.linking = linking or LinkingConfig()
         self.reranker = reranker
         self.reranker_config = reranker_config or RerankerConfig()
+        self.stage_seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
+
+    def take_stage_seconds(self) -> dict[str, float]:
+        """Wall seconds per stage (STAGE_TIMERS) since the last call, and reset the counters."""
+        taken, self.stage_seconds = self.stage_seconds, dict.fromkeys(STAGE_TIMERS, 0.0)
+        return taken
 
     @classmethod
     def from_config(cls, config: JobConfig, index_path: str | None = None,
@@ -193,19 +203,30 @@ class Linker:
         texts_norm = list(texts_norm)
         if not texts_norm:
             return []
+        t0 = time.perf_counter()
         vectors = self.encoder.encode(texts_norm)
+        t1 = time.perf_counter()
         hits = self.index.search(vectors, self.linking.search_k)
+        t2 = time.perf_counter()
         self_scores = np.einsum("ij,ij->i", vectors, vectors)
-        return candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
-                                    self.linking.exact_match_prior, self_scores)
+        candidates = candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
+                                          self.linking.exact_match_prior, self_scores)
+        seconds = self.stage_seconds
+        seconds["encode"] += t1 - t0
+        seconds["search"] += t2 - t1
+        seconds["candidates"] += time.perf_counter() - t2
+        return candidates
 
     def rerank(self, texts_norm: Sequence[str],
                candidates: list[list[Candidate]]) -> list[list[Candidate]]:
         """Cross-encoder re-ranking; the identity when no re-ranker is configured."""
         if self.reranker is None:
             return candidates
-        return rerank_candidates(list(texts_norm), candidates, self.reranker.score,
-                                 self.reranker_config.top_n, self.linking.exact_match_prior)
+        started = time.perf_counter()
+        reranked = rerank_candidates(list(texts_norm), candidates, self.reranker.score,
+                                     self.reranker_config.top_n, self.linking.exact_match_prior)
+        self.stage_seconds["rerank"] += time.perf_counter() - started
+        return reranked
 
     def link_texts(self, texts: Sequence[str]) -> list[list[Candidate]]:
         """Normalise, retrieve and re-rank; each distinct normal form is processed once."""

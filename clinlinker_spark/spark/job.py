@@ -35,7 +35,9 @@ Nothing but ids and counts is logged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clinlinker_spark.config import GOLD_FORMATS, InputConfig, JobConfig, to_dict
+from clinlinker_spark.config import GOLD_FORMATS, EncoderConfig, InputConfig, JobConfig, to_dict
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.spark import schemas
 from clinlinker_spark.spark.schemas import LINK_KEY_COLUMN, TEXT_NORM_COLUMN
@@ -174,16 +176,33 @@ class ResolvedArtifacts:
                 "reranker_version": self.reranker_version}
 
 
+# Encoder fingerprints this driver process computed, by _encoder_key: a later job in the same
+# process (a notebook, the benchmark, a driver that runs several jobs) does not load the model
+# again just to fingerprint it. Executors still check the model hash they load.
+_FINGERPRINTS: dict[str, dict[str, Any]] = {}
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def _encoder_key(config: EncoderConfig) -> str | None:
+    """The encoder config plus (name, size, mtime) of its directory's files; None if unreadable."""
+    try:
+        path = Path(config.path).resolve()
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in path.iterdir() if f.is_file())
+    except OSError:
+        return None
+    return json.dumps([str(path), to_dict(config), files], sort_keys=True)
+
+
 def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
     """Find (or build, with ``build_missing``) the encoder and index; check they match.
 
-    The encoder is loaded on the driver (CPU unless configured otherwise) for its fingerprint;
-    the index is not loaded, only its manifest is read. Raises EncoderMismatchError when the
-    index was built with another encoder, ArtifactError/ModelLoadError when something is
-    missing.
+    The encoder is loaded on the driver (CPU unless configured otherwise) for its fingerprint,
+    once per process and unchanged encoder directory; the index is not loaded, only its
+    manifest is read. Raises EncoderMismatchError when the index was built with another
+    encoder, ArtifactError/ModelLoadError when something is missing.
     """
-    from clinlinker_spark.encoder import BiEncoder
-    from clinlinker_spark.index import check_encoder, ensure_index, read_manifest
+    from clinlinker_spark.index import MANIFEST_FILE, check_encoder, ensure_index, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
 
     encoder_path = Path(config.encoder.path)
@@ -191,11 +210,25 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         from clinlinker_spark.base_encoder import ensure_base_encoder
 
         ensure_base_encoder(encoder_path)
-    driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
-    encoder = BiEncoder.from_config(dataclasses.replace(config.encoder, device=driver_device))
-    index_path = ensure_index(config, encoder)
+    key = _encoder_key(config.encoder)
+    with _FINGERPRINTS_LOCK:
+        fingerprint = _FINGERPRINTS.get(key) if key is not None else None
+    if fingerprint is not None and (Path(config.index.path) / MANIFEST_FILE).is_file():
+        index_path = Path(config.index.path)
+    else:
+        from clinlinker_spark.encoder import BiEncoder
+
+        driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
+        encoder = BiEncoder.from_config(dataclasses.replace(config.encoder,
+                                                            device=driver_device))
+        index_path = ensure_index(config, encoder)
+        fingerprint = encoder.fingerprint()
+        del encoder
+        if key is not None:
+            with _FINGERPRINTS_LOCK:
+                _FINGERPRINTS[key] = fingerprint
     manifest = read_manifest(index_path)
-    check_encoder(manifest, encoder.fingerprint(), index_path)
+    check_encoder(manifest, fingerprint, index_path)
     reranker_path = ""
     reranker_version = ""
     if config.reranker.path:
@@ -205,12 +238,11 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         encoder_path=str(encoder_path.resolve()),
         index_path=str(Path(index_path).resolve()),
         reranker_path=reranker_path,
-        model_version=encoder.model_hash,
+        model_version=str(fingerprint["model_hash"]),
         index_version=str(manifest["content_hash"]),
         reranker_version=reranker_version,
         index_manifest=manifest,
     )
-    del encoder
     log.info("artifacts: model %s, index %s (%s rows), re-ranker %s",
              resolved.model_version[:12], resolved.index_version[:12],
              manifest.get("terminology", {}).get("rows", "?"),
@@ -325,13 +357,19 @@ def already_linked(existing: DataFrame | None, versions: dict[str, str]) -> Data
 
 
 def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int) -> DataFrame:
-    """The rows the UDFs see: (link_key, text_norm), one per distinct text when ``dedupe``."""
+    """The rows the UDFs see: (link_key, text_norm), one per distinct text when ``dedupe``.
+
+    Either way they come in ``partitions`` partitions. After ``distinct()``, adaptive query
+    execution would size partitions by bytes (1 MB at least), not by model work: the distinct
+    forms of a small input land in one partition and the UDF runs as one task on one core.
+    """
     from pyspark.sql import functions as F
 
     if dedupe:
         return (to_link.select(TEXT_NORM_COLUMN).distinct()
                 .withColumn(LINK_KEY_COLUMN, F.col(TEXT_NORM_COLUMN))
-                .select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN))
+                .select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
+                .repartition(partitions))
     return (to_link.select(F.col("mention_id").alias(LINK_KEY_COLUMN), TEXT_NORM_COLUMN)
             .repartition(partitions))
 
@@ -413,13 +451,18 @@ def run_link_job(
     ``mentions`` (optional) replaces reading ``config.input``: a DataFrame with the input's
     columns (the column mapping still applies). Returns a summary: run_id, table path,
     writer, table version, rows written/replaced, counts by status, how many mentions were
-    skipped (incremental) and how many surface forms went through the UDFs, artifact versions
-    and wall time per stage in seconds.
+    skipped (incremental) and how many surface forms went through the UDFs, artifact versions,
+    wall time per stage in seconds (``timings_s``) and the UDFs' seconds per linking stage
+    (encode, search, candidates, rerank) summed over tasks (``udf_task_seconds``).
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from clinlinker_spark.spark.udfs import make_rerank_fn, make_retrieve_fn
+    from clinlinker_spark.spark.udfs import (
+        make_rerank_fn,
+        make_retrieve_fn,
+        stage_seconds_accumulator,
+    )
     from clinlinker_spark.spark.writer import merge_into_delta, read_delta
 
     run_id = run_id or uuid.uuid4().hex
@@ -469,15 +512,17 @@ def run_link_job(
         dedupe = config.spark.dedupe_surface_forms
         results: DataFrame | None = None
         n_forms = 0
+        stage_seconds = stage_seconds_accumulator(spark)
         if n_to_link:
             t = time.perf_counter()
             forms = surface_forms(to_link, dedupe, config.spark.shuffle_partitions)
-            results = persist(forms.mapInArrow(make_retrieve_fn(spec), schemas.STAGE_SCHEMA))
+            results = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
+                                               schemas.STAGE_SCHEMA))
             n_forms = results.count()
             timings["embed_search"] = time.perf_counter() - t
             if spec.has_reranker:
                 t = time.perf_counter()
-                results = persist(results.mapInArrow(make_rerank_fn(spec),
+                results = persist(results.mapInArrow(make_rerank_fn(spec, stage_seconds),
                                                      schemas.STAGE_SCHEMA))
                 results.count()
                 timings["rerank"] = time.perf_counter() - t
@@ -520,6 +565,9 @@ def run_link_job(
         "dedupe_surface_forms": dedupe,
         **art.versions,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        # seconds per linking stage inside the UDFs, summed over tasks (not wall time)
+        "udf_task_seconds": {k: round(v, 3) for k, v in
+                             (stage_seconds.value if stage_seconds is not None else {}).items()},
     }
     log.info("link job %s done: %s rows written (table version %s), status counts %s, "
              "%.1f s", run_id, write_info["rows_written"], write_info["table_version"],

@@ -23,6 +23,11 @@ Devices and threads: a task that was given a GPU (``TaskContext.resources()["gpu
 that GPU with the configured precision ("auto": bf16 or fp16); otherwise on CPU. torch and
 FAISS use ``TaskContext.cpus()`` threads (``spark.task.cpus``).
 
+Stage timings: given a :func:`stage_seconds_accumulator`, the linking stages add the worker
+Linker's seconds per stage (``Linker.take_stage_seconds``: encode, search, candidates,
+rerank) to it after every batch, so the driver can split the UDF time; these are task
+seconds summed over tasks, not wall time.
+
 Test hook: when the Spark local property :data:`FAIL_ONCE_PROPERTY` names a file path, the
 first retrieval task attempt that finds the file missing creates it and fails after emitting
 its first batch; the retried attempt succeeds. Tests use it to check that retried tasks do
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
+from pyspark.accumulators import AccumulatorParam
 
 from clinlinker_spark.errors import ArtifactError
 from clinlinker_spark.spark.schemas import (
@@ -56,7 +62,8 @@ from clinlinker_spark.spark.schemas import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyspark import SparkContext, TaskContext
+    from pyspark import Accumulator, SparkContext, TaskContext
+    from pyspark.sql import SparkSession
 
     from clinlinker_spark.linker import Candidate, Linker
 
@@ -64,12 +71,35 @@ log = logging.getLogger(__name__)
 
 FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
 MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
+# The JobConfig sections a worker's Linker depends on (its cache key; see LinkerSpec).
+LINKER_CONFIG_SECTIONS = ("encoder", "index", "linking", "reranker")
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 
 class InjectedTaskFailure(RuntimeError):
     """Raised by the test hook (FAIL_ONCE_PROPERTY) to make one task attempt fail."""
+
+
+class StageSecondsParam(AccumulatorParam):
+    """Accumulates ``{stage: seconds}`` dicts key by key."""
+
+    def zero(self, value: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def addInPlace(self, total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+        for stage, seconds in more.items():
+            total[stage] = total.get(stage, 0.0) + float(seconds)
+        return total
+
+
+def stage_seconds_accumulator(spark: SparkSession) -> Accumulator | None:
+    """An accumulator of the linking stages' seconds; None where there is no SparkContext."""
+    try:
+        sc = spark.sparkContext
+    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext (nor accumulators)
+        return None
+    return sc.accumulator({}, StageSecondsParam())
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,11 +145,19 @@ class LinkerSpec:
         return self.reranker is not None
 
     def cache_key(self, device: str) -> tuple[str, ...]:
+        """What makes two specs' Linkers the same: artifact versions, the config sections a
+        Linker is built from (LINKER_CONFIG_SECTIONS), how the index is opened, the device.
+
+        Input, output and Spark settings change from run to run (another input path, another
+        table) and must not make a worker load the models again.
+        """
+        linker_config = {k: self.config.get(k) for k in LINKER_CONFIG_SECTIONS}
         return (
             self.index_version,
             self.model_version,
             self.reranker_version,
-            json.dumps(self.config, sort_keys=True, default=str),
+            json.dumps(linker_config, sort_keys=True, default=str),
+            str(self.mmap_index),
             device,
         )
 
@@ -375,7 +413,7 @@ def _claim_marker(marker: str) -> bool:
     return True
 
 
-def make_retrieve_fn(spec: LinkerSpec) -> ArrowFn:
+def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
     """mapInArrow function: (link_key, text_norm) -> STAGE_SCHEMA rows with candidates.
 
     Without a re-ranker the outcome columns (status, reason, code, term, score) are filled
@@ -396,6 +434,8 @@ def make_retrieve_fn(spec: LinkerSpec) -> ArrowFn:
             keys = batch.column(LINK_KEY_COLUMN).to_pylist()
             texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
             ranked = linker.retrieve(texts)
+            if stage_seconds is not None:
+                stage_seconds.add(linker.take_stage_seconds())
             yield _to_batch(keys, texts, ranked, linker if finalize else None)
             n_rows += len(keys)
             if marker and _claim_marker(marker):
@@ -409,7 +449,7 @@ def make_retrieve_fn(spec: LinkerSpec) -> ArrowFn:
     return retrieve_partition
 
 
-def make_rerank_fn(spec: LinkerSpec) -> ArrowFn:
+def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
     """mapInArrow function: STAGE_SCHEMA rows -> the same rows re-ranked, outcome filled."""
     if not spec.has_reranker:
         raise ValueError("make_rerank_fn needs a spec with a re-ranker")
@@ -425,6 +465,8 @@ def make_rerank_fn(spec: LinkerSpec) -> ArrowFn:
             keys = batch.column(LINK_KEY_COLUMN).to_pylist()
             texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
             ranked = linker.rerank(texts, _from_arrow(batch.column("candidates")))
+            if stage_seconds is not None:
+                stage_seconds.add(linker.take_stage_seconds())
             yield _to_batch(keys, texts, ranked, linker)
             n_rows += len(keys)
         log.debug("re-rank task done: %d surface forms", n_rows)

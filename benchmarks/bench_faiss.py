@@ -1,0 +1,235 @@
+"""FAISS search time against bi-encoder time, up to terminology scale; IVF / HNSW recall@k.
+
+    .venv/bin/python benchmarks/bench_faiss.py --config conf/bench.yaml [--set key=value ...]
+
+One batch of ``faiss.queries`` real mention forms (the corpus sources of conf/bench.yaml) is
+embedded with the bi-encoder of ``faiss.real_index`` (configured from that index's manifest),
+and that time is the denominator: the issue's target is FAISS search at most 10% of the
+bi-encoder time for the same mentions.
+
+Index vectors: at the real index's size, its own term vectors (read back from the flat index).
+Larger sizes cannot be embedded on a 2-core CPU (1.5M terms would take hours), so they are
+synthetic: each vector is a real term vector plus Gaussian noise of norm
+``semi_synthetic_noise``, L2-normalised -- random unit vectors of dimension 384 that keep the
+clustered shape of real term embeddings (isotropic random vectors are a worst case for IVF and
+HNSW that real embeddings never are). Exact search time does not depend on the values.
+
+For every size: exact inner-product search (IndexFlatIP, what ``index_type: flat`` builds),
+``k`` = linking.search_k hits per query. At ``ann_sizes``: IVF-Flat (nlist = 4*sqrt(n) unless
+set, k-means on ``ivf_train_per_list * nlist`` vectors) at several nprobe, and HNSW-Flat (M,
+efConstruction 40) at several efSearch up to ``hnsw_max_size``; recall@``recall_k`` = share of
+the exact top-``recall_k`` positions found in the approximate top-``recall_k``, build and
+search seconds. Results: ``<work_dir>/faiss/results.json`` and a Markdown summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchlib import (
+    BenchConfig,
+    ProcessSampler,
+    cores_of_master,
+    load_bench_config,
+    load_snapshot,
+    machine_info,
+    read_mention_pool,
+    setup_logging,
+    write_json,
+)
+
+log = logging.getLogger("benchmarks.faiss")
+
+
+def embed_queries(cfg: BenchConfig, threads: int) -> tuple[np.ndarray, float, list[float]]:
+    """(query vectors [q, dim], best seconds to embed them, all timings); the index's encoder."""
+    import torch
+
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import read_manifest
+    from clinlinker_spark.text import normalize_text
+
+    manifest = read_manifest(cfg.faiss.real_index)
+    enc = manifest["encoder"]
+    encoder = BiEncoder(enc["path"], pooling=enc["pooling"], max_length=enc["max_length"],
+                        prefix=enc["prefix"], normalize=enc["normalize"], num_threads=threads)
+    torch.set_num_threads(threads)
+    pool = read_mention_pool(cfg.corpus.sources)
+    forms = list(dict.fromkeys(normalize_text(t) for t in pool["text"]))
+    rng = np.random.default_rng(cfg.faiss.seed)
+    chosen = [forms[i] for i in rng.choice(len(forms), size=cfg.faiss.queries, replace=False)]
+    encoder.encode(chosen[:64])  # warm-up
+    timings = []
+    vectors = np.empty(0)
+    for _ in range(2):
+        t = time.perf_counter()
+        vectors = encoder.encode(chosen)
+        timings.append(time.perf_counter() - t)
+    return vectors, min(timings), timings
+
+
+def real_vectors(path: str) -> np.ndarray:
+    import faiss
+
+    index = faiss.read_index(str(Path(path) / "index.faiss"))
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def semi_synthetic(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
+    """``n`` unit vectors: a random real vector plus Gaussian noise of norm ~``noise`` each."""
+    rng = np.random.default_rng(seed)
+    dim = base.shape[1]
+    out = np.empty((n, dim), dtype=np.float32)
+    chunk = 100_000
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = base[rng.integers(0, len(base), size=m)]
+        x = x + rng.standard_normal((m, dim), dtype=np.float32) * (noise / math.sqrt(dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start:start + m] = x
+    return out
+
+
+def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    index.search(queries[:16], k)  # warm-up
+    t = time.perf_counter()
+    _, positions = index.search(queries, k)
+    return time.perf_counter() - t, positions
+
+
+def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    hits = sum(len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx, exact))
+    return hits / (len(exact) * k)
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    import faiss
+
+    from clinlinker_spark.config import load_config
+
+    job = load_config(cfg.link.job_config, list(cfg.link.job_overrides))
+    threads = cfg.threads or cores_of_master(job.spark.master)
+    faiss.omp_set_num_threads(threads)
+    fc = cfg.faiss
+    results: dict[str, Any] = {"machine": machine_info(), "threads": threads,
+                               "load_at_start": load_snapshot(), "sizes": []}
+    with ProcessSampler() as sampler:
+        queries, encode_s, encode_all = embed_queries(cfg, threads)
+    results["bi_encoder"] = {"queries": len(queries), "seconds": round(encode_s, 3),
+                             "all_seconds": [round(x, 3) for x in encode_all],
+                             "mentions_per_s": round(len(queries) / encode_s, 1),
+                             "resources": sampler.result}
+    log.info("bi-encoder: %d mentions in %.2f s", len(queries), encode_s)
+    base = real_vectors(fc.real_index)
+    faiss.omp_set_num_threads(threads)
+    for n in fc.sizes:
+        with ProcessSampler() as sampler:
+            row = measure_size(cfg, base, queries, n, encode_s)
+        row["resources"] = sampler.result
+        results["sizes"].append(row)
+        log.info("size %d: %s", n, {k: v for k, v in row.items() if k != "resources"})
+        gc.collect()
+    results["load_at_end"] = load_snapshot()
+    return results
+
+
+def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int,
+                 encode_s: float) -> dict[str, Any]:
+    import faiss
+
+    fc = cfg.faiss
+    real = n == len(base)
+    t = time.perf_counter()
+    vectors = base if real else semi_synthetic(base, n, fc.semi_synthetic_noise, fc.seed + n)
+    make_s = time.perf_counter() - t
+    row: dict[str, Any] = {"n": n, "data": "real term vectors" if real else "semi-synthetic",
+                           "make_s": round(make_s, 2), "variants": []}
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    search_s, exact = timed_search(flat, queries, fc.k)
+    row["variants"].append({"index": "flat (exact)", "build_s": 0.0,
+                            "search_s": round(search_s, 3),
+                            "ratio_to_bi_encoder": round(search_s / encode_s, 4),
+                            "recall": 1.0})
+    del flat
+    if n not in fc.ann_sizes:
+        return row
+    # IVF-Flat
+    for nlist_cfg in fc.ivf_nlist:
+        nlist = min(n, nlist_cfg or max(1, int(4 * math.sqrt(n))))
+        t = time.perf_counter()
+        quantizer = faiss.IndexFlatIP(vectors.shape[1])
+        ivf = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        n_train = min(n, fc.ivf_train_per_list * nlist)
+        rng = np.random.default_rng(fc.seed)
+        sample = vectors if n_train == n else vectors[rng.choice(n, n_train, replace=False)]
+        ivf.train(sample)
+        ivf.add(vectors)
+        build_s = time.perf_counter() - t
+        for nprobe in fc.ivf_nprobe:
+            ivf.nprobe = min(nprobe, nlist)
+            s, approx = timed_search(ivf, queries, fc.k)
+            row["variants"].append({
+                "index": f"ivf nlist={nlist} nprobe={ivf.nprobe}", "build_s": round(build_s, 1),
+                "train_vectors": n_train, "search_s": round(s, 3),
+                "ratio_to_bi_encoder": round(s / encode_s, 4),
+                "recall": round(recall(approx, exact, fc.recall_k), 4)})
+        del ivf, quantizer
+    # HNSW-Flat
+    if n <= fc.hnsw_max_size:
+        t = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(vectors.shape[1], fc.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = fc.hnsw_ef_construction
+        hnsw.add(vectors)
+        build_s = time.perf_counter() - t
+        for ef in fc.hnsw_ef_search:
+            hnsw.hnsw.efSearch = ef
+            s, approx = timed_search(hnsw, queries, fc.k)
+            row["variants"].append({
+                "index": f"hnsw M={fc.hnsw_m} efSearch={ef}", "build_s": round(build_s, 1),
+                "search_s": round(s, 3), "ratio_to_bi_encoder": round(s / encode_s, 4),
+                "recall": round(recall(approx, exact, fc.recall_k), 4)})
+        del hnsw
+    return row
+
+
+def markdown(results: dict[str, Any]) -> str:
+    enc = results["bi_encoder"]
+    lines = [f"bi-encoder: {enc['queries']} mentions in {enc['seconds']} s "
+             f"({enc['mentions_per_s']} mentions/s, {results['threads']} threads)", "",
+             "| terms | data | index | build s | search s (1024 q, k=200) | search / bi-encoder "
+             "| recall@25 |", "|---|---|---|---|---|---|---|"]
+    for row in results["sizes"]:
+        for v in row["variants"]:
+            lines.append(f"| {row['n']} | {row['data']} | {v['index']} | {v['build_s']} | "
+                         f"{v['search_s']} | {v['ratio_to_bi_encoder']:.1%} | {v['recall']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="conf/bench.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    cfg = load_bench_config(args.config, args.set)
+    started = time.perf_counter()
+    results = run(cfg)
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(Path(args.out or Path(cfg.work_dir) / "faiss" / "results.json"), results)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
