@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "build_index",
     "link",
     "evaluate",
+    "train_biencoder",
+    "train_crossencoder",
     "variables",
 )
 

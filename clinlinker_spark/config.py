@@ -271,6 +271,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer; got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads exponents without a dot ("2e-5") as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number; got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number; got {value!r}")
         return float(value)

@@ -1,0 +1,58 @@
+"""``clinlinker train-biencoder``: SapBERT-style training of a bi-encoder (synonym pairs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-biencoder", help="train a bi-encoder on terminology synonyms + gold mentions",
+        description=__doc__,
+    )
+    p.add_argument("--config", required=True, help="training config YAML "
+                   "(conf/train_biencoder.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. optim.batch_size=64 (repeatable)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run under pyspark's TorchDistributor (local mode unless "
+                   "--no-local-mode)")
+    p.add_argument("--num-processes", type=int, default=1, help="TorchDistributor processes")
+    p.add_argument("--no-local-mode", action="store_true",
+                   help="TorchDistributor on Spark executors instead of the driver")
+    p.add_argument("--use-gpu", action="store_true", help="TorchDistributor use_gpu=True")
+    p.add_argument("--spark-master", default="local[2]",
+                   help="master of the SparkSession built for --distributed (ignored when a "
+                   "session already exists, e.g. under spark-submit)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clinlinker_spark.config import load_config
+    from clinlinker_spark.training.config import BiEncoderTrainConfig
+
+    config = load_config(args.config, args.set, cls=BiEncoderTrainConfig)
+    if args.distributed:
+        from clinlinker_spark.config import SparkConfig
+        from clinlinker_spark.spark.session import build_spark_session
+        from clinlinker_spark.training.distributed import run_biencoder_distributed
+
+        spark = build_spark_session(SparkConfig(master=args.spark_master,
+                                                app_name="clinlinker-train-biencoder"))
+        card = run_biencoder_distributed(spark, config, num_processes=args.num_processes,
+                                         local_mode=not args.no_local_mode,
+                                         use_gpu=args.use_gpu)
+        out, steps = config.output_dir, card["metrics"]["steps"]
+    else:
+        from clinlinker_spark.training.biencoder import train_biencoder
+
+        result = train_biencoder(config)
+        out, steps, card = str(result.output_dir), result.global_step, result.card
+    summary = {"output_dir": out, "steps": steps, "wall_time_s": card.get("wall_time_s"),
+               "final_loss": card.get("metrics", {}).get("final_loss_mean_last_10pct")}
+    print(json.dumps(summary))
+    return 0

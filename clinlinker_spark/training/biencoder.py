@@ -1,0 +1,289 @@
+"""SapBERT-style bi-encoder training: synonym pairs in, a Hugging Face encoder directory out.
+
+One optimizer step takes ``optim.gradient_accumulation`` micro-batches of ``optim.batch_size``
+pairs. A micro-batch's 2 x batch_size texts are embedded (pooling and max_length of the
+``encoder`` section, L2-normalised) and scored with the multi-similarity loss and its miner
+(labels = codes; pairs of one text are never mined) or with InfoNCE over the two sides. The
+pair order of epoch e is a permutation drawn from ``(run.seed, e)``, so a run's position is
+fully described by its global step: a resumed run replays exactly the batches, dropout masks
+and learning rates of an uninterrupted one.
+
+Written output (``output_dir``): config.json + model.safetensors + tokenizer files +
+training_card.json (data hashes, pair counts, config, per-step losses, throughput, library
+versions, wall time, device). Build an index with it using the card's pooling / max_length /
+prefix (``clinlinker build-index --encoder DIR --pooling mean --max-length 32``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clinlinker_spark.config import to_dict
+from clinlinker_spark.errors import ConfigError
+from clinlinker_spark.modeling import (
+    effective_max_length,
+    load_tokenizer_and_model,
+    model_hash,
+    resolve_device,
+    set_torch_threads,
+)
+from clinlinker_spark.training.common import (
+    CheckpointManager,
+    autocast_for,
+    close_distributed,
+    device_info,
+    forward_in_chunks,
+    freeze_parameters,
+    init_distributed,
+    library_versions,
+    make_optimizer,
+    make_scheduler,
+    pool_hidden,
+    resolve_resume,
+    schedule_length,
+    seed_everything,
+    train_loop,
+    unwrap,
+    utc_now,
+    write_model_dir,
+)
+from clinlinker_spark.training.config import BiEncoderTrainConfig
+from clinlinker_spark.training.losses import info_nce_loss, multi_similarity_loss
+from clinlinker_spark.training.pairs import (
+    Pair,
+    build_pairs,
+    load_training_data,
+    pair_stats,
+    pairs_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+CARD_KIND = "clinlinker-biencoder-training"
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns. ``output_dir`` is None when it stopped before the end
+    (``stop_after_steps``); ``step_losses[i]`` is the loss of optimizer step i + 1."""
+
+    output_dir: Path | None
+    global_step: int
+    total_steps: int
+    step_losses: list[float] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+def run_fingerprint(config_dict: dict[str, Any], data_sha256: str) -> str:
+    """Hash of what determines a run's steps: the config without ``run`` (except its seed)
+    and ``output_dir``, plus the training data. A checkpoint only resumes the same run."""
+    relevant = {k: v for k, v in config_dict.items() if k not in ("run", "output_dir")}
+    relevant["seed"] = config_dict.get("run", {}).get("seed")
+    blob = json.dumps(relevant, sort_keys=True, ensure_ascii=False) + data_sha256
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def checkpoint_dir_of(output_dir: str, checkpoint_dir: str) -> Path:
+    return Path(checkpoint_dir) if checkpoint_dir else Path(f"{output_dir}-checkpoints")
+
+
+class _PairBatches:
+    """Token ids of every distinct text and the pairs as integer arrays."""
+
+    def __init__(self, pairs: list[Pair], tokenizer: Any, max_length: int, prefix: str):
+        texts = sorted({t for p in pairs for t in (p.text_a, p.text_b)})
+        self.text_id = {t: i for i, t in enumerate(texts)}
+        codes = sorted({p.code for p in pairs})
+        code_id = {c: i for i, c in enumerate(codes)}
+        self.a = np.array([self.text_id[p.text_a] for p in pairs], dtype=np.int64)
+        self.b = np.array([self.text_id[p.text_b] for p in pairs], dtype=np.int64)
+        self.label = np.array([code_id[p.code] for p in pairs], dtype=np.int64)
+        encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length,
+                            padding=False, return_attention_mask=True)
+        self.features = {k: v for k, v in encoded.items()
+                         if k in ("input_ids", "attention_mask", "token_type_ids")}
+        lengths = [len(x) for x in self.features["input_ids"]]
+        self.mean_tokens = float(np.mean(lengths)) if lengths else 0.0
+        self.n_texts = len(texts)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+
+def train_biencoder(
+    config: BiEncoderTrainConfig,
+    pairs: list[Pair] | None = None,
+    data_hashes: dict[str, str] | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train a bi-encoder as ``config`` says; write ``config.output_dir`` at the end.
+
+    ``pairs`` (tests, notebooks) replaces the pairs built from ``config.data``.
+    ``stop_after_steps`` stops after that optimizer step without writing the output (the
+    learning-rate schedule still spans the whole run): with ``run.checkpoint_every`` it
+    simulates an interrupted run, which a later call resumes (``run.resume: auto``).
+    """
+    started = time.perf_counter()
+    cfg = config
+    set_torch_threads(cfg.run.num_threads)
+    device, amp_dtype = resolve_device(cfg.run.device, cfg.run.precision)
+    rank, world, created_group = init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    seed_everything(cfg.run.seed)
+
+    if pairs is None:
+        data = load_training_data(cfg.data.sources)
+        pairs = build_pairs(data.terms, data.mentions, cfg.pairs.max_pairs_per_code,
+                            cfg.pairs.seed, cfg.pairs.include_dictionary_pairs)
+        data_hashes = data.source_hashes
+    if not pairs:
+        raise ConfigError("no synonym pairs: the training data has no code with two "
+                          "different strings")
+    data_sha = pairs_sha256(pairs)
+    config_dict = to_dict(cfg)
+    fingerprint = run_fingerprint(config_dict, data_sha)
+
+    tokenizer, model = load_tokenizer_and_model(cfg.base_model, "encoder")
+    base_hash = model_hash(cfg.base_model)
+    max_length = effective_max_length(tokenizer, model.config, cfg.encoder.max_length)
+    freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
+    model.to(device)
+    model.train()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batches = _PairBatches(pairs, tokenizer, max_length, cfg.encoder.prefix)
+    bs = cfg.optim.batch_size
+    micro_per_epoch = len(batches) // bs
+    local_micro = micro_per_epoch // world
+    steps_per_epoch, total_steps = schedule_length(
+        local_micro, cfg.optim.gradient_accumulation, cfg.optim.epochs, cfg.optim.max_steps)
+    warmup = int(round(cfg.optim.warmup_ratio * total_steps))
+    log.info("bi-encoder training: %s pairs, %d texts (%.1f tokens on average), %d trainable "
+             "parameters; %d steps (%d per epoch) of %d x %d pairs, warm-up %d, device %s",
+             pair_stats(pairs), batches.n_texts, batches.mean_tokens, n_trainable, total_steps,
+             steps_per_epoch, cfg.optim.gradient_accumulation, bs, warmup, device)
+
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    optimizer = make_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, total_steps, warmup)
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+              and amp_dtype == torch.float16 else None)
+
+    manager = CheckpointManager(checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir),
+                                cfg.run.keep_checkpoints)
+    global_step = 0
+    step_losses: list[float] = []
+    resumed_from = resolve_resume(cfg.run.resume, manager)
+    if resumed_from is not None:
+        state = CheckpointManager.load(resumed_from, model, optimizer, scheduler, scaler)
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(f"checkpoint {resumed_from} belongs to another run (different "
+                              "config or training data); set run.resume=never or another "
+                              "run.checkpoint_dir")
+        global_step = int(state["global_step"])
+        step_losses = [float(x) for x in state.get("step_losses", [])]
+
+    pad_id = int(tokenizer.pad_token_id)
+    pad_type = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
+    pooling = cfg.encoder.pooling
+    loss_cfg = cfg.loss
+
+    def embed_chunk(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            hidden = train_model(**batch).last_hidden_state
+        return F.normalize(pool_hidden(hidden, batch["attention_mask"], pooling), p=2.0, dim=1)
+
+    def micro_loss(rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        slots = np.concatenate([batches.a[rows], batches.b[rows]])
+        labels = torch.as_tensor(np.concatenate([batches.label[rows], batches.label[rows]]),
+                                 device=device)
+        emb = forward_in_chunks(embed_chunk, batches.features, slots.tolist(),
+                                cfg.optim.encode_chunk, pad_id, pad_type, device)
+        if loss_cfg.name == "infonce":
+            n = len(rows)
+            return info_nce_loss(emb[:n], emb[n:], labels[:n], loss_cfg.temperature)
+        margin = loss_cfg.miner_margin if loss_cfg.miner == "triplet" else None
+        return multi_similarity_loss(emb, labels, loss_cfg.alpha, loss_cfg.beta, loss_cfg.base,
+                                     margin, torch.as_tensor(slots, device=device))
+
+    start_step = global_step
+
+    def loop_loss(epoch: int, rows: np.ndarray) -> torch.Tensor:
+        return micro_loss(rows)[0]
+
+    global_step, train_s = train_loop(
+        name="bi-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
+        n_examples=len(batches), micro_batch=bs, micro_per_epoch=micro_per_epoch,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        accumulation=cfg.optim.gradient_accumulation, seed=cfg.run.seed, rank=rank,
+        world=world, micro_loss=loop_loss, global_step=global_step, step_losses=step_losses,
+        max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
+        log_every=cfg.run.log_every, progress=cfg.run.progress,
+        stop_after_steps=stop_after_steps,
+    )
+    accum = cfg.optim.gradient_accumulation
+    if global_step < total_steps:
+        log.info("stopped after step %d of %d (stop_after_steps); resume to finish",
+                 global_step, total_steps)
+        close_distributed(created_group)
+        return TrainResult(None, global_step, total_steps, step_losses)
+
+    n_tail = max(1, len(step_losses) // 10)
+    card = {
+        "kind": CARD_KIND,
+        "created_at": utc_now(),
+        "base_model": {"path": str(cfg.base_model), "model_hash": base_hash},
+        "encoder": {"pooling": pooling, "max_length": max_length, "prefix": cfg.encoder.prefix,
+                    "normalize": True},
+        "data": {"sources": data_hashes or {}, "pairs": pair_stats(pairs),
+                 "pairs_sha256": data_sha, "mean_tokens": round(batches.mean_tokens, 2)},
+        "config": config_dict,
+        "run_fingerprint": fingerprint,
+        "metrics": {
+            "steps": global_step, "steps_per_epoch": steps_per_epoch,
+            "epochs": round(global_step / steps_per_epoch, 3),
+            "pairs_seen": global_step * accum * bs * world,
+            "first_loss": step_losses[0] if step_losses else None,
+            "final_loss_mean_last_10pct": round(float(np.mean(step_losses[-n_tail:])), 6),
+            "step_losses": step_losses,
+            "resumed_from_step": start_step if resumed_from is not None else None,
+            "train_seconds_this_session": round(train_s, 1),
+            "pairs_per_second": round((global_step - start_step) * accum * bs * world
+                                      / max(train_s, 1e-9), 2),
+            "trainable_parameters": n_trainable,
+        },
+        "libraries": library_versions(),
+        "device": {**device_info(device, amp_dtype), "world_size": world},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    out: Path | None = None
+    if rank == 0:
+        out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
+                              cfg.run.overwrite)
+        card["model_hash"] = json.loads((out / "training_card.json").read_text())["model_hash"]
+    close_distributed(created_group)
+    log.info("bi-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
+             train_s, card["wall_time_s"])
+    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+__all__ = ["CARD_KIND", "TrainResult", "checkpoint_dir_of", "run_fingerprint",
+           "train_biencoder"]

@@ -1,0 +1,311 @@
+"""Cross-encoder (re-ranker) training on hard negatives mined with the trained bi-encoder.
+
+1. Training queries: the distinct (normalised text, code) of the clean training mentions of
+   ``data.sources``.
+2. Mining (:mod:`clinlinker_spark.training.negatives`): the bi-encoder embeds the queries and
+   searches ``index`` (built with that bi-encoder); each query keeps up to ``negatives.top_n``
+   codes other than its gold code above ``negatives.min_similarity``, and a positive term.
+3. Training: a sequence-classification model with one output, initialised from the
+   bi-encoder directory (``AutoModelForSequenceClassification(num_labels=1)``: the encoder
+   weights are the bi-encoder's, the classification head is new). Each epoch, every query
+   gets ``negatives.per_query`` negatives drawn from its first ``negatives.pool`` mined codes
+   (seeded by run seed, epoch and query). Pairs are (mention, term) text pairs as the linker
+   scores them. Loss ``listwise``: softmax cross-entropy over the positive and its negatives;
+   ``bce``: binary cross-entropy on every pair.
+
+Output: a Hugging Face directory that :class:`~clinlinker_spark.reranker.CrossEncoderReranker`
+loads, plus training_card.json (bi-encoder and index hashes, mining statistics, config,
+per-step losses, versions, wall time, device). Checkpoints and resume as for the bi-encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clinlinker_spark.config import to_dict
+from clinlinker_spark.errors import ConfigError, ModelLoadError
+from clinlinker_spark.modeling import (
+    _no_progress_bars,
+    check_model_dir,
+    effective_max_length,
+    model_hash,
+    resolve_device,
+    set_torch_threads,
+)
+from clinlinker_spark.training.biencoder import TrainResult, checkpoint_dir_of, run_fingerprint
+from clinlinker_spark.training.common import (
+    CheckpointManager,
+    autocast_for,
+    close_distributed,
+    device_info,
+    forward_in_chunks,
+    freeze_parameters,
+    init_distributed,
+    library_versions,
+    make_optimizer,
+    make_scheduler,
+    resolve_resume,
+    schedule_length,
+    seed_everything,
+    train_loop,
+    unwrap,
+    utc_now,
+    write_model_dir,
+)
+from clinlinker_spark.training.config import CrossEncoderTrainConfig
+from clinlinker_spark.training.losses import bce_loss, listwise_loss
+from clinlinker_spark.training.negatives import MinedQuery, mine_hard_negatives, mining_stats
+from clinlinker_spark.training.pairs import clean_mention_rows, load_training_data
+
+log = logging.getLogger(__name__)
+
+CARD_KIND = "clinlinker-crossencoder-training"
+
+
+def load_cross_encoder_init(path: str | Path) -> tuple[Any, Any]:
+    """(tokenizer, model): a one-output sequence classifier from a local encoder directory.
+
+    The encoder weights come from ``path`` (a bi-encoder saved as ``AutoModel``); the
+    classification head is freshly initialised (seed torch before calling).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    p = check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        with _no_progress_bars():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                p, num_labels=1, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: could not initialise a cross-encoder from it: {exc}") from exc
+    if tokenizer.pad_token is None:
+        raise ModelLoadError(f"{p}: the tokenizer has no padding token")
+    return tokenizer, model
+
+
+def mine_for_config(cfg: CrossEncoderTrainConfig) -> tuple[list[MinedQuery], dict[str, Any]]:
+    """Read the training mentions, load the bi-encoder and its index, mine hard negatives.
+
+    Returns the mined queries and a JSON-serialisable description (hashes, stats, seconds).
+    """
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import TerminologyIndex, read_manifest
+
+    started = time.perf_counter()
+    data = load_training_data(cfg.data.sources)
+    rows = clean_mention_rows(data.mentions)
+    if rows.empty:
+        raise ConfigError("no clean training mentions in data.sources (the cross-encoder "
+                          "trains on gold mentions)")
+    manifest = read_manifest(cfg.index)
+    spec = manifest["encoder"]
+    neg = cfg.negatives
+    encoder = BiEncoder(cfg.biencoder, pooling=spec["pooling"], max_length=spec["max_length"],
+                        prefix=spec.get("prefix", ""), normalize=spec["normalize"],
+                        batch_size=128, device=cfg.run.device,
+                        num_threads=cfg.run.num_threads)
+    index = TerminologyIndex.load(cfg.index, expected_fingerprint=encoder.fingerprint())
+    mined = mine_hard_negatives(
+        encoder, index, rows["term_norm"].tolist(), rows["code_key"].tolist(), neg.top_n,
+        neg.min_similarity, neg.search_k, neg.exclude_query_text, neg.batch_size)
+    info = {
+        "sources": data.source_hashes,
+        "biencoder": {"path": str(cfg.biencoder), "model_hash": encoder.model_hash},
+        "index": {"path": str(cfg.index), "content_hash": index.content_hash,
+                  "terms": len(index), "codes": len(index.code_keys)},
+        "mining": {**mining_stats(mined), "seconds": round(time.perf_counter() - started, 1)},
+    }
+    del encoder, index
+    return mined, info
+
+
+def _sample_negatives(m: MinedQuery, pool: int, k: int, seed: int, epoch: int,
+                      example: int) -> list[str]:
+    candidates = m.negatives[:pool]
+    if len(candidates) <= k:
+        return [c.term for c in candidates]
+    rng = np.random.default_rng([seed, epoch, example])
+    picked = np.sort(rng.choice(len(candidates), size=k, replace=False))
+    return [candidates[i].term for i in picked]
+
+
+def train_crossencoder(
+    config: CrossEncoderTrainConfig,
+    mined: Sequence[MinedQuery] | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Mine (unless ``mined`` is given), then train and write ``config.output_dir``.
+
+    ``stop_after_steps`` stops early without output, as in
+    :func:`~clinlinker_spark.training.biencoder.train_biencoder`.
+    """
+    started = time.perf_counter()
+    cfg = config
+    set_torch_threads(cfg.run.num_threads)
+    device, amp_dtype = resolve_device(cfg.run.device, cfg.run.precision)
+    rank, world, created_group = init_distributed(device)
+    info: dict[str, Any] = {}
+    if mined is None:
+        mined, info = mine_for_config(cfg)
+    neg = cfg.negatives
+    examples = [m for m in mined if m.positive_term is not None
+                and (m.negatives or cfg.loss == "bce")]
+    if not examples:
+        raise ConfigError("no training example: no query has both a positive term and hard "
+                          "negatives (lower negatives.min_similarity?)")
+    data_sha = _mined_sha256(examples)
+    config_dict = to_dict(cfg)
+    fingerprint = run_fingerprint(config_dict, data_sha)
+
+    seed_everything(cfg.run.seed)
+    init_path = cfg.init_from or cfg.biencoder
+    tokenizer, model = load_cross_encoder_init(init_path)
+    init_hash = model_hash(init_path)
+    max_length = effective_max_length(tokenizer, model.config, cfg.max_length)
+    freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
+    model.to(device)
+    model.train()
+    bs = cfg.optim.batch_size
+    micro_per_epoch = len(examples) // bs
+    steps_per_epoch, total_steps = schedule_length(
+        micro_per_epoch // world, cfg.optim.gradient_accumulation, cfg.optim.epochs,
+        cfg.optim.max_steps)
+    warmup = int(round(cfg.optim.warmup_ratio * total_steps))
+    log.info("cross-encoder training: %d queries (of %d mined), %d negatives per query from "
+             "the first %d, loss %s; %d steps (%d per epoch) of %d x %d queries, device %s",
+             len(examples), len(mined), neg.per_query, neg.pool, cfg.loss, total_steps,
+             steps_per_epoch, cfg.optim.gradient_accumulation, bs, device)
+
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def is_head(name: str) -> bool:
+        return not name.startswith(prefix) or ".pooler." in name
+
+    optimizer = make_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay,
+                               cfg.head_learning_rate, is_head)
+    scheduler = make_scheduler(optimizer, total_steps, warmup)
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+              and amp_dtype == torch.float16 else None)
+    manager = CheckpointManager(checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir),
+                                cfg.run.keep_checkpoints)
+    global_step = 0
+    step_losses: list[float] = []
+    resumed_from = resolve_resume(cfg.run.resume, manager)
+    resumed_step: int | None = None
+    if resumed_from is not None:
+        state = CheckpointManager.load(resumed_from, model, optimizer, scheduler, scaler)
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(f"checkpoint {resumed_from} belongs to another run; set "
+                              "run.resume=never or another run.checkpoint_dir")
+        global_step = resumed_step = int(state["global_step"])
+        step_losses = [float(x) for x in state.get("step_losses", [])]
+
+    pad_id = int(tokenizer.pad_token_id)
+    pad_type = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
+
+    def score_chunk(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            logits = train_model(**batch).logits  # [c, 1]
+        return logits.float().reshape(-1)
+
+    def micro_loss(epoch: int, rows: np.ndarray) -> torch.Tensor:
+        mentions: list[str] = []
+        terms: list[str] = []
+        group_sizes: list[int] = []
+        for r in rows:
+            m = examples[int(r)]
+            negs = _sample_negatives(m, neg.pool, neg.per_query, cfg.run.seed, epoch, int(r))
+            mentions.extend([m.query] * (1 + len(negs)))
+            terms.extend([m.positive_term or ""] + negs)
+            group_sizes.append(1 + len(negs))
+        encoded = tokenizer(mentions, terms, truncation=True, max_length=max_length,
+                            padding=False, return_attention_mask=True)
+        features = {k: v for k, v in encoded.items()
+                    if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = forward_in_chunks(score_chunk, features, list(range(len(mentions))),
+                                   cfg.optim.encode_chunk, pad_id, pad_type, device)
+        if cfg.loss == "bce":
+            labels = torch.cat([torch.tensor([1.0] + [0.0] * (g - 1)) for g in group_sizes])
+            return bce_loss(logits, labels.to(device))
+        width = max(group_sizes)
+        grouped = torch.zeros(len(group_sizes), width, device=device)
+        valid = torch.zeros(len(group_sizes), width, dtype=torch.bool, device=device)
+        pos = 0
+        for g, size in enumerate(group_sizes):
+            grouped[g, :size] = logits[pos:pos + size]
+            valid[g, :size] = True
+            pos += size
+        return listwise_loss(grouped, valid)
+
+    global_step, train_s = train_loop(
+        name="cross-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
+        n_examples=len(examples), micro_batch=bs, micro_per_epoch=micro_per_epoch,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        accumulation=cfg.optim.gradient_accumulation, seed=cfg.run.seed, rank=rank,
+        world=world, micro_loss=micro_loss, global_step=global_step, step_losses=step_losses,
+        max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
+        log_every=cfg.run.log_every, progress=cfg.run.progress,
+        stop_after_steps=stop_after_steps,
+    )
+    if global_step < total_steps:
+        log.info("stopped after step %d of %d (stop_after_steps); resume to finish",
+                 global_step, total_steps)
+        close_distributed(created_group)
+        return TrainResult(None, global_step, total_steps, step_losses)
+
+    n_tail = max(1, len(step_losses) // 10)
+    accum = cfg.optim.gradient_accumulation
+    card = {
+        "kind": CARD_KIND,
+        "created_at": utc_now(),
+        "init_model": {"path": str(init_path), "model_hash": init_hash},
+        "max_length": max_length,
+        "data": {**info, "training_queries": len(examples), "examples_sha256": data_sha},
+        "config": config_dict,
+        "run_fingerprint": fingerprint,
+        "metrics": {
+            "steps": global_step, "steps_per_epoch": steps_per_epoch,
+            "epochs": round(global_step / steps_per_epoch, 3),
+            "queries_seen": global_step * accum * bs * world,
+            "first_loss": step_losses[0] if step_losses else None,
+            "final_loss_mean_last_10pct": round(float(np.mean(step_losses[-n_tail:])), 6),
+            "step_losses": step_losses,
+            "resumed_from_step": resumed_step,
+            "train_seconds_this_session": round(train_s, 1),
+        },
+        "libraries": library_versions(),
+        "device": {**device_info(device, amp_dtype), "world_size": world},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    out: Path | None = None
+    if rank == 0:
+        out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
+                              cfg.run.overwrite)
+    close_distributed(created_group)
+    log.info("cross-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
+             train_s, card["wall_time_s"])
+    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+def _mined_sha256(examples: Sequence[MinedQuery]) -> str:
+    digest = hashlib.sha256()
+    for m in examples:
+        digest.update(f"{m.gold_code}\t{m.query}\t{m.positive_term}\t".encode())
+        digest.update("|".join(f"{n.code}:{n.term}" for n in m.negatives).encode() + b"\n")
+    return digest.hexdigest()
+
+__all__ = ["CARD_KIND", "load_cross_encoder_init", "mine_for_config", "train_crossencoder"]
