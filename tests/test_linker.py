@@ -150,3 +150,11 @@ def test_no_mention_text_in_logs_at_info(toy_index, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
     for text in texts:
         assert text not in logged and text.split()[0] not in logged
+
+
+def test_stage_timers_accumulate_and_reset(toy_index):
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3))
+    linker.link(pd.DataFrame({"mention_id": ["a", "b"], "text": ["neumonía", "dolor"]}))
+    taken = linker.take_stage_seconds()
+    assert taken["encode"] > 0 and taken["search"] > 0 and taken["rerank"] == 0
+    assert all(v == 0 for v in linker.take_stage_seconds().values())
