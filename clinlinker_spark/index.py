@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -36,6 +35,7 @@ import pandas as pd
 from clinlinker_spark import __version__
 from clinlinker_spark.config import IndexConfig
 from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
+from clinlinker_spark.fsutil import publish_directory
 from clinlinker_spark.text import normalize_code, normalize_text
 
 log = logging.getLogger(__name__)
@@ -220,13 +220,7 @@ def build_index(
             "libraries": library_versions(),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from clinlinker_spark.errors import ArtifactError, ConfigError
+from clinlinker_spark.fsutil import publish_directory
 from clinlinker_spark.modeling import autocast_context, pad_batch
 
 log = logging.getLogger(__name__)
@@ -355,13 +356,7 @@ def write_model_dir(model: Any, tokenizer: Any, out_dir: str | Path, card: dict[
 
         card = {**card, "model_hash": model_hash(tmp)}
         _json_write(tmp / CARD_NAME, card)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
