@@ -146,6 +146,17 @@ def test_checkpoint_resume_gives_the_same_next_steps(tiny_encoder_dir, tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     card = json.loads((resumed.output_dir / "training_card.json").read_text())
     assert card["metrics"]["resumed_from_step"] == 4
+    assert not (tmp_path / "resumed-checkpoints").exists()  # cleared once the output exists
+
+
+def test_existing_output_fails_before_training(tiny_encoder_dir, tmp_path) -> None:
+    from clinlinker_spark.errors import ArtifactError
+
+    (tmp_path / "bi").mkdir()
+    (tmp_path / "bi" / "config.json").write_text("{}")
+    cfg = _bi_config(tiny_encoder_dir, tmp_path / "bi", "optim.batch_size=8", "optim.max_steps=2")
+    with pytest.raises(ArtifactError, match="overwrite"):
+        train_biencoder(cfg, pairs=PAIRS)
 
 
 def test_checkpoint_holds_no_pickle(tiny_encoder_dir, tmp_path) -> None:
@@ -192,7 +203,7 @@ def test_hard_negatives_never_hold_the_gold_code(tiny_encoder_dir, tiny_index) -
     queries = [f for forms in FORMS.values() for f in forms]
     golds = [code for code, forms in FORMS.items() for _ in forms]
     mined = mine_hard_negatives(encoder, index, queries, golds, top_n=10,
-                                min_similarity=-1.0)
+                                min_similarity=-1.0, search_k=1000)  # all texts
     assert len(mined) == len(queries)
     for m in mined:
         codes = [n.code for n in m.negatives]
@@ -202,6 +213,8 @@ def test_hard_negatives_never_hold_the_gold_code(tiny_encoder_dir, tiny_index) -
         assert [n.score for n in m.negatives] == sorted((n.score for n in m.negatives),
                                                         reverse=True)
         assert m.positive_term is not None and m.positive_term != m.query
+        assert m.positives[0] == m.positive_term and m.query not in m.positives
+        assert len(m.positives) >= 2  # the code's two other forms
     # the text shared by c0 and c1 is a positive for c0 and never a negative of c0
     for m in mined:
         if m.gold_code == "c0":
@@ -215,7 +228,8 @@ def test_crossencoder_trains_from_the_biencoder_and_loads_as_reranker(
         tiny_encoder_dir, tiny_index, tmp_path) -> None:
     cfg = load_config(None, [
         f"biencoder={tiny_encoder_dir}", f"index={tiny_index}", f"output_dir={tmp_path / 'ce'}",
-        "optim.batch_size=6", "optim.epochs=2", "optim.learning_rate=5e-4",
+        "optim.batch_size=6", "optim.epochs=2", "optim.learning_rate=5e-4", "positive=sample",
+        "head_learning_rate=1e-3", "optim.freeze_layers=1",
         "negatives.min_similarity=-1.0", "negatives.per_query=3", "negatives.top_n=20",
         "run.progress=false", "run.resume=never", "data.sources=[{path: "
         f"{_tiny_gold(tmp_path)}, format: codiesp}}]",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from clinlinker_spark.modeling import (
 from clinlinker_spark.training.common import (
     CheckpointManager,
     autocast_for,
+    check_output_dir,
     close_distributed,
     device_info,
     forward_in_chunks,
@@ -139,8 +141,6 @@ def train_biencoder(
     device, amp_dtype = resolve_device(cfg.run.device, cfg.run.precision)
     rank, world, created_group = init_distributed(device)
     if device.type == "cuda" and world > 1:
-        import os
-
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     seed_everything(cfg.run.seed)
@@ -161,6 +161,8 @@ def train_biencoder(
     base_hash = model_hash(cfg.base_model)
     max_length = effective_max_length(tokenizer, model.config, cfg.encoder.max_length)
     freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
+    if rank == 0:
+        check_output_dir(cfg.output_dir, cfg.run.overwrite)  # fail before training, not after
     model.to(device)
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -278,6 +280,7 @@ def train_biencoder(
     if rank == 0:
         out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
                               cfg.run.overwrite)
+        manager.clear()  # the run is complete: its checkpoints would only replay its tail
         card["model_hash"] = json.loads((out / "training_card.json").read_text())["model_hash"]
     close_distributed(created_group)
     log.info("bi-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,

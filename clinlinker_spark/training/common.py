@@ -290,6 +290,14 @@ class CheckpointManager:
         log.info("checkpoint written: %s", final)
         return final
 
+    def clear(self) -> None:
+        """Remove this run's checkpoints (after its output is written), and the folder if
+        nothing else is in it."""
+        for ckpt in self.checkpoints():
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
+
     @staticmethod
     def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, scaler: Any) -> dict[str, Any]:

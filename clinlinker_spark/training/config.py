@@ -196,11 +196,16 @@ class CrossEncoderTrainConfig:
     # learning rate of the new classification head (classifier + pooler); 0 = optim's. A fresh
     # head moves too little at an encoder's learning rate in a short CPU run.
     head_learning_rate: float = 0.0
+    # the positive term of a query: "best" = the gold code's best-scoring other term (what the
+    # linker shows); "sample" = one of the gold code's other terms, drawn each epoch (covers
+    # dictionary descriptions, the only terms of codes without training mentions)
+    positive: str = "best"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=8))
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, CROSSENCODER_LOSSES)
+        _check_choice("positive", self.positive, ("best", "sample"))
         _check_positive("max_length", self.max_length)
         if self.head_learning_rate < 0:
             raise ConfigError("head_learning_rate must be >= 0")

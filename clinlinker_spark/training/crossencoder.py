@@ -9,8 +9,9 @@
    bi-encoder directory (``AutoModelForSequenceClassification(num_labels=1)``: the encoder
    weights are the bi-encoder's, the classification head is new). Each epoch, every query
    gets ``negatives.per_query`` negatives drawn from its first ``negatives.pool`` mined codes
-   (seeded by run seed, epoch and query). Pairs are (mention, term) text pairs as the linker
-   scores them. Loss ``listwise``: softmax cross-entropy over the positive and its negatives;
+   (seeded by run seed, epoch and query), and ``positive: sample`` draws its positive among
+   the gold code's other terms. Pairs are (mention, term) text pairs as the linker scores
+   them. Loss ``listwise``: softmax cross-entropy over the positive and its negatives;
    ``bce``: binary cross-entropy on every pair.
 
 Output: a Hugging Face directory that :class:`~clinlinker_spark.reranker.CrossEncoderReranker`
@@ -44,6 +45,7 @@ from clinlinker_spark.training.biencoder import TrainResult, checkpoint_dir_of, 
 from clinlinker_spark.training.common import (
     CheckpointManager,
     autocast_for,
+    check_output_dir,
     close_distributed,
     device_info,
     forward_in_chunks,
@@ -171,6 +173,8 @@ def train_crossencoder(
     init_hash = model_hash(init_path)
     max_length = effective_max_length(tokenizer, model.config, cfg.max_length)
     freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
+    if rank == 0:
+        check_output_dir(cfg.output_dir, cfg.run.overwrite)  # fail before training, not after
     model.to(device)
     model.train()
     bs = cfg.optim.batch_size
@@ -228,8 +232,12 @@ def train_crossencoder(
         for r in rows:
             m = examples[int(r)]
             negs = _sample_negatives(m, neg.pool, neg.per_query, cfg.run.seed, epoch, int(r))
+            positive = m.positive_term or ""
+            if cfg.positive == "sample" and len(m.positives) > 1:
+                pick = np.random.default_rng([cfg.run.seed, epoch, int(r), 1])
+                positive = m.positives[int(pick.integers(len(m.positives)))]
             mentions.extend([m.query] * (1 + len(negs)))
-            terms.extend([m.positive_term or ""] + negs)
+            terms.extend([positive] + negs)
             group_sizes.append(1 + len(negs))
         encoded = tokenizer(mentions, terms, truncation=True, max_length=max_length,
                             padding=False, return_attention_mask=True)
@@ -295,6 +303,7 @@ def train_crossencoder(
     if rank == 0:
         out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
                               cfg.run.overwrite)
+        manager.clear()  # the run is complete: its checkpoints would only replay its tail
     close_distributed(created_group)
     log.info("cross-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
              train_s, card["wall_time_s"])
@@ -305,6 +314,7 @@ def _mined_sha256(examples: Sequence[MinedQuery]) -> str:
     digest = hashlib.sha256()
     for m in examples:
         digest.update(f"{m.gold_code}\t{m.query}\t{m.positive_term}\t".encode())
+        digest.update("|".join(m.positives).encode() + b"\t")
         digest.update("|".join(f"{n.code}:{n.term}" for n in m.negatives).encode() + b"\n")
     return digest.hexdigest()
 

@@ -13,8 +13,10 @@ the gold code shares with other codes gives the positive and no negative (one te
 both).
 
 The positive of a query is the gold code's best-scoring term other than the query text (the
-term the linker would show), else the code's first other term in the index; a query whose gold
-code has no other term in the index gets no positive (``positive_term`` None).
+term the linker would show), else the code's first other term in the index (main terms
+first); a query whose gold code has no other term in the index gets no positive
+(``positive_term`` None). ``positives`` lists all of the gold code's other terms, for training
+that samples a positive each epoch (dictionary descriptions as well as other mentions).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from clinlinker_spark.text import normalize_code, normalize_text
 
 log = logging.getLogger(__name__)
 
+MAX_POSITIVES = 32
+
 
 @dataclass(frozen=True)
 class MinedNegative:
@@ -48,6 +52,9 @@ class MinedQuery:
     positive_term: str | None  # normalised; None: the gold code has no other term
     positive_score: float  # NaN when the positive was not among the hits
     negatives: tuple[MinedNegative, ...]  # best first; never the gold code
+    # every normalised term of the gold code in the index except the query text (at most
+    # MAX_POSITIVES): positive_term first, then main terms, then the others
+    positives: tuple[str, ...] = ()
 
 
 def _terms_by_code(index: TerminologyIndex) -> dict[str, list[int]]:
@@ -118,15 +125,16 @@ def mine_hard_negatives(
                     seen.add(key)
                     if not below_floor and len(negatives) < top_n:
                         negatives.append(MinedNegative(key, normalize_text(term), float(score)))
-            if positive is None:
-                for r in by_code.get(gold, []):
-                    _, _, term, _ = index.row(r)
-                    if normalize_text(term) != text:
-                        positive = normalize_text(term)
-                        break
+            others = [normalize_text(index.row(r)[2]) for r in by_code.get(gold, [])]
+            others = list(dict.fromkeys(t for t in others if t != text))
+            if positive is None and others:
+                positive = others[0]
             if positive is None:
                 n_without_positive += 1
-            out.append(MinedQuery(text, gold, positive, positive_score, tuple(negatives)))
+            positives = tuple(dict.fromkeys([positive] + others))[:MAX_POSITIVES] \
+                if positive is not None else ()
+            out.append(MinedQuery(text, gold, positive, positive_score, tuple(negatives),
+                                  positives))
     counts = [len(m.negatives) for m in out]
     log.info("mined hard negatives for %d queries: %.1f per query on average (min %d, max %d),"
              " %d queries without a positive term", len(out),
