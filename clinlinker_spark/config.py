@@ -105,9 +105,15 @@ class RerankerConfig:
     max_length: int = 64
     device: str = "auto"
     precision: str = "auto"
+    # order of the re-scored candidates: "none" = cross-encoder score alone; "rrf" =
+    # reciprocal-rank fusion of the bi-encoder order and the cross-encoder order
+    fusion: str = "rrf"
+    rrf_k: int = 60
 
     def __post_init__(self) -> None:
         _check_positive("reranker.top_n", self.top_n)
+        _check_choice("reranker.fusion", self.fusion, ("none", "rrf"))
+        _check_positive("reranker.rrf_k", self.rrf_k)
         _check_positive("reranker.batch_size", self.batch_size)
         _check_choice("reranker.device", self.device, DEVICES)
         _check_choice("reranker.precision", self.precision, PRECISIONS)
@@ -187,6 +193,11 @@ class OutputConfig:
     writer: str = "auto"  # auto | delta-spark | deltalake
     store_text: bool = True  # False: store a SHA-256 of the text instead of the text
     incremental: bool = True  # skip mentions already linked with the same model + index
+    # Delta table of linked surface forms (key: SHA-256 of the normalised text + artifact
+    # versions + linking settings; no text stored). A form found there is not embedded again:
+    # a nightly run only computes the forms it has never seen. "" = no cache. Needs
+    # spark.dedupe_surface_forms.
+    form_cache_path: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("output.writer", self.writer, WRITERS)

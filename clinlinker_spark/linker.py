@@ -10,6 +10,8 @@ Stages, each usable on its own:
 3. ``rerank``: the cross-encoder re-scores the first ``top_n`` candidates and re-orders them
    (exact matches stay first when the prior is on: a cross-encoder cannot tell identical texts
    apart any more than the bi-encoder can); candidates past ``top_n`` keep their order.
+   ``reranker.fusion: rrf`` orders them by reciprocal-rank fusion of the retrieval and
+   cross-encoder orders instead of the cross-encoder score alone.
 
 Scores: ``retrieval_score`` is the bi-encoder inner product (cosine when embeddings are
 L2-normalised); ``rerank_score`` is the cross-encoder logit. A mention's ``score`` is the
@@ -42,6 +44,9 @@ RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term",
 # Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
 # search, hits -> per-code candidates, cross-encoder re-ranking.
 STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
+# How re-ranked candidates are ordered: by the cross-encoder alone, or by reciprocal-rank
+# fusion of the bi-encoder's and the cross-encoder's orders (order_candidates).
+RERANK_FUSIONS = ("none", "rrf")
 
 
 @dataclass(frozen=True)
@@ -114,14 +119,13 @@ def candidates_from_hits(
     return results
 
 
-def rerank_candidates(
+def score_candidates(
     texts_norm: Sequence[str],
     candidates: list[list[Candidate]],
     score_pairs: Callable[[list[str], list[str]], np.ndarray],
     top_n: int,
-    exact_first: bool,
 ) -> list[list[Candidate]]:
-    """Re-score the first ``top_n`` candidates of each mention with ``score_pairs`` and re-order.
+    """Set ``rerank_score`` on the first ``top_n`` candidates of each mention (order kept).
 
     All pairs of the batch are scored in one call (the scorer batches them).
     """
@@ -136,14 +140,61 @@ def rerank_candidates(
     pos = 0
     for cands in candidates:
         head = cands[:top_n]
-        rescored = [
+        out.append([
             Candidate(c.code, c.term, c.retrieval_score, float(scores[pos + j]), c.exact)
             for j, c in enumerate(head)
-        ]
+        ] + list(cands[top_n:]))
         pos += len(head)
-        rescored.sort(key=lambda c: (not (exact_first and c.exact), -(c.rerank_score or 0.0)))
-        out.append(rescored + list(cands[top_n:]))
     return out
+
+
+def order_candidates(
+    candidates: list[list[Candidate]],
+    top_n: int,
+    exact_first: bool,
+    fusion: str = "none",
+    rrf_k: int = 60,
+) -> list[list[Candidate]]:
+    """Re-order the scored head (first ``top_n``) of each mention's retrieval-ordered list.
+
+    ``fusion="none"``: by cross-encoder score alone. ``fusion="rrf"``: reciprocal-rank fusion
+    of the retrieval order and the cross-encoder order, ``1/(rrf_k + r_retrieval) +
+    1/(rrf_k + r_rerank)`` (ranks from 1; ties go to the cross-encoder), so a candidate moves
+    only where the two rankers agree more than they disagree. With ``exact_first``, exact
+    matches stay first either way. Candidates past ``top_n`` keep their order.
+    """
+    if fusion not in RERANK_FUSIONS:
+        raise ValueError(f"fusion must be one of {RERANK_FUSIONS}; got {fusion!r}")
+    out: list[list[Candidate]] = []
+    for cands in candidates:
+        head = list(cands[:top_n])
+        by_score = sorted(range(len(head)), key=lambda j: -(head[j].rerank_score or 0.0))
+        rerank_rank = {j: r for r, j in enumerate(by_score, start=1)}
+
+        def key(j: int) -> tuple[bool, float, int]:
+            first = not (exact_first and head[j].exact)
+            if fusion == "rrf":
+                fused = 1.0 / (rrf_k + j + 1) + 1.0 / (rrf_k + rerank_rank[j])
+                return first, -fused, rerank_rank[j]
+            return first, 0.0, rerank_rank[j]
+
+        out.append([head[j] for j in sorted(range(len(head)), key=key)] + list(cands[top_n:]))
+    return out
+
+
+def rerank_candidates(
+    texts_norm: Sequence[str],
+    candidates: list[list[Candidate]],
+    score_pairs: Callable[[list[str], list[str]], np.ndarray],
+    top_n: int,
+    exact_first: bool,
+    fusion: str = "none",
+    rrf_k: int = 60,
+) -> list[list[Candidate]]:
+    """Re-score the first ``top_n`` candidates of each mention with ``score_pairs`` and
+    re-order them (:func:`order_candidates`)."""
+    scored = score_candidates(texts_norm, candidates, score_pairs, top_n)
+    return order_candidates(scored, top_n, exact_first, fusion, rrf_k)
 
 
 def _sigmoid(x: float) -> float:
@@ -224,7 +275,8 @@ class Linker:
             return candidates
         started = time.perf_counter()
         reranked = rerank_candidates(list(texts_norm), candidates, self.reranker.score,
-                                     self.reranker_config.top_n, self.linking.exact_match_prior)
+                                     self.reranker_config.top_n, self.linking.exact_match_prior,
+                                     self.reranker_config.fusion, self.reranker_config.rrf_k)
         self.stage_seconds["rerank"] += time.perf_counter() - started
         return reranked
 

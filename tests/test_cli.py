@@ -50,6 +50,33 @@ def test_build_index_then_evaluate_prints_table_and_json(sample_index, tiny_enco
     assert report["results"]["tfidf+exact_prior"]["subsets"]["clean"]["acc@1"] > 0.8
 
 
+def test_evaluate_with_reranker_reports_each_fusion(sample_index, tiny_encoder_dir,
+                                                    tiny_cross_encoder_dir, tmp_path, caplog):
+    json_out = tmp_path / "rerank.json"
+    rc = main([
+        "--log-level", "WARNING", "evaluate",
+        "--gold", str(sample_path("codiesp_dev_sample.tsv")), "--gold-format", "codiesp",
+        "--labels", "DIAGNOSTICO", "--index", str(sample_index),
+        "--encoder", str(tiny_encoder_dir), "--reranker", str(tiny_cross_encoder_dir),
+        "--rerank-top-n", "5", "--retriever", "dense", "--k", "1,5,10",
+        "--json-out", str(json_out),
+    ])
+    assert rc == 0
+    report = json.loads(json_out.read_text())
+    rows = report["results"]
+    assert {"dense+exact_prior+rerank", "dense+exact_prior+rerank_rrf"} <= set(rows)
+    assert report["meta"]["rerank_top_n"] == 5 and report["meta"]["rrf_k"] == 60
+    base = rows["dense+exact_prior"]["subsets"]["all"]
+    for row in ("dense+exact_prior+rerank", "dense+exact_prior+rerank_rrf"):
+        got = rows[row]["subsets"]["all"]
+        # re-ordering inside the top 5 never changes which codes are in the top 5 or 10
+        assert got["acc@5"] == base["acc@5"] and got["acc@10"] == base["acc@10"]
+    rc = main(["evaluate", "--gold", str(sample_path("codiesp_dev_sample.tsv")),
+               "--gold-format", "codiesp", "--index", str(sample_index),
+               "--encoder", str(tiny_encoder_dir), "--fusion", "mean"])
+    assert rc == 2 and "--fusion takes" in caplog.text
+
+
 def test_evaluate_refuses_index_built_with_another_encoder(sample_index, tmp_path, caplog):
     other = make_tiny_encoder(tmp_path / "other", seed=7)
     rc = main(["evaluate", "--gold", str(sample_path("codiesp_dev_sample.tsv")),

@@ -139,6 +139,30 @@ def test_rerank_reorders_head_only_and_keeps_retrieval_scores():
     assert kept[0].code == "A"
 
 
+def test_rrf_fusion_moves_a_candidate_only_as_far_as_both_orders_allow():
+    # retrieval order A B C D; the cross-encoder puts D first and A last
+    cands = [[Candidate(c, c.lower(), s) for c, s in zip("ABCD", (0.9, 0.8, 0.7, 0.6))]]
+    ce = {"a": -3.0, "b": 1.0, "c": 0.0, "d": 4.0}
+
+    def scorer(mentions, terms):
+        return np.array([ce[t] for t in terms], np.float32)
+
+    [alone] = rerank_candidates(["q"], cands, scorer, top_n=4, exact_first=False)
+    assert [c.code for c in alone] == ["D", "B", "C", "A"]
+    [fused] = rerank_candidates(["q"], cands, scorer, top_n=4, exact_first=False,
+                                fusion="rrf", rrf_k=60)
+    # fused ranks: A 1+4, B 2+2, C 3+3, D 4+1 -> B first (ranks balanced beat extremes)
+    assert [c.code for c in fused] == ["B", "D", "A", "C"]
+    assert {c.code: c.rerank_score for c in fused} == {"A": -3.0, "B": 1.0, "C": 0.0,
+                                                        "D": 4.0}
+    # exact matches stay first under fusion as well
+    cands[0][3] = Candidate("D", "d", 0.6, exact=True)
+    [kept] = rerank_candidates(["q"], cands, scorer, top_n=4, exact_first=True, fusion="rrf")
+    assert kept[0].code == "D"
+    with pytest.raises(ValueError, match="fusion"):
+        rerank_candidates(["q"], cands, scorer, top_n=4, exact_first=False, fusion="mean")
+
+
 def test_no_mention_text_in_logs_at_info(toy_index, caplog):
     import logging
 

@@ -18,10 +18,11 @@ from clinlinker_spark.config import (
 )
 from clinlinker_spark.corpora import read_gold
 from clinlinker_spark.encoder import BiEncoder
-from clinlinker_spark.errors import EncoderMismatchError, InputDataError
+from clinlinker_spark.errors import ConfigError, EncoderMismatchError, InputDataError
 from clinlinker_spark.index import build_index
 from clinlinker_spark.linker import Linker
 from clinlinker_spark.samples import sample_path
+from clinlinker_spark.text import normalize_text
 from clinlinker_spark.terminology import load_terminology, terms_from_mentions
 
 pytestmark = pytest.mark.spark
@@ -414,6 +415,60 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     table = read_table(config.output.path)
     assert len(table) == len(both) and set(table["run_id"]) == {"night-4"}
     assert set(table["index_version"]) == {fourth["index_version"]} != {first["index_version"]}
+
+
+def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    cache = tmp_path / "form_cache"
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index,
+                        "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
+    columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
+    old, new = dev_mentions.iloc[:380][columns], dev_mentions.iloc[380:][columns]
+    norm = lambda df: {normalize_text(t) for t in df["text"]}  # noqa: E731
+    unseen = norm(new) - norm(old)
+    assert unseen and norm(new) & norm(old)  # the sample has both kinds
+
+    first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
+    assert first["form_cache"]["hits"] == 0
+    assert first["form_cache"]["added"] == first["surface_forms"] == len(norm(old))
+    rows = read_table(cache)
+    assert len(rows) == len(norm(old)) and rows["cache_key"].is_unique
+    assert "text" not in rows.columns and "text_norm" not in rows.columns
+    # only index terms (candidates) may equal a mention; no other column holds its text
+    texts = set(old["text"]) | norm(old)
+    assert not any(v in texts for col in rows.columns if col != "term"
+                   and rows[col].dtype == object for v in rows[col] if isinstance(v, str))
+
+    # night 2, not incremental: every mention is linked again, only unseen forms computed
+    both = pd.concat([old, new], ignore_index=True)
+    second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(both))
+    assert second["surface_forms"] == len(unseen)
+    assert second["form_cache"]["hits"] == len(norm(both)) - len(unseen)
+    assert second["form_cache"]["added"] == len(unseen)
+    table = read_table(config.output.path)
+    assert len(table) == len(both) and set(table["run_id"]) == {"night-2"}
+    assert_matches_core(table, Linker.from_config(config).link(both))
+    assert len(read_table(cache)) == len(norm(both))
+
+    # a linking setting that changes outcomes misses the cache
+    config5 = job_config(tmp_path, tiny_encoder_dir, sample_index, "linking.top_k=5",
+                         "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
+    third = run_job(spark, config5, run_id="night-3", mentions=spark.createDataFrame(new))
+    assert third["form_cache"]["hits"] == 0 and third["surface_forms"] == len(norm(new))
+    assert third["linking_version"] != second["linking_version"]
+    assert_matches_core(read_table(config.output.path).query("run_id == 'night-3'"),
+                        Linker.from_config(config5).link(new))
+
+
+def test_form_cache_needs_surface_form_dedupe(spark, tmp_path, tiny_encoder_dir,
+                                              sample_index):
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index,
+                        f"output.form_cache_path={tmp_path / 'cache'}")
+    config = dataclasses.replace(config, spark=dataclasses.replace(
+        config.spark, dedupe_surface_forms=False))
+    with pytest.raises(ConfigError, match="dedupe_surface_forms"):
+        run_job(spark, config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,12 @@ from clinlinker_spark.config import GOLD_FORMATS
 from clinlinker_spark.errors import ConfigError
 from clinlinker_spark.evaluation import DEFAULT_KS, dumps, evaluate_candidates, format_table
 from clinlinker_spark.index import TerminologyIndex, read_manifest
-from clinlinker_spark.linker import candidates_from_hits, rerank_candidates
+from clinlinker_spark.linker import (
+    RERANK_FUSIONS,
+    candidates_from_hits,
+    order_candidates,
+    score_candidates,
+)
 from clinlinker_spark.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default="", help="bi-encoder directory the index was built with")
     p.add_argument("--reranker", default="", help="cross-encoder directory (optional)")
     p.add_argument("--rerank-top-n", type=int, default=25)
+    p.add_argument("--fusion", default=",".join(RERANK_FUSIONS),
+                   help="comma-separated orders of the re-ranked candidates to report: none "
+                        "(cross-encoder score alone, row +rerank) and/or rrf (reciprocal-rank "
+                        "fusion with the retrieval order, row +rerank_rrf); scored once")
+    p.add_argument("--rrf-k", type=int, default=60, help="the rrf fusion's rank constant")
     p.add_argument("--retriever", default="dense,tfidf",
                    help="comma-separated: dense, tfidf (default both)")
     p.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="cut-offs, e.g. 1,5,25")
@@ -64,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(retrievers) - {"dense", "tfidf"}
     if unknown or not retrievers:
         raise ConfigError(f"--retriever takes dense and/or tfidf; got {args.retriever!r}")
+    fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
+    if set(fusions) - set(RERANK_FUSIONS) or not fusions:
+        raise ConfigError(f"--fusion takes {', '.join(RERANK_FUSIONS)}; got {args.fusion!r}")
     if "dense" in retrievers and not args.encoder:
         raise ConfigError("--encoder is required for the dense retriever")
     gold = load_gold(args)
@@ -115,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
                 reranker = CrossEncoderReranker(args.reranker, batch_size=args.batch_size,
                                                 device=args.device, num_threads=args.threads)
                 started = time.perf_counter()
-                reranked = rerank_candidates(unique, cands, reranker.score,
-                                             args.rerank_top_n, True)
+                scored = score_candidates(unique, cands, reranker.score, args.rerank_top_n)
                 timings["rerank"] = round(time.perf_counter() - started, 2)
-                results[variant + "+rerank"] = evaluate_candidates(
-                    gold, [reranked[g] for g in gather], index, ks)
+                for fusion in fusions:
+                    reranked = order_candidates(scored, args.rerank_top_n, True, fusion,
+                                                args.rrf_k)
+                    row = variant + ("+rerank" if fusion == "none" else f"+rerank_{fusion}")
+                    results[row] = evaluate_candidates(
+                        gold, [reranked[g] for g in gather], index, ks)
 
     report = {
         "meta": {
@@ -128,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             "mentions": len(gold), "index": str(args.index),
             "index_terms": len(index), "index_codes": len(index.code_keys),
             "encoder": args.encoder or "-", "reranker": args.reranker or "-",
+            "rerank_top_n": args.rerank_top_n if args.reranker else 0,
+            "rrf_k": args.rrf_k if args.reranker and "rrf" in fusions else 0,
         },
         "timings_s": timings,
         "results": results,

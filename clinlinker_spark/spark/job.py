@@ -12,10 +12,13 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
 3. :func:`validate_mentions`: one row per distinct mention_id, normalised text, invalid reasons.
 4. incremental (``output.incremental``): drop mentions the table already holds as linked or
    no_candidate with the same model, index and re-ranker versions and the same text.
-5. de-duplicate surface forms (``spark.dedupe_surface_forms``), embed + FAISS search
+5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
+   (``output.form_cache_path``) take the forms already linked with the same versions and
+   settings from it; embed + FAISS search the others
    (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set.
 6. join the results back to every mention, add lineage, MERGE into the Delta table on
-   mention_id (:mod:`clinlinker_spark.spark.writer`).
+   mention_id (:mod:`clinlinker_spark.spark.writer`); then MERGE the newly computed forms
+   into the form cache.
 
 Row rules (every distinct mention_id gets exactly one output row):
 
@@ -35,6 +38,7 @@ Nothing but ids and counts is logged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -48,7 +52,13 @@ from typing import TYPE_CHECKING, Any
 from clinlinker_spark.config import GOLD_FORMATS, EncoderConfig, InputConfig, JobConfig, to_dict
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.spark import schemas
-from clinlinker_spark.spark.schemas import LINK_KEY_COLUMN, TEXT_NORM_COLUMN
+from clinlinker_spark.spark.schemas import (
+    CACHE_KEY_COLUMN,
+    CACHE_OUTCOME_COLUMNS,
+    LINK_KEY_COLUMN,
+    TEXT_NORM_COLUMN,
+    VERSION_COLUMNS,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -374,6 +384,63 @@ def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int) -> DataFram
             .repartition(partitions))
 
 
+def linking_version(config: JobConfig) -> str:
+    """Hash of the settings besides the artifacts that decide a form's outcome (linking, the
+    encoder's input contract and precision, the re-ranker's ordering), for the form cache."""
+    enc, rr = config.encoder, config.reranker
+    payload = {
+        "linking": to_dict(config.linking),
+        "encoder": [enc.pooling, enc.max_length, enc.prefix, enc.normalize, enc.precision],
+        "reranker": [rr.top_n, rr.max_length, rr.fusion, rr.rrf_k, rr.precision]
+        if rr.path else [],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(versions: dict[str, str]) -> Column:
+    """SHA-256 of the normalised text and every version (the form cache's MERGE key)."""
+    from pyspark.sql import functions as F
+
+    parts = [F.col(TEXT_NORM_COLUMN)] + [F.lit(versions[c]) for c in VERSION_COLUMNS]
+    return F.sha2(F.concat_ws("\u001f", *parts), 256)
+
+
+def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str]
+                   ) -> tuple[DataFrame | None, DataFrame]:
+    """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold).
+
+    ``versions`` has VERSION_COLUMNS. A cache table without the expected columns is not used
+    (warning), so a damaged cache costs time, never wrong rows.
+    """
+    if cache is None:
+        return None, forms
+    needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
+    if not needed.issubset(cache.columns):
+        log.warning("form cache lacks columns %s: not used in this run",
+                    sorted(needed - set(cache.columns)))
+        return None, forms
+    keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
+    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
+    hits = keyed.join(cache, CACHE_KEY_COLUMN, "inner").select(
+        *schemas.STAGE_SCHEMA.fieldNames())
+    misses = keyed.join(cache.select(CACHE_KEY_COLUMN), CACHE_KEY_COLUMN, "left_anti")
+    return hits, misses.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
+
+
+def cache_rows(results: DataFrame, versions: dict[str, str], run_id: str,
+               run_ts: datetime) -> DataFrame:
+    """The form cache's rows for newly linked forms: key, versions, outcome; no text."""
+    from pyspark.sql import functions as F
+
+    return results.select(
+        cache_key(versions).alias(CACHE_KEY_COLUMN),
+        *[F.lit(versions[c]).alias(c) for c in VERSION_COLUMNS],
+        *CACHE_OUTCOME_COLUMNS,
+        F.lit(run_id).alias("run_id"),
+        F.lit(run_ts).cast("timestamp").alias("run_ts"),
+    )
+
+
 def table_candidates(column: str = "candidates") -> Column:
     """Stage candidates (with ``exact``) -> the table's candidate structs, best first."""
     from pyspark.sql import functions as F
@@ -466,6 +533,10 @@ def run_link_job(
     from clinlinker_spark.spark.writer import merge_into_delta, read_delta
 
     run_id = run_id or uuid.uuid4().hex
+    cache_path = config.output.form_cache_path
+    if cache_path and not config.spark.dedupe_surface_forms:
+        raise ConfigError("output.form_cache_path needs spark.dedupe_surface_forms: true (the "
+                          "cache holds surface forms)")
     run_ts = datetime.now(timezone.utc)  # aware: Spark stores the instant, whatever the TZ
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -508,27 +579,42 @@ def run_link_job(
         n_skipped = (n_mentions - n_invalid) - n_to_link
         timings["incremental"] = time.perf_counter() - t
 
-        # 5. UDF stages over surface forms
+        # 5. UDF stages over surface forms (those the form cache holds are not computed)
         dedupe = config.spark.dedupe_surface_forms
+        cache_versions = {**art.versions, "linking_version": linking_version(config)}
         results: DataFrame | None = None
-        n_forms = 0
+        computed: DataFrame | None = None
+        n_forms = n_cached = 0
         stage_seconds = stage_seconds_accumulator(spark)
         if n_to_link:
             t = time.perf_counter()
-            forms = surface_forms(to_link, dedupe, config.spark.shuffle_partitions)
-            results = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
-                                               schemas.STAGE_SCHEMA))
-            n_forms = results.count()
+            partitions = config.spark.shuffle_partitions
+            forms = surface_forms(to_link, dedupe, partitions)
+            hits = None
+            if cache_path:
+                hits, forms = split_by_cache(forms, read_delta(spark, cache_path),
+                                             cache_versions)
+                if hits is not None:
+                    hits = persist(hits)
+                    n_cached = hits.count()
+                    # the anti-join's output is sized by bytes: spread the model work again
+                    forms = forms.repartition(partitions)
+            timings["form_cache"] = time.perf_counter() - t
+            t = time.perf_counter()
+            computed = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
+                                                schemas.STAGE_SCHEMA))
+            n_forms = computed.count()
             timings["embed_search"] = time.perf_counter() - t
-            if spec.has_reranker:
+            if spec.has_reranker and n_forms:
                 t = time.perf_counter()
-                results = persist(results.mapInArrow(make_rerank_fn(spec, stage_seconds),
-                                                     schemas.STAGE_SCHEMA))
-                results.count()
+                computed = persist(computed.mapInArrow(make_rerank_fn(spec, stage_seconds),
+                                                       schemas.STAGE_SCHEMA))
+                computed.count()
                 timings["rerank"] = time.perf_counter() - t
+            results = computed if hits is None else hits.unionByName(computed)
         log.info("link job %s: %d mentions, %d invalid, %d skipped (already linked), "
-                 "%d to link as %d surface forms", run_id, n_mentions, n_invalid, n_skipped,
-                 n_to_link, n_forms)
+                 "%d to link: %d surface forms from the form cache, %d computed", run_id,
+                 n_mentions, n_invalid, n_skipped, n_to_link, n_cached, n_forms)
 
         # 6. join back + write
         t = time.perf_counter()
@@ -548,6 +634,24 @@ def run_link_job(
             write_info = {"writer": None, "table_version": _current_version(config.output.path),
                           "rows_written": 0, "rows_replaced": 0}
         timings["write"] = time.perf_counter() - t
+
+        # 7. the form cache learns the forms this run computed (after the table: a failure
+        # here costs the next run time, never rows)
+        cache_info = {"path": cache_path or None, "hits": n_cached, "added": 0}
+        if cache_path and computed is not None and n_forms:
+            t = time.perf_counter()
+            try:
+                added = merge_into_delta(spark, cache_rows(computed, cache_versions, run_id,
+                                                           run_ts),
+                                         cache_path, key=CACHE_KEY_COLUMN,
+                                         writer=config.output.writer)
+                cache_info["added"] = added.rows_written
+            except Exception as exc:  # noqa: BLE001 - the assignments are already committed
+                log.warning("link job %s: form cache %s not updated (%s: %s); the table is "
+                            "written, the next run computes these forms again", run_id,
+                            cache_path, type(exc).__name__, exc)
+                cache_info["error"] = type(exc).__name__
+            timings["form_cache_write"] = time.perf_counter() - t
     finally:
         for df in cached:
             df.unpersist()
@@ -561,9 +665,11 @@ def run_link_job(
         "counts_by_status": by_status,
         "skipped_already_linked": n_skipped,
         "to_link": n_to_link,
-        "surface_forms": n_forms,
+        "surface_forms": n_forms,  # computed by the UDFs (form cache hits not counted)
+        "form_cache": cache_info,
         "dedupe_surface_forms": dedupe,
         **art.versions,
+        "linking_version": cache_versions["linking_version"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         # seconds per linking stage inside the UDFs, summed over tasks (not wall time)
         "udf_task_seconds": {k: round(v, 3) for k, v in

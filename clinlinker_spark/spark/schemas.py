@@ -186,3 +186,16 @@ def assignment_schema(
     fields += [StructField(name, dtype, True) for name, dtype in LINK_RESULT_COLUMNS]
     fields += [StructField(name, dtype, True) for name, dtype in LINEAGE_COLUMNS]
     return StructType(fields)
+
+
+# Surface-form cache (output.form_cache_path), one row per (normalised text, versions,
+# linking settings); it never holds the text itself:
+#
+#     cache_key        string   SHA-256 (hex) of text_norm + versions + linking_version (MERGE key)
+#     model_version, index_version, reranker_version, linking_version   string
+#     status, reason, code, term, score, candidates   the linker's outcome for the form
+#     run_id, run_ts   the run that computed it
+CACHE_KEY_COLUMN = "cache_key"
+CACHE_OUTCOME_COLUMNS = ("status", "reason", "code", "term", "score", "candidates")
+VERSION_COLUMNS = ("model_version", "index_version", "reranker_version", "linking_version")
+
