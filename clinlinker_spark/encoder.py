@@ -18,15 +18,11 @@ import torch
 
 from clinlinker_spark.config import POOLINGS, EncoderConfig
 from clinlinker_spark.modeling import (
+    LoadedModel,
     autocast_context,
     check_texts,
-    effective_max_length,
     length_order,
-    load_tokenizer_and_model,
-    model_hash,
     pad_batch,
-    resolve_device,
-    set_torch_threads,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +31,7 @@ TEXT_NORMALISATION = "nfkc-lower-ws"  # clinlinker_spark.text.normalize_text
 FINGERPRINT_KEYS = ("model_hash", "pooling", "max_length", "prefix", "normalize", "dim")
 
 
-class BiEncoder:
+class BiEncoder(LoadedModel):
     """A Hugging Face encoder with CLS or attention-masked mean pooling.
 
     ``encode`` sorts texts by token length to cut padding, encodes them in batches and returns
@@ -62,19 +58,12 @@ class BiEncoder:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         if max_length <= 0 or batch_size <= 0:
             raise ValueError("max_length and batch_size must be > 0")
-        set_torch_threads(num_threads)
-        self.path = Path(path)
         self.pooling = pooling
         self.prefix = prefix
         self.normalize = bool(normalize)
         self.batch_size = int(batch_size)
-        self._device, self._autocast_dtype = resolve_device(device, precision)
-        self.tokenizer, self.model = load_tokenizer_and_model(self.path, "encoder")
-        self.model.to(self._device)
-        self.model.eval()
-        self.max_length = effective_max_length(self.tokenizer, self.model.config, max_length)
+        self._load(path, "encoder", max_length, device, precision, num_threads)
         self._dim = int(self.model.config.hidden_size)
-        self._model_hash: str | None = None
         log.info(
             "bi-encoder loaded from %s: dim %d, pooling %s, max_length %d, device %s",
             self.path, self._dim, pooling, self.max_length, self._device,
@@ -95,17 +84,6 @@ class BiEncoder:
     def dim(self) -> int:
         """Embedding dimension (the model's hidden size)."""
         return self._dim
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def model_hash(self) -> str:
-        """SHA-256 of the model directory's files (computed once, then cached)."""
-        if self._model_hash is None:
-            self._model_hash = model_hash(self.path)
-        return self._model_hash
 
     def fingerprint(self) -> dict[str, Any]:
         """What an index built with this encoder records about it (JSON-serialisable)."""

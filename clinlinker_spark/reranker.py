@@ -18,21 +18,17 @@ import torch
 from clinlinker_spark.config import RerankerConfig
 from clinlinker_spark.errors import ModelLoadError
 from clinlinker_spark.modeling import (
+    LoadedModel,
     autocast_context,
     check_texts,
-    effective_max_length,
     length_order,
-    load_tokenizer_and_model,
-    model_hash,
     pad_batch,
-    resolve_device,
-    set_torch_threads,
 )
 
 log = logging.getLogger(__name__)
 
 
-class CrossEncoderReranker:
+class CrossEncoderReranker(LoadedModel):
     """Scores (mention, term) pairs with a Hugging Face sequence-classification model.
 
     Each pair is encoded as a text pair (``[CLS] mention [SEP] term [SEP]`` or the model's
@@ -53,15 +49,8 @@ class CrossEncoderReranker:
             raise ValueError("max_length and batch_size must be > 0")
         if not str(path):
             raise ModelLoadError("no cross-encoder path given (reranker.path is empty)")
-        set_torch_threads(num_threads)
-        self.path = Path(path)
         self.batch_size = int(batch_size)
-        self._device, self._autocast_dtype = resolve_device(device, precision)
-        self.tokenizer, self.model = load_tokenizer_and_model(self.path, "sequence-classification")
-        self.model.to(self._device)
-        self.model.eval()
-        self.max_length = effective_max_length(self.tokenizer, self.model.config, max_length)
-        self._model_hash: str | None = None
+        self._load(path, "sequence-classification", max_length, device, precision, num_threads)
         log.info("cross-encoder loaded from %s: max_length %d, device %s",
                  self.path, self.max_length, self._device)
 
@@ -74,17 +63,6 @@ class CrossEncoderReranker:
             cfg.path, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device,
             precision=cfg.precision, num_threads=num_threads,
         )
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def model_hash(self) -> str:
-        """SHA-256 of the model directory's files (computed once, then cached)."""
-        if self._model_hash is None:
-            self._model_hash = model_hash(self.path)
-        return self._model_hash
 
     def fingerprint(self) -> dict[str, Any]:
         """What outputs scored by this re-ranker record about it (JSON-serialisable)."""

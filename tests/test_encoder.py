@@ -291,9 +291,10 @@ def test_corrupt_weights(tiny_encoder_dir: Path, tmp_path: Path) -> None:
 def test_resolve_device_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_device("cpu", "auto") == (torch.device("cpu"), None)
     assert resolve_device("cpu", "fp32") == (torch.device("cpu"), None)
+    assert resolve_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="clinlinker_spark.modeling"):
-        assert resolve_device("cpu", "bf16") == (torch.device("cpu"), None)
-    assert "bf16 ignored on cpu" in caplog.text
+        assert resolve_device("cpu", "fp16") == (torch.device("cpu"), None)
+    assert "fp16 ignored on cpu" in caplog.text
     with pytest.raises(ModelLoadError):
         resolve_device("cpu", "int8")
     with pytest.raises(ModelLoadError):
@@ -322,3 +323,15 @@ def test_set_torch_threads() -> None:
             set_torch_threads(-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_on_cpu_autocasts_and_stays_close_to_fp32(tiny_encoder_dir: Path) -> None:
+    fp32 = BiEncoder(tiny_encoder_dir, device="cpu", precision="fp32").encode(CORPUS)
+    bf16 = BiEncoder(tiny_encoder_dir, device="cpu", precision="bf16").encode(CORPUS)
+    assert bf16.dtype == np.float32
+    assert not np.array_equal(fp32, bf16)  # the bf16 path really ran
+    cosines = np.einsum("ij,ij->i", fp32, bf16)
+    assert cosines.min() > 0.99
+    # auto stays exact fp32 on cpu
+    auto = BiEncoder(tiny_encoder_dir, device="cpu", precision="auto").encode(CORPUS)
+    np.testing.assert_array_equal(auto, fp32)
