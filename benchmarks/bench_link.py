@@ -216,6 +216,51 @@ def token_lengths(job: dict[str, Any], corpus_path: str) -> dict[str, int]:
     return {f: len(x) for f, x in zip(forms, ids)}
 
 
+def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
+                  threads: int) -> dict[str, Any]:
+    """Bi-encoder mentions/s with fp32 and with bf16 autocast on ``n_forms`` distinct real
+    forms (one warm-up pass each, then the best of two), and how often the linker's best code
+    and top-5 codes agree between the two (same fp32 index)."""
+    setup_logging("WARNING")
+    import pyarrow.parquet as pq
+
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.linker import Linker
+    from clinlinker_spark.text import normalize_text
+
+    config = _job_config(job, threads)
+    _set_threads(threads)
+    texts = pq.read_table(corpus_path, columns=["text"]).column("text").to_pylist()
+    forms = list(dict.fromkeys(normalize_text(t) for t in texts if t and t.strip()))[:n_forms]
+    out: dict[str, Any] = {"threads": threads, "forms": len(forms)}
+    ranked: dict[str, list[list[str]]] = {}
+    for precision in ("fp32", "bf16"):
+        enc_cfg = dataclasses.replace(config.encoder, precision=precision, device="cpu")
+        encoder = BiEncoder.from_config(enc_cfg)
+        _set_threads(threads)
+        encoder.encode(forms[:256])
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            encoder.encode(forms)
+            best = min(best, time.perf_counter() - t)
+        linker = Linker(encoder, _load_index(config), config.linking)
+        ranked[precision] = [[c.code for c in cs[:5]] for cs in linker.retrieve(forms)]
+        out[precision] = {"seconds": round(best, 3),
+                          "mentions_per_s": round(len(forms) / best, 1)}
+    pairs = list(zip(ranked["fp32"], ranked["bf16"]))
+    out["speedup"] = round(out["fp32"]["seconds"] / out["bf16"]["seconds"], 2)
+    out["same_top1"] = round(sum(a[:1] == b[:1] for a, b in pairs) / len(pairs), 4)
+    out["same_top5_set"] = round(sum(set(a) == set(b) for a, b in pairs) / len(pairs), 4)
+    return out
+
+
+def _load_index(config: JobConfig) -> Any:
+    from clinlinker_spark.index import TerminologyIndex
+
+    return TerminologyIndex.load(config.index.path)
+
+
 def rerank_run(job: dict[str, Any], corpus_path: str, model_dir: str, n_forms: int,
                threads: int) -> dict[str, Any]:
     """Cross-encoder pairs/s on the top_n candidates of ``n_forms`` frequent real forms."""
@@ -345,6 +390,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         _spark_phases(cfg, job, work, phases, spark_runs,
                       {"plain": plain, "night1": night1, "night2": night2, "new": new_only},
                       warmup)
+
+    if "precision" in runs:
+        log.info("run precision")
+        with ProcessSampler(cfg.link.sample_interval_s) as sampler:
+            res = _child(precision_run, job_dict, str(night1), cfg.link.precision_forms, 1)
+        phases["precision"] = {**res, "resources": sampler.result}
+        log.info("precision: %s", {k: v for k, v in res.items() if k != "resources"})
 
     if "rerank" in runs:
         log.info("run rerank")
@@ -606,6 +658,12 @@ def markdown(results: dict[str, Any]) -> str:
         res = p["resources"]
         lines.append(f"| {name} | {stages} | {udf} | {res['peak_rss_mib']} | {res['cpu_s']} | "
                      f"{res['machine_busy_cores']} ({res['others_busy_cores']}) |")
+    if "precision" in phases:
+        r = phases["precision"]
+        lines += ["", f"bi-encoder on {r['forms']} forms, {r['threads']} thread: fp32 "
+                  f"{r['fp32']['mentions_per_s']}/s, bf16 autocast {r['bf16']['mentions_per_s']}/s"
+                  f" ({r['speedup']}x); same best code {r['same_top1']}, same top-5 codes "
+                  f"{r['same_top5_set']}"]
     if "rerank" in phases:
         r = phases["rerank"]
         lines += ["", f"cross-encoder: {r['pairs']} pairs in {r['seconds']} s = "

@@ -74,6 +74,7 @@ class LinkBenchConfig:
     plain_mentions: int = 0
     warmup_mentions: int = 2000  # a first Spark run that loads models in the workers
     rerank_forms: int = 200  # forms whose top_n candidates the cross-encoder scores
+    precision_forms: int = 2000  # forms the fp32 vs bf16 bi-encoder comparison embeds
     sample_interval_s: float = 0.25
 
 

@@ -413,17 +413,16 @@ def _claim_marker(marker: str) -> bool:
     return True
 
 
-def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
-    """mapInArrow function: (link_key, text_norm) -> STAGE_SCHEMA rows with candidates.
+def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
+              step: Callable[[Linker, list[str], pa.RecordBatch], list[list[Candidate]]],
+              finalize: bool, fail_hook: bool) -> ArrowFn:
+    """A mapInArrow function that runs ``step`` (one linker stage) on every batch of
+    (link_key, text_norm[, candidates]) rows and emits STAGE_SCHEMA rows; the outcome columns
+    are filled when ``finalize``. ``fail_hook``: honour the injected-failure test hook."""
 
-    Without a re-ranker the outcome columns (status, reason, code, term, score) are filled
-    here; with one they are left null for :func:`make_rerank_fn`.
-    """
-    finalize = not spec.has_reranker
-
-    def retrieve_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ctx = _task_context()
-        marker = _fail_once_marker(ctx)
+        marker = _fail_once_marker(ctx) if fail_hook else None
         linker: Linker | None = None
         n_rows = 0
         for batch in batches:
@@ -433,7 +432,7 @@ def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None)
                 linker = get_linker(spec)
             keys = batch.column(LINK_KEY_COLUMN).to_pylist()
             texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
-            ranked = linker.retrieve(texts)
+            ranked = step(linker, texts, batch)
             if stage_seconds is not None:
                 stage_seconds.add(linker.take_stage_seconds())
             yield _to_batch(keys, texts, ranked, linker if finalize else None)
@@ -444,31 +443,27 @@ def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None)
                     f"{ctx.partitionId() if ctx else -1}, attempt "
                     f"{ctx.attemptNumber() if ctx else -1}"
                 )
-        log.debug("retrieval task done: %d surface forms", n_rows)
+        log.debug("%s task done: %d surface forms", what, n_rows)
 
-    return retrieve_partition
+    return run_partition
+
+
+def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
+    """mapInArrow function: (link_key, text_norm) -> STAGE_SCHEMA rows with candidates.
+
+    Without a re-ranker the outcome columns (status, reason, code, term, score) are filled
+    here; with one they are left null for :func:`make_rerank_fn`.
+    """
+    return _stage_fn(spec, stage_seconds, "retrieval",
+                     lambda linker, texts, _batch: linker.retrieve(texts),
+                     finalize=not spec.has_reranker, fail_hook=True)
 
 
 def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
     """mapInArrow function: STAGE_SCHEMA rows -> the same rows re-ranked, outcome filled."""
     if not spec.has_reranker:
         raise ValueError("make_rerank_fn needs a spec with a re-ranker")
-
-    def rerank_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        linker: Linker | None = None
-        n_rows = 0
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            if linker is None:
-                linker = get_linker(spec)
-            keys = batch.column(LINK_KEY_COLUMN).to_pylist()
-            texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
-            ranked = linker.rerank(texts, _from_arrow(batch.column("candidates")))
-            if stage_seconds is not None:
-                stage_seconds.add(linker.take_stage_seconds())
-            yield _to_batch(keys, texts, ranked, linker)
-            n_rows += len(keys)
-        log.debug("re-rank task done: %d surface forms", n_rows)
-
-    return rerank_partition
+    return _stage_fn(spec, stage_seconds, "re-rank",
+                     lambda linker, texts, batch: linker.rerank(
+                         texts, _from_arrow(batch.column("candidates"))),
+                     finalize=True, fail_hook=False)
