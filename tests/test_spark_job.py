@@ -417,6 +417,27 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     assert set(table["index_version"]) == {fourth["index_version"]} != {first["index_version"]}
 
 
+def test_incremental_skip_never_hides_a_duplicated_id(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        "input.passthrough_columns=[]")
+    columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
+    night1 = dev_mentions.iloc[:20][columns]
+    run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(night1))
+    # night 2: the same 20 rows, plus a second row for the first id (same text, other span)
+    twin = night1.iloc[:1].copy()
+    twin["start"], twin["end"] = twin["start"] + 1000, twin["end"] + 1000
+    night2 = pd.concat([night1, twin], ignore_index=True)
+    second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(night2))
+    assert second["skipped_already_linked"] == 19 and second["to_link"] == 0
+    assert second["counts_by_status"]["invalid_input"] == 1
+    table = read_table(config.output.path).set_index("mention_id")
+    row = table.loc[night1["mention_id"].iloc[0]]
+    assert row["status"] == "invalid_input" and row["reason"] == "duplicate mention_id (2 rows)"
+    assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
+
+
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
 ):

@@ -9,9 +9,10 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
    missing and ``build_missing``), the index (built from ``terminology`` when missing), the
    index manifest checked against the encoder's fingerprint (EncoderMismatchError names
    both), and the versions (hashes) written into every row.
-3. :func:`validate_mentions`: one row per distinct mention_id, normalised text, invalid reasons.
+3. :func:`identify_mentions`: one row per distinct mention_id (duplicate and null ids).
 4. incremental (``output.incremental``): drop mentions the table already holds as linked or
-   no_candidate with the same model, index and re-ranker versions and the same text.
+   no_candidate with the same model, index and re-ranker versions and the same text; then
+   :func:`check_mentions` normalises the rest and gives invalid rows their reasons.
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
    settings from it; embed + FAISS search the others
@@ -299,16 +300,13 @@ def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) 
 # Transforms
 
 
-def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
-    """One row per distinct mention_id with ``text_sha256``, ``text_norm`` and ``reason``.
-
-    ``reason`` is null for rows that can be linked; otherwise why not (see the module
-    docstring for the duplicate and null-id rules). ``text_norm`` is null for invalid rows.
-    """
+def identify_mentions(mentions: DataFrame) -> DataFrame:
+    """One row per distinct mention_id, with ``text_sha256`` and the helper columns ``_rows``
+    (input rows sharing the id) and ``_null_id``; cheap (no Python), so that rows an
+    incremental run skips never reach :func:`check_mentions`. See the module docstring for the
+    duplicate and null-id rules."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from clinlinker_spark.spark.udfs import make_prepare_udf
 
     blank_id = F.col("mention_id").isNull() | (F.trim(F.col("mention_id")) == "")
     synthetic = F.concat(
@@ -326,13 +324,24 @@ def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
         F.col("doc_id").asc_nulls_first(), F.col("start").asc_nulls_first(),
         F.col("end").asc_nulls_first(), F.col("text_sha256").asc_nulls_first(),
     )
-    df = (
+    return (
         df.withColumn("_rows", F.count(F.lit(1)).over(by_id))
         .withColumn("_rank", F.row_number().over(first))
         .filter(F.col("_rank") == 1)
+        .drop("_rank")
     )
+
+
+def check_mentions(identified: DataFrame, max_text_length: int) -> DataFrame:
+    """:func:`identify_mentions` rows -> the same rows with ``text_norm`` and ``reason``
+    (null for rows that can be linked; otherwise why not); ``text_norm`` is null for invalid
+    rows. The helper columns are dropped."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.udfs import make_prepare_udf
+
     prepare = make_prepare_udf(max_text_length)
-    df = df.withColumn("_prep", prepare(F.col("text")))
+    df = identified.withColumn("_prep", prepare(F.col("text")))
     rows_note = F.when(F.col("_rows") > 1,
                        F.concat(F.lit(" ("), F.col("_rows").cast("string"), F.lit(" rows)")))
     reason = (
@@ -345,8 +354,25 @@ def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
         df.withColumn("reason", reason)
         .withColumn(TEXT_NORM_COLUMN,
                     F.when(reason.isNull(), F.col(f"_prep.{TEXT_NORM_COLUMN}")))
-        .drop("_prep", "_rows", "_rank", "_null_id")
+        .drop("_prep", "_rows", "_null_id")
     )
+
+
+def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
+    """One row per distinct mention_id with ``text_sha256``, ``text_norm`` and ``reason``
+    (:func:`identify_mentions` then :func:`check_mentions`)."""
+    return check_mentions(identify_mentions(mentions), max_text_length)
+
+
+def skip_already_linked(identified: DataFrame, done: DataFrame) -> DataFrame:
+    """:func:`identify_mentions` rows minus those the table already holds as final with the
+    same text (``done``: :func:`already_linked`). Only ids of one input row with a real id
+    are skipped: a duplicated or null id must still reach the table as invalid_input."""
+    from pyspark.sql import functions as F
+
+    single = identified.filter((F.col("_rows") == 1) & ~F.col("_null_id"))
+    skipped = single.join(done, ["mention_id", "text_sha256"], "left_semi").select("mention_id")
+    return identified.join(skipped, "mention_id", "left_anti")
 
 
 def already_linked(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
@@ -559,25 +585,27 @@ def run_link_job(
         return df
 
     try:
-        # 3. validate + normalise
+        # 3. one row per mention_id (cheap), 4. incremental skip, then validate + normalise
+        # only what is left (the Python normaliser never sees mentions linked before)
         t = time.perf_counter()
-        validated = persist(validate_mentions(selected, config.linking.max_text_length))
-        n_mentions = validated.count()
-        valid = validated.filter(F.col("reason").isNull())
-        n_invalid = validated.filter(F.col("reason").isNotNull()).count()
-        timings["validate"] = time.perf_counter() - t
-
-        # 4. incremental skip
+        identified = persist(identify_mentions(selected))
+        n_mentions = identified.count()
+        timings["identify"] = time.perf_counter() - t
         t = time.perf_counter()
-        to_link = valid
+        remaining = identified
         n_skipped = 0
         if config.output.incremental:
             done = already_linked(read_delta(spark, config.output.path), art.versions)
             if done is not None:
-                to_link = persist(valid.join(done, ["mention_id", "text_sha256"], "left_anti"))
-        n_to_link = to_link.count()
-        n_skipped = (n_mentions - n_invalid) - n_to_link
+                remaining = persist(skip_already_linked(identified, done))
+                n_skipped = n_mentions - remaining.count()
         timings["incremental"] = time.perf_counter() - t
+        t = time.perf_counter()
+        validated = persist(check_mentions(remaining, config.linking.max_text_length))
+        n_invalid = validated.filter(F.col("reason").isNotNull()).count()
+        to_link = validated.filter(F.col("reason").isNull())
+        n_to_link = n_mentions - n_skipped - n_invalid
+        timings["validate"] = time.perf_counter() - t
 
         # 5. UDF stages over surface forms (those the form cache holds are not computed)
         dedupe = config.spark.dedupe_surface_forms
