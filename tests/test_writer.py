@@ -42,7 +42,7 @@ from clinlinker_spark.spark.writer import (  # noqa: E402
     table_exists,
     table_version,
 )
-from spark_fixtures import DELTA_SPARK_PACKAGE, make_local_spark  # noqa: E402
+from spark_fixtures import DELTA_SPARK_PACKAGE  # noqa: E402
 
 pytestmark = pytest.mark.spark
 
