@@ -47,6 +47,11 @@ STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
 # How re-ranked candidates are ordered: by the cross-encoder alone, or by reciprocal-rank
 # fusion of the bi-encoder's and the cross-encoder's orders (order_candidates).
 RERANK_FUSIONS = ("none", "rrf")
+# Cross-encoder scores are compared at this many decimals: scores that equal at this precision
+# are ties and keep the retrieval order. The same pair scored in batches of other shapes (one
+# Spark partitioning or another) differs in the last float bits; without this, such near-ties
+# would order differently from run to run.
+RERANK_DECIMALS = 4
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,8 @@ def order_candidates(
     ``fusion="none"``: by cross-encoder score alone. ``fusion="rrf"``: reciprocal-rank fusion
     of the retrieval order and the cross-encoder order, ``1/(rrf_k + r_retrieval) +
     1/(rrf_k + r_rerank)`` (ranks from 1; ties go to the cross-encoder), so a candidate moves
-    only where the two rankers agree more than they disagree. With ``exact_first``, exact
+    only where the two rankers agree more than they disagree. Cross-encoder scores that are
+    equal at RERANK_DECIMALS decimals are ties (retrieval order). With ``exact_first``, exact
     matches stay first either way. Candidates past ``top_n`` keep their order.
     """
     if fusion not in RERANK_FUSIONS:
@@ -168,7 +174,8 @@ def order_candidates(
     out: list[list[Candidate]] = []
     for cands in candidates:
         head = list(cands[:top_n])
-        by_score = sorted(range(len(head)), key=lambda j: -(head[j].rerank_score or 0.0))
+        by_score = sorted(range(len(head)),
+                          key=lambda j: -round(head[j].rerank_score or 0.0, RERANK_DECIMALS))
         rerank_rank = {j: r for r, j in enumerate(by_score, start=1)}
 
         def key(j: int) -> tuple[bool, float, int]:

@@ -163,6 +163,17 @@ def test_rrf_fusion_moves_a_candidate_only_as_far_as_both_orders_allow():
         rerank_candidates(["q"], cands, scorer, top_n=4, exact_first=False, fusion="mean")
 
 
+def test_rerank_scores_equal_to_float_noise_keep_the_retrieval_order():
+    cands = [[Candidate("A", "a", 0.9), Candidate("B", "b", 0.8)]]
+    for noise in (1e-7, -1e-7):  # B scored a hair above or below A, as batch shapes do
+        scores = {"a": 0.5, "b": 0.5 + noise}
+        for fusion in ("none", "rrf"):
+            [out] = rerank_candidates(
+                ["q"], cands, lambda m, t: np.array([scores[x] for x in t]), top_n=2,
+                exact_first=False, fusion=fusion)
+            assert [c.code for c in out] == ["A", "B"]
+
+
 def test_no_mention_text_in_logs_at_info(toy_index, caplog):
     import logging
 
