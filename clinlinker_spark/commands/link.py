@@ -80,7 +80,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f"; {summary['rows_written']} rows written, "
         f"{summary['skipped_already_linked']} skipped (already linked), "
-        f"{summary['surface_forms']} surface forms embedded",
+        f"{summary['surface_forms']} surface forms embedded, "
+        f"{summary.get('form_cache', {}).get('hits', 0)} taken from the form cache",
         f"timings: {timings}",
     ])
 
