@@ -438,6 +438,23 @@ def test_incremental_skip_never_hides_a_duplicated_id(
     assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
 
 
+def test_skip_already_linked_broadcast_and_shuffle_agree(spark):
+    from clinlinker_spark.spark.job import skip_already_linked
+
+    identified = spark.createDataFrame(
+        [("a", "h1", 1, False), ("b", "h2", 1, False), ("c", "h3", 2, False),
+         ("d", "h4", 1, False), ("null:x", "h5", 1, True)],
+        "mention_id string, text_sha256 string, _rows long, _null_id boolean")
+    done = spark.createDataFrame(
+        [("a", "h1"), ("b", "other"), ("c", "h3"), ("null:x", "h5"), ("z", "h9")],
+        "mention_id string, text_sha256 string")
+    # a: skipped; b: text changed; c: duplicated id; d: new; null id: never skipped
+    want = ["b", "c", "d", "null:x"]
+    for rows in (None, 5):  # shuffle join / broadcast of the input's keys
+        left = skip_already_linked(identified, done, rows)
+        assert sorted(r["mention_id"] for r in left.collect()) == want
+
+
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
 ):
@@ -471,6 +488,12 @@ def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     assert len(table) == len(both) and set(table["run_id"]) == {"night-2"}
     assert_matches_core(table, Linker.from_config(config).link(both))
     assert len(read_table(cache)) == len(norm(both))
+
+    # the same night again: every form from the cache, no UDF stage at all
+    again = run_job(spark, config, run_id="night-2b", mentions=spark.createDataFrame(both))
+    assert again["surface_forms"] == 0 and "embed_search" not in again["timings_s"]
+    assert again["form_cache"]["hits"] == len(norm(both))
+    assert_matches_core(read_table(config.output.path), Linker.from_config(config).link(both))
 
     # a linking setting that changes outcomes misses the cache
     config5 = job_config(tmp_path, tiny_encoder_dir, sample_index, "linking.top_k=5",

@@ -152,7 +152,13 @@ def test_create_merge_rerun_is_idempotent(spark, tmp_path):
     assert history[-1]["clinlinker.operation"] == "CREATE"
 
 
-def test_merge_rewrites_only_files_holding_replaced_keys(spark, tmp_path):
+@pytest.mark.parametrize("broadcast_rows", [500_000, 0], ids=["broadcast", "shuffle"])
+def test_merge_rewrites_only_files_holding_replaced_keys(spark, tmp_path, monkeypatch,
+                                                         broadcast_rows):
+    # both ways of matching the new keys against the table's files give the same commit
+    import clinlinker_spark.spark.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "BROADCAST_KEY_ROWS", broadcast_rows)
     path = tmp_path / "t"
     # One file per doc: keys 1,4,7 | 2,5,8 | 3,6,9 (doc = i % 3).
     groups = [[1, 4, 7], [2, 5, 8], [3, 6, 9]]

@@ -48,7 +48,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from clinlinker_spark.config import GOLD_FORMATS, EncoderConfig, InputConfig, JobConfig, to_dict
 from clinlinker_spark.errors import ConfigError, InputDataError
@@ -72,6 +72,8 @@ STATUS_LINKED = "linked"
 STATUS_NO_CANDIDATE = "no_candidate"
 STATUS_INVALID = "invalid_input"
 FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
+# an input of at most this many mentions is broadcast when matched against the output table
+BROADCAST_INPUT_ROWS = 200_000
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -364,14 +366,25 @@ def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
     return check_mentions(identify_mentions(mentions), max_text_length)
 
 
-def skip_already_linked(identified: DataFrame, done: DataFrame) -> DataFrame:
+def skip_already_linked(identified: DataFrame, done: DataFrame,
+                        input_rows: int | None = None) -> DataFrame:
     """:func:`identify_mentions` rows minus those the table already holds as final with the
     same text (``done``: :func:`already_linked`). Only ids of one input row with a real id
-    are skipped: a duplicated or null id must still reach the table as invalid_input."""
+    are skipped: a duplicated or null id must still reach the table as invalid_input.
+
+    With ``input_rows`` (the count of ``identified``) at most BROADCAST_INPUT_ROWS, the input's
+    keys are broadcast to the table scan instead of shuffling the whole table (a nightly
+    extract against a large table)."""
     from pyspark.sql import functions as F
 
     single = identified.filter((F.col("_rows") == 1) & ~F.col("_null_id"))
-    skipped = single.join(done, ["mention_id", "text_sha256"], "left_semi").select("mention_id")
+    keys = ["mention_id", "text_sha256"]
+    if input_rows is not None and input_rows <= BROADCAST_INPUT_ROWS:
+        # the table holds each mention_id once: the inner join yields each skipped id once
+        skipped = done.join(F.broadcast(single.select(*keys)), keys, "inner")
+        return identified.join(F.broadcast(skipped.select("mention_id")), "mention_id",
+                               "left_anti")
+    skipped = single.join(done, keys, "left_semi").select("mention_id")
     return identified.join(skipped, "mention_id", "left_anti")
 
 
@@ -431,26 +444,34 @@ def cache_key(versions: dict[str, str]) -> Column:
     return F.sha2(F.concat_ws("\u001f", *parts), 256)
 
 
-def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str]
-                   ) -> tuple[DataFrame | None, DataFrame]:
-    """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold).
+def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
+                   persist: Callable[[DataFrame], DataFrame] = lambda df: df,
+                   ) -> tuple[DataFrame | None, DataFrame, int, int]:
+    """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold;
+    how many of each, or -1 without a usable cache).
 
-    ``versions`` has VERSION_COLUMNS. A cache table without the expected columns is not used
-    (warning), so a damaged cache costs time, never wrong rows.
+    One left join of the forms with the cache (``persist`` keeps it, so that both parts read
+    it once) and one Spark job that counts both parts. ``versions`` has VERSION_COLUMNS. A
+    cache table without the expected columns is not used (warning), so a damaged cache costs
+    time, never wrong rows.
     """
+    from pyspark.sql import functions as F
+
     if cache is None:
-        return None, forms
+        return None, forms, -1, -1
     needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
     if not needed.issubset(cache.columns):
         log.warning("form cache lacks columns %s: not used in this run",
                     sorted(needed - set(cache.columns)))
-        return None, forms
+        return None, forms, -1, -1
     keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
-    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
-    hits = keyed.join(cache, CACHE_KEY_COLUMN, "inner").select(
-        *schemas.STAGE_SCHEMA.fieldNames())
-    misses = keyed.join(cache.select(CACHE_KEY_COLUMN), CACHE_KEY_COLUMN, "left_anti")
-    return hits, misses.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
+    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS, F.lit(True).alias("_hit"))
+    joined = persist(keyed.join(cache, CACHE_KEY_COLUMN, "left"))
+    counts = {bool(r["hit"]): int(r["n"]) for r in joined.groupBy(
+        F.col("_hit").isNotNull().alias("hit")).agg(F.count(F.lit(1)).alias("n")).collect()}
+    hits = joined.filter(F.col("_hit")).select(*schemas.STAGE_SCHEMA.fieldNames())
+    misses = joined.filter(F.col("_hit").isNull()).select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
+    return hits, misses, counts.get(True, 0), counts.get(False, 0)
 
 
 def cache_rows(results: DataFrame, versions: dict[str, str], run_id: str,
@@ -597,7 +618,7 @@ def run_link_job(
         if config.output.incremental:
             done = already_linked(read_delta(spark, config.output.path), art.versions)
             if done is not None:
-                remaining = persist(skip_already_linked(identified, done))
+                remaining = persist(skip_already_linked(identified, done, n_mentions))
                 n_skipped = n_mentions - remaining.count()
         timings["incremental"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -619,27 +640,33 @@ def run_link_job(
             partitions = config.spark.shuffle_partitions
             forms = surface_forms(to_link, dedupe, partitions)
             hits = None
+            n_misses = -1  # unknown without a cache
             if cache_path:
-                hits, forms = split_by_cache(forms, read_delta(spark, cache_path),
-                                             cache_versions)
+                hits, forms, n_hits, n_misses = split_by_cache(
+                    forms, read_delta(spark, cache_path), cache_versions, persist)
                 if hits is not None:
-                    hits = persist(hits)
-                    n_cached = hits.count()
-                    # the anti-join's output is sized by bytes: spread the model work again
-                    forms = forms.repartition(partitions)
+                    n_cached = n_hits
+                    # the join's output is sized by bytes: spread the model work again, over
+                    # no more tasks than there are Arrow batches of forms to compute
+                    batches = -(-n_misses // config.spark.arrow_batch_size)
+                    forms = forms.repartition(max(1, min(partitions, batches)))
             timings["form_cache"] = time.perf_counter() - t
-            t = time.perf_counter()
-            computed = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
-                                                schemas.STAGE_SCHEMA))
-            n_forms = computed.count()
-            timings["embed_search"] = time.perf_counter() - t
-            if spec.has_reranker and n_forms:
+            if n_misses != 0:
                 t = time.perf_counter()
-                computed = persist(computed.mapInArrow(make_rerank_fn(spec, stage_seconds),
-                                                       schemas.STAGE_SCHEMA))
-                computed.count()
-                timings["rerank"] = time.perf_counter() - t
-            results = computed if hits is None else hits.unionByName(computed)
+                computed = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
+                                                    schemas.STAGE_SCHEMA))
+                n_forms = computed.count()
+                timings["embed_search"] = time.perf_counter() - t
+                if spec.has_reranker and n_forms:
+                    t = time.perf_counter()
+                    computed = persist(computed.mapInArrow(make_rerank_fn(spec, stage_seconds),
+                                                           schemas.STAGE_SCHEMA))
+                    computed.count()
+                    timings["rerank"] = time.perf_counter() - t
+            if hits is None:
+                results = computed
+            else:
+                results = hits if computed is None else hits.unionByName(computed)
         log.info("link job %s: %d mentions, %d invalid, %d skipped (already linked), "
                  "%d to link: %d surface forms from the form cache, %d computed", run_id,
                  n_mentions, n_invalid, n_skipped, n_to_link, n_cached, n_forms)

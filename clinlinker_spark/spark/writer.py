@@ -848,7 +848,8 @@ def _merge_deltalake(
                 F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN)
             )
             for row in (
-                located.join(keys, on=key, how="left_semi").groupBy(_FILE_COLUMN).count().collect()
+                located.join(_maybe_broadcast(keys, rows if replace_keys_df is None else None), on=key, how="left_semi")
+                .groupBy(_FILE_COLUMN).count().collect()
             ):
                 relative = index.lookup(row[_FILE_COLUMN])
                 hits[relative] = hits.get(relative, 0) + int(row["count"])
@@ -859,7 +860,7 @@ def _merge_deltalake(
         if rewrite:
             survivors = (
                 spark.read.schema(table_schema).parquet(*[uri_of[p] for p in rewrite])
-                .join(keys, on=key, how="left_anti")
+                .join(_maybe_broadcast(keys, rows if replace_keys_df is None else None), on=key, how="left_anti")
             )
             with _parquet_write_conf(spark):
                 survivors.select(
@@ -909,6 +910,18 @@ def _merge_deltalake(
         raise
     finally:
         _cleanup_staging(loc, staging)
+
+
+# merges of at most this many rows broadcast their keys to the scan of the old table files
+# instead of shuffling the table (a nightly batch into a large table)
+BROADCAST_KEY_ROWS = 500_000
+
+
+def _maybe_broadcast(keys: DataFrame, rows: int | None) -> DataFrame:
+    """``keys`` with a broadcast hint when their count (``rows``; None = unknown) is small."""
+    from pyspark.sql import functions as F
+
+    return F.broadcast(keys) if rows is not None and rows <= BROADCAST_KEY_ROWS else keys
 
 
 def _spark_uri_for(loc: _Location, fs_path: str) -> str:
