@@ -225,6 +225,7 @@ def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
     import pyarrow.parquet as pq
 
     from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import TerminologyIndex
     from clinlinker_spark.linker import Linker
     from clinlinker_spark.text import normalize_text
 
@@ -232,6 +233,7 @@ def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
     _set_threads(threads)
     texts = pq.read_table(corpus_path, columns=["text"]).column("text").to_pylist()
     forms = list(dict.fromkeys(normalize_text(t) for t in texts if t and t.strip()))[:n_forms]
+    index = TerminologyIndex.load(config.index.path)
     out: dict[str, Any] = {"threads": threads, "forms": len(forms)}
     ranked: dict[str, list[list[str]]] = {}
     for precision in ("fp32", "bf16"):
@@ -244,7 +246,7 @@ def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
             t = time.perf_counter()
             encoder.encode(forms)
             best = min(best, time.perf_counter() - t)
-        linker = Linker(encoder, _load_index(config), config.linking)
+        linker = Linker(encoder, index, config.linking)
         ranked[precision] = [[c.code for c in cs[:5]] for cs in linker.retrieve(forms)]
         out[precision] = {"seconds": round(best, 3),
                           "mentions_per_s": round(len(forms) / best, 1)}
@@ -253,12 +255,6 @@ def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
     out["same_top1"] = round(sum(a[:1] == b[:1] for a, b in pairs) / len(pairs), 4)
     out["same_top5_set"] = round(sum(set(a) == set(b) for a, b in pairs) / len(pairs), 4)
     return out
-
-
-def _load_index(config: JobConfig) -> Any:
-    from clinlinker_spark.index import TerminologyIndex
-
-    return TerminologyIndex.load(config.index.path)
 
 
 def rerank_run(job: dict[str, Any], corpus_path: str, model_dir: str, n_forms: int,

@@ -21,6 +21,9 @@ from clinlinker_spark.errors import ConfigError
 POOLINGS = ("cls", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# how re-scored candidates are ordered (linker.order_candidates): by the cross-encoder alone,
+# or by reciprocal-rank fusion of the bi-encoder's and the cross-encoder's orders
+RERANK_FUSIONS = ("none", "rrf")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10")
 GOLD_FORMATS = ("distemist", "medprocner", "codiesp")
@@ -112,7 +115,7 @@ class RerankerConfig:
 
     def __post_init__(self) -> None:
         _check_positive("reranker.top_n", self.top_n)
-        _check_choice("reranker.fusion", self.fusion, ("none", "rrf"))
+        _check_choice("reranker.fusion", self.fusion, RERANK_FUSIONS)
         _check_positive("reranker.rrf_k", self.rrf_k)
         _check_positive("reranker.batch_size", self.batch_size)
         _check_choice("reranker.device", self.device, DEVICES)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from clinlinker_spark.config import JobConfig, LinkingConfig, RerankerConfig
+from clinlinker_spark.config import RERANK_FUSIONS, JobConfig, LinkingConfig, RerankerConfig
 from clinlinker_spark.errors import InputDataError
 from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
 from clinlinker_spark.text import normalize_text
@@ -44,9 +44,6 @@ RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term",
 # Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
 # search, hits -> per-code candidates, cross-encoder re-ranking.
 STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
-# How re-ranked candidates are ordered: by the cross-encoder alone, or by reciprocal-rank
-# fusion of the bi-encoder's and the cross-encoder's orders (order_candidates).
-RERANK_FUSIONS = ("none", "rrf")
 # Cross-encoder scores are compared at this many decimals: scores that equal at this precision
 # are ties and keep the retrieval order. The same pair scored in batches of other shapes (one
 # Spark partitioning or another) differs in the last float bits; without this, such near-ties

@@ -9,16 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clinlinker_spark.config import GOLD_FORMATS
+from clinlinker_spark.config import GOLD_FORMATS, RERANK_FUSIONS
 from clinlinker_spark.errors import ConfigError
 from clinlinker_spark.evaluation import DEFAULT_KS, dumps, evaluate_candidates, format_table
 from clinlinker_spark.index import TerminologyIndex, read_manifest
-from clinlinker_spark.linker import (
-    RERANK_FUSIONS,
-    candidates_from_hits,
-    order_candidates,
-    score_candidates,
-)
+from clinlinker_spark.linker import candidates_from_hits, order_candidates, score_candidates
 from clinlinker_spark.text import normalize_text
 
 log = logging.getLogger(__name__)

@@ -838,6 +838,8 @@ def _merge_deltalake(
                 replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
                 .where(F.col(_quoted(key)).isNotNull())
             ).distinct()
+        # the key count is known only without replace_keys_df
+        hinted_keys = _maybe_broadcast(keys, rows if replace_keys_df is None else None)
         actions = _add_actions(table)
         index = _FileIndex([a["path"] for a in actions])
         uri_of = {index.lookup(uri): _spark_uri(uri) for uri in table.file_uris()}
@@ -848,7 +850,7 @@ def _merge_deltalake(
                 F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN)
             )
             for row in (
-                located.join(_maybe_broadcast(keys, rows if replace_keys_df is None else None), on=key, how="left_semi")
+                located.join(hinted_keys, on=key, how="left_semi")
                 .groupBy(_FILE_COLUMN).count().collect()
             ):
                 relative = index.lookup(row[_FILE_COLUMN])
@@ -860,7 +862,7 @@ def _merge_deltalake(
         if rewrite:
             survivors = (
                 spark.read.schema(table_schema).parquet(*[uri_of[p] for p in rewrite])
-                .join(_maybe_broadcast(keys, rows if replace_keys_df is None else None), on=key, how="left_anti")
+                .join(hinted_keys, on=key, how="left_anti")
             )
             with _parquet_write_conf(spark):
                 survivors.select(
