@@ -439,25 +439,35 @@ def test_incremental_skip_never_hides_a_duplicated_id(
 
 
 def test_skip_already_linked_broadcast_and_shuffle_agree(spark):
-    from clinlinker_spark.spark.job import skip_already_linked
+    from clinlinker_spark.spark.job import match_table, skip_already_linked
 
     identified = spark.createDataFrame(
         [("a", "h1", 1, False), ("b", "h2", 1, False), ("c", "h3", 2, False),
-         ("d", "h4", 1, False), ("null:x", "h5", 1, True)],
+         ("d", "h4", 1, False), ("e", "h6", 1, False), ("null:x", "h5", 1, True)],
         "mention_id string, text_sha256 string, _rows long, _null_id boolean")
-    done = spark.createDataFrame(
-        [("a", "h1"), ("b", "other"), ("c", "h3"), ("null:x", "h5"), ("z", "h9")],
-        "mention_id string, text_sha256 string")
-    # a: skipped; b: text changed; c: duplicated id; d: new; null id: never skipped
-    want = ["b", "c", "d", "null:x"]
-    for rows in (None, 5):  # shuffle join / broadcast of the input's keys
-        left = skip_already_linked(identified, done, rows)
-        assert sorted(r["mention_id"] for r in left.collect()) == want
+    table = spark.createDataFrame(
+        [("a", "h1", True), ("b", "other", True), ("c", "h3", True), ("e", "h6", False),
+         ("null:x", "h5", True), ("z", "h9", True)],
+        "mention_id string, text_sha256 string, _done boolean")
+    # a: skipped; b: text changed; c: duplicated id; d: new; e: not final (or other
+    # versions); null id: never skipped; z: not in the input
+    for rows in (None, 6):  # shuffle join / broadcast of the input's keys
+        matched = match_table(identified, table, rows)
+        assert {r["mention_id"]: r["_skip"] for r in matched.collect()} == {
+            "a": True, "b": False, "c": False, "e": False, "null:x": False}
+        left = skip_already_linked(identified, matched, rows)
+        assert sorted(r["mention_id"] for r in left.collect()) == ["b", "c", "d", "e", "null:x"]
 
 
+@pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, broadcast_rows,
 ):
+    # both ways of splitting the forms by the cache: the night's forms broadcast to a scan of
+    # the cache, or a left join of the forms with the cache
+    import clinlinker_spark.spark.job as job_module
+
+    monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", broadcast_rows)
     cache = tmp_path / "form_cache"
     config = job_config(tmp_path, tiny_encoder_dir, sample_index,
                         "input.passthrough_columns=[]", f"output.form_cache_path={cache}")

@@ -39,6 +39,7 @@ from clinlinker_spark.spark.writer import (  # noqa: E402
     delta_spark_available,
     merge_into_delta,
     read_delta,
+    read_delta_snapshot,
     table_exists,
     table_version,
 )
@@ -150,6 +151,61 @@ def test_create_merge_rerun_is_idempotent(spark, tmp_path):
     assert [h["version"] for h in history] == [2, 1, 0]
     assert history[0]["clinlinker.operation"] == "MERGE"
     assert history[-1]["clinlinker.operation"] == "CREATE"
+
+
+def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path):
+    path = str(tmp_path / "t")
+    df = make_df(spark, [1, 2, 3, 4, 5], "r1").withColumn(
+        "status", F.when(F.col("start") > 20, "linked").otherwise("invalid_input"))
+    created = merge_into_delta(spark, df, path, writer="deltalake", count_by="status")
+    assert created.counts == {"linked": 3, "invalid_input": 2}
+    merged = merge_into_delta(spark, df.where("start > 30"), path, writer="deltalake",
+                              count_by="status")
+    assert merged.counts == {"linked": 2} and merged.rows_replaced == 2
+    assert merge_into_delta(spark, df, path, writer="deltalake").counts == {}
+    with pytest.raises(SchemaMismatchError, match="no column 'nope'"):
+        merge_into_delta(spark, df, path, writer="deltalake", count_by="nope")
+
+
+def _jobs_of(spark, group: str, action) -> int:
+    """How many Spark jobs ``action()`` runs."""
+    sc = spark.sparkContext
+    sc.setJobGroup(group, group)
+    try:
+        action()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    return len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spark, tmp_path):
+    path = str(tmp_path / "t")
+    merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer="deltalake")
+    table, version = read_delta_snapshot(spark, path)
+    assert version == 0 and table is not None and table.count() == 3
+    assert read_delta_snapshot(spark, str(tmp_path / "none")) == (None, None)
+
+    # keys 4-5 are new at version 0: the MERGE appends without searching the table (fewer
+    # Spark jobs than the same MERGE into a copy of the table without the promise)
+    plain = tmp_path / "plain"
+    merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), str(plain), writer="deltalake")
+    with_search = _jobs_of(spark, "with", lambda: merge_into_delta(
+        spark, make_df(spark, [4, 5], "r2"), str(plain), writer="deltalake"))
+    known = {}
+    without = _jobs_of(spark, "without", lambda: known.update(result=merge_into_delta(
+        spark, make_df(spark, [4, 5], "r2"), path, writer="deltalake", new_keys_at=0)))
+    assert without < with_search
+    assert known["result"] == WriteResult("deltalake", 1, 2, 0)
+    assert by_key(read_delta(spark, path)) == by_key(read_delta(spark, str(plain)))
+
+    # a stale promise (the table moved on since version 0) is not trusted: key 5 is replaced,
+    # never duplicated
+    again = merge_into_delta(spark, make_df(spark, [5, 6], "r1"), path, writer="deltalake",
+                             new_keys_at=0)
+    assert again.rows_replaced == 1
+    table = by_key(read_delta(spark, path))  # fails on a duplicated key
+    assert sorted(table) == [f"m{i:03d}" for i in range(1, 7)]
+    assert table["m005"]["run_id"] == "r1"
 
 
 @pytest.mark.parametrize("broadcast_rows", [500_000, 0], ids=["broadcast", "shuffle"])

@@ -366,30 +366,44 @@ def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
     return check_mentions(identify_mentions(mentions), max_text_length)
 
 
-def skip_already_linked(identified: DataFrame, done: DataFrame,
-                        input_rows: int | None = None) -> DataFrame:
-    """:func:`identify_mentions` rows minus those the table already holds as final with the
-    same text (``done``: :func:`already_linked`). Only ids of one input row with a real id
-    are skipped: a duplicated or null id must still reach the table as invalid_input.
+def match_table(identified: DataFrame, keys: DataFrame,
+                input_rows: int | None = None) -> DataFrame:
+    """The table rows whose mention_id is in the input (:func:`identify_mentions` rows), as
+    (mention_id, ``_skip``): ``_skip`` when the table holds the id as final with these
+    versions and the same text, and the input has it on one row with a real id (a duplicated
+    or null id must still reach the table as invalid_input). ``keys``:
+    :func:`table_keys`. The other matched ids are rows this run replaces.
 
     With ``input_rows`` (the count of ``identified``) at most BROADCAST_INPUT_ROWS, the input's
     keys are broadcast to the table scan instead of shuffling the whole table (a nightly
-    extract against a large table)."""
+    extract against a large table). The table holds each mention_id once, so each matched id
+    comes once."""
     from pyspark.sql import functions as F
 
-    single = identified.filter((F.col("_rows") == 1) & ~F.col("_null_id"))
-    keys = ["mention_id", "text_sha256"]
+    inputs = identified.select(
+        "mention_id", F.col("text_sha256").alias("_in_sha"),
+        ((F.col("_rows") == 1) & ~F.col("_null_id")).alias("_single"))
     if input_rows is not None and input_rows <= BROADCAST_INPUT_ROWS:
-        # the table holds each mention_id once: the inner join yields each skipped id once
-        skipped = done.join(F.broadcast(single.select(*keys)), keys, "inner")
-        return identified.join(F.broadcast(skipped.select("mention_id")), "mention_id",
-                               "left_anti")
-    skipped = single.join(done, keys, "left_semi").select("mention_id")
+        inputs = F.broadcast(inputs)
+    matched = keys.join(inputs, "mention_id", "inner")
+    skip = F.col("_done") & F.col("_single") & (F.col("text_sha256") == F.col("_in_sha"))
+    return matched.select("mention_id", F.coalesce(skip, F.lit(False)).alias("_skip"))
+
+
+def skip_already_linked(identified: DataFrame, matched: DataFrame,
+                        input_rows: int | None = None) -> DataFrame:
+    """:func:`identify_mentions` rows minus those :func:`match_table` marks ``_skip``."""
+    from pyspark.sql import functions as F
+
+    skipped = matched.filter(F.col("_skip")).select("mention_id")
+    if input_rows is not None and input_rows <= BROADCAST_INPUT_ROWS:
+        skipped = F.broadcast(skipped)
     return identified.join(skipped, "mention_id", "left_anti")
 
 
-def already_linked(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
-    """(mention_id, text_sha256) the output table holds as final with these versions."""
+def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
+    """(mention_id, text_sha256, ``_done``) of every output table row; ``_done``: final with
+    these versions. None without a table or when it lacks the columns."""
     from pyspark.sql import functions as F
 
     if existing is None:
@@ -402,25 +416,27 @@ def already_linked(existing: DataFrame | None, versions: dict[str, str]) -> Data
     cond = F.col("status").isin(*FINAL_STATUSES)
     for name, value in versions.items():
         cond = cond & (F.col(name) == F.lit(value))
-    return existing.filter(cond).select("mention_id", "text_sha256")
+    return existing.select("mention_id", "text_sha256",
+                           F.coalesce(cond, F.lit(False)).alias("_done"))
 
 
-def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int) -> DataFrame:
+def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int | None) -> DataFrame:
     """The rows the UDFs see: (link_key, text_norm), one per distinct text when ``dedupe``.
 
-    Either way they come in ``partitions`` partitions. After ``distinct()``, adaptive query
+    Either way they come in ``partitions`` partitions (None: as they come, for a caller that
+    repartitions them later). After ``distinct()``, adaptive query
     execution would size partitions by bytes (1 MB at least), not by model work: the distinct
     forms of a small input land in one partition and the UDF runs as one task on one core.
     """
     from pyspark.sql import functions as F
 
     if dedupe:
-        return (to_link.select(TEXT_NORM_COLUMN).distinct()
-                .withColumn(LINK_KEY_COLUMN, F.col(TEXT_NORM_COLUMN))
-                .select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
-                .repartition(partitions))
-    return (to_link.select(F.col("mention_id").alias(LINK_KEY_COLUMN), TEXT_NORM_COLUMN)
-            .repartition(partitions))
+        forms = (to_link.select(TEXT_NORM_COLUMN).distinct()
+                 .withColumn(LINK_KEY_COLUMN, F.col(TEXT_NORM_COLUMN))
+                 .select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN))
+    else:
+        forms = to_link.select(F.col("mention_id").alias(LINK_KEY_COLUMN), TEXT_NORM_COLUMN)
+    return forms if partitions is None else forms.repartition(partitions)
 
 
 def linking_version(config: JobConfig) -> str:
@@ -446,14 +462,18 @@ def cache_key(versions: dict[str, str]) -> Column:
 
 def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
                    persist: Callable[[DataFrame], DataFrame] = lambda df: df,
+                   max_forms: int | None = None,
                    ) -> tuple[DataFrame | None, DataFrame, int, int]:
     """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold;
     how many of each, or -1 without a usable cache).
 
-    One left join of the forms with the cache (``persist`` keeps it, so that both parts read
-    it once) and one Spark job that counts both parts. ``versions`` has VERSION_COLUMNS. A
-    cache table without the expected columns is not used (warning), so a damaged cache costs
-    time, never wrong rows.
+    ``max_forms`` (an upper bound of the forms' count, e.g. the mentions to link) at most
+    BROADCAST_INPUT_ROWS: the forms are broadcast to a scan of the cache (inner join: the
+    cache, which grows every night, is never shuffled nor broadcast), and the forms it lacks
+    are the others. Otherwise one left join of the forms with the cache. Either way
+    ``persist`` keeps the joined rows, so that both parts read them once, and one Spark job
+    counts both parts. ``versions`` has VERSION_COLUMNS. A cache table without the expected
+    columns is not used (warning), so a damaged cache costs time, never wrong rows.
     """
     from pyspark.sql import functions as F
 
@@ -466,6 +486,19 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
         return None, forms, -1, -1
     keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
     cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS, F.lit(True).alias("_hit"))
+    if max_forms is not None and max_forms <= BROADCAST_INPUT_ROWS:
+        keyed = persist(keyed)
+        found = persist(cache.join(F.broadcast(keyed), CACHE_KEY_COLUMN, "inner"))
+        missing = keyed.join(F.broadcast(found.select(CACHE_KEY_COLUMN)), CACHE_KEY_COLUMN,
+                             "left_anti")
+        both = found.select(F.lit(True).alias("hit")).unionByName(
+            keyed.select(F.lit(False).alias("hit")))
+        counts = {bool(r["hit"]): int(r["n"]) for r in both.groupBy("hit").agg(
+            F.count(F.lit(1)).alias("n")).collect()}
+        n_hits = counts.get(True, 0)
+        hits = found.select(*schemas.STAGE_SCHEMA.fieldNames())
+        misses = missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
+        return hits, misses, n_hits, counts.get(False, 0) - n_hits
     joined = persist(keyed.join(cache, CACHE_KEY_COLUMN, "left"))
     counts = {bool(r["hit"]): int(r["n"]) for r in joined.groupBy(
         F.col("_hit").isNotNull().alias("hit")).agg(F.count(F.lit(1)).alias("n")).collect()}
@@ -554,6 +587,35 @@ def assemble_output(
 # The job
 
 
+class StageClock:
+    """Wall seconds per stage of a job (``seconds``), and the running stage as the Spark job
+    description, so that the Spark UI names each job after its stage."""
+
+    def __init__(self, spark: SparkSession, label: str) -> None:
+        self.seconds: dict[str, float] = {}
+        self._label = label
+        self._name: str | None = None
+        self._t = 0.0
+        try:
+            self._sc = spark.sparkContext
+        except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext: no descriptions
+            self._sc = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._t = name, time.perf_counter()
+        if self._sc is not None:
+            self._sc.setJobDescription(f"{self._label}: {name}")
+
+    def stop(self) -> None:
+        if self._name is None:
+            return
+        self.seconds[self._name] = time.perf_counter() - self._t
+        self._name = None
+        if self._sc is not None:
+            self._sc.setJobDescription(None)
+
+
 def run_link_job(
     spark: SparkSession,
     config: JobConfig,
@@ -577,7 +639,7 @@ def run_link_job(
         make_retrieve_fn,
         stage_seconds_accumulator,
     )
-    from clinlinker_spark.spark.writer import merge_into_delta, read_delta
+    from clinlinker_spark.spark.writer import merge_into_delta, read_delta_snapshot
 
     run_id = run_id or uuid.uuid4().hex
     cache_path = config.output.form_cache_path
@@ -585,7 +647,8 @@ def run_link_job(
         raise ConfigError("output.form_cache_path needs spark.dedupe_surface_forms: true (the "
                           "cache holds surface forms)")
     run_ts = datetime.now(timezone.utc)  # aware: Spark stores the instant, whatever the TZ
-    timings: dict[str, float] = {}
+    clock = StageClock(spark, f"clinlinker link {run_id}")
+    timings = clock.seconds
     t_start = time.perf_counter()
     log.info("link job %s: starting", run_id)
 
@@ -593,10 +656,10 @@ def run_link_job(
     raw = mentions if mentions is not None else read_mentions(spark, config.input)
     selected = select_mentions(raw, config.input, config.output.store_text)
     # 2. artifacts (driver only) -- fails before any Spark job
-    t = time.perf_counter()
+    clock.start("artifacts")
     art = resolve_artifacts(config)
     spec = linker_spec(spark, config, art)
-    timings["artifacts"] = time.perf_counter() - t
+    clock.stop()
 
     cached: list[DataFrame] = []
 
@@ -608,25 +671,34 @@ def run_link_job(
     try:
         # 3. one row per mention_id (cheap), 4. incremental skip, then validate + normalise
         # only what is left (the Python normaliser never sees mentions linked before)
-        t = time.perf_counter()
+        clock.start("identify")
         identified = persist(identify_mentions(selected))
         n_mentions = identified.count()
-        timings["identify"] = time.perf_counter() - t
-        t = time.perf_counter()
+        clock.stop()
+        # one scan of the table finds the ids to skip and whether any other input id is in
+        # it; when none is, the MERGE appends without searching the table again
+        clock.start("incremental")
         remaining = identified
         n_skipped = 0
+        new_keys_at: int | None = None
         if config.output.incremental:
-            done = already_linked(read_delta(spark, config.output.path), art.versions)
-            if done is not None:
-                remaining = persist(skip_already_linked(identified, done, n_mentions))
-                n_skipped = n_mentions - remaining.count()
-        timings["incremental"] = time.perf_counter() - t
-        t = time.perf_counter()
+            table, table_at = read_delta_snapshot(spark, config.output.path)
+            keys = table_keys(table, art.versions)
+            if keys is not None:
+                matched = persist(match_table(identified, keys, n_mentions))
+                agg = matched.agg(F.count(F.lit(1)).alias("n"),
+                                  F.count(F.when(F.col("_skip"), 1)).alias("skip")).first()
+                n_skipped = int(agg["skip"])
+                if int(agg["n"]) == n_skipped:
+                    new_keys_at = table_at
+                remaining = skip_already_linked(identified, matched, n_mentions)
+        clock.stop()
+        clock.start("validate")
         validated = persist(check_mentions(remaining, config.linking.max_text_length))
-        n_invalid = validated.filter(F.col("reason").isNotNull()).count()
+        n_invalid = int(validated.agg(F.count(F.col("reason")).alias("n")).first()["n"])
         to_link = validated.filter(F.col("reason").isNull())
         n_to_link = n_mentions - n_skipped - n_invalid
-        timings["validate"] = time.perf_counter() - t
+        clock.stop()
 
         # 5. UDF stages over surface forms (those the form cache holds are not computed)
         dedupe = config.spark.dedupe_surface_forms
@@ -634,35 +706,41 @@ def run_link_job(
         results: DataFrame | None = None
         computed: DataFrame | None = None
         n_forms = n_cached = 0
+        cache_at: int | None = None
         stage_seconds = stage_seconds_accumulator(spark)
         if n_to_link:
-            t = time.perf_counter()
+            clock.start("form_cache")
             partitions = config.spark.shuffle_partitions
-            forms = surface_forms(to_link, dedupe, partitions)
+            # with a cache the forms left to compute are repartitioned after the split
+            forms = surface_forms(to_link, dedupe, None if cache_path else partitions)
             hits = None
             n_misses = -1  # unknown without a cache
             if cache_path:
+                cache, cache_at = read_delta_snapshot(spark, cache_path)
                 hits, forms, n_hits, n_misses = split_by_cache(
-                    forms, read_delta(spark, cache_path), cache_versions, persist)
-                if hits is not None:
+                    forms, cache, cache_versions, persist, max_forms=n_to_link)
+                if hits is None:
+                    cache_at = None  # not read: the forms were not checked against it
+                    forms = forms.repartition(partitions)
+                else:
                     n_cached = n_hits
                     # the join's output is sized by bytes: spread the model work again, over
                     # no more tasks than there are Arrow batches of forms to compute
                     batches = -(-n_misses // config.spark.arrow_batch_size)
                     forms = forms.repartition(max(1, min(partitions, batches)))
-            timings["form_cache"] = time.perf_counter() - t
+            clock.stop()
             if n_misses != 0:
-                t = time.perf_counter()
+                clock.start("embed_search")
                 computed = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
                                                     schemas.STAGE_SCHEMA))
                 n_forms = computed.count()
-                timings["embed_search"] = time.perf_counter() - t
+                clock.stop()
                 if spec.has_reranker and n_forms:
-                    t = time.perf_counter()
+                    clock.start("rerank")
                     computed = persist(computed.mapInArrow(make_rerank_fn(spec, stage_seconds),
                                                            schemas.STAGE_SCHEMA))
                     computed.count()
-                    timings["rerank"] = time.perf_counter() - t
+                    clock.stop()
             if hits is None:
                 results = computed
             else:
@@ -672,42 +750,44 @@ def run_link_job(
                  n_mentions, n_invalid, n_skipped, n_to_link, n_cached, n_forms)
 
         # 6. join back + write
-        t = time.perf_counter()
+        clock.start("write")
         out = assemble_output(validated, to_link, results, config, art.versions, run_id,
                               run_ts, dedupe)
         n_out = n_invalid + n_to_link
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
-            for row in out.groupBy("status").count().collect():
-                by_status[row["status"]] = int(row["count"])
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
-                                       writer=config.output.writer)
+                                       writer=config.output.writer, count_by="status",
+                                       new_keys_at=new_keys_at)
+            by_status.update(written.counts)
             write_info = {"writer": written.writer, "table_version": written.table_version,
                           "rows_written": written.rows_written,
                           "rows_replaced": written.rows_replaced}
         else:  # nothing new: no commit, the table stays at its version
             write_info = {"writer": None, "table_version": _current_version(config.output.path),
                           "rows_written": 0, "rows_replaced": 0}
-        timings["write"] = time.perf_counter() - t
+        clock.stop()
 
         # 7. the form cache learns the forms this run computed (after the table: a failure
         # here costs the next run time, never rows)
         cache_info = {"path": cache_path or None, "hits": n_cached, "added": 0}
         if cache_path and computed is not None and n_forms:
-            t = time.perf_counter()
+            clock.start("form_cache_write")
             try:
+                # the computed forms missed the cache as read at cache_at
                 added = merge_into_delta(spark, cache_rows(computed, cache_versions, run_id,
                                                            run_ts),
                                          cache_path, key=CACHE_KEY_COLUMN,
-                                         writer=config.output.writer)
+                                         writer=config.output.writer, new_keys_at=cache_at)
                 cache_info["added"] = added.rows_written
             except Exception as exc:  # noqa: BLE001 - the assignments are already committed
                 log.warning("link job %s: form cache %s not updated (%s: %s); the table is "
                             "written, the next run computes these forms again", run_id,
                             cache_path, type(exc).__name__, exc)
                 cache_info["error"] = type(exc).__name__
-            timings["form_cache_write"] = time.perf_counter() - t
+            clock.stop()
     finally:
+        clock.stop()
         for df in cached:
             df.unpersist()
     timings["total"] = time.perf_counter() - t_start

@@ -76,7 +76,7 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from urllib.parse import unquote, urlparse
@@ -140,6 +140,8 @@ class WriteResult:
     table_version: int
     rows_written: int
     rows_replaced: int
+    # rows written per value of the ``count_by`` column (empty without it); not compared
+    counts: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +188,8 @@ def merge_into_delta(
     key: str = "mention_id",
     writer: str = "auto",
     replace_keys_df: DataFrame | None = None,
+    count_by: str | None = None,
+    new_keys_at: int | None = None,
 ) -> WriteResult:
     """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
 
@@ -194,6 +198,12 @@ def merge_into_delta(
     (delta-spark when :func:`delta_spark_available`, else deltalake), ``delta-spark`` or
     ``deltalake``. Raises :class:`DuplicateKeyError` when ``df`` has null or repeated keys,
     :class:`SchemaMismatchError` when its schema conflicts with the table's.
+
+    ``count_by``: a column of ``df`` whose values are counted (``WriteResult.counts``) in the
+    same Spark job as the key check. ``new_keys_at``: the caller knows that none of ``df``'s
+    keys is in the table at this version (the version :func:`read_delta_snapshot` gave); when
+    the table is still at it, the deltalake writer appends without searching the table for
+    rows to replace. On any other version, or with delta-spark, the MERGE searches as usual.
     """
     if writer not in _WRITER_CHOICES:
         raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
@@ -201,6 +211,8 @@ def merge_into_delta(
         raise SchemaMismatchError(f"the DataFrame to merge has no key column {key!r}")
     if replace_keys_df is not None and key not in replace_keys_df.columns:
         raise SchemaMismatchError(f"replace_keys_df has no key column {key!r}")
+    if count_by is not None and count_by not in df.columns:
+        raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
     available = writer != WRITER_DELTALAKE and delta_spark_available(spark)
     use_delta_spark = available and writer in ("auto", WRITER_DELTA_SPARK)
     if writer == WRITER_DELTA_SPARK and not available:
@@ -211,9 +223,9 @@ def merge_into_delta(
         )
     started = time.monotonic()
     if use_delta_spark:
-        result = _merge_delta_spark(spark, df, path, key, replace_keys_df)
+        result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
     else:
-        result = _merge_deltalake(spark, df, path, key, replace_keys_df)
+        result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -231,22 +243,28 @@ def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
     never read), with the table's schema (files written before a column was added read it as
     null).
     """
+    return read_delta_snapshot(spark, path)[0]
+
+
+def read_delta_snapshot(spark: SparkSession, path: str) -> tuple[DataFrame | None, int | None]:
+    """:func:`read_delta` and the version it reads (None when there is no table, or with
+    delta-spark, which does not pin one here)."""
     if delta_spark_available(spark):
         from delta.tables import DeltaTable as SparkDeltaTable
 
         if not SparkDeltaTable.isDeltaTable(spark, path):
-            return None
-        return spark.read.format("delta").load(path)
+            return None, None
+        return spark.read.format("delta").load(path), None
     loc = _locate(path)
     table = _open_table(loc)
     if table is None:
-        return None
+        return None, None
     _check_readable(table, loc)
     schema = _spark_schema(table)
     files = [_spark_uri(uri) for uri in table.file_uris()]
     if not files:
-        return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*files)
+        return spark.createDataFrame([], schema), table.version()
+    return spark.read.schema(schema).parquet(*files), table.version()
 
 
 def table_exists(path: str) -> bool:
@@ -381,23 +399,29 @@ def _nullable_metadata_free(schema: StructType) -> StructType:
 # Key check
 
 
-def _check_keys(df: DataFrame, key: str) -> int:
-    """Row count of ``df``; raises :class:`DuplicateKeyError` on null or repeated keys.
+def _check_keys(df: DataFrame, key: str, count_by: str | None = None,
+                ) -> tuple[int, dict[str, int]]:
+    """Row count of ``df`` and its rows per value of ``count_by`` (empty without it); raises
+    :class:`DuplicateKeyError` on null or repeated keys.
 
-    One Spark job: a count per key, then totals over those counts.
+    One Spark job: a count per key, then totals over those counts (per ``count_by`` value).
     """
     from pyspark.sql import functions as F
 
-    per_key = df.groupBy(F.col(_quoted(key)).alias("k")).agg(F.count(F.lit(1)).alias("n"))
-    totals = per_key.agg(
+    group = F.first(F.col(_quoted(count_by))) if count_by else F.lit(None).cast("string")
+    per_key = df.groupBy(F.col(_quoted(key)).alias("k")).agg(
+        F.count(F.lit(1)).alias("n"), group.alias("g"))
+    groups = per_key.groupBy("g").agg(
         F.coalesce(F.sum("n"), F.lit(0)).alias("rows"),
         F.coalesce(F.sum(F.when(F.col("k").isNull(), F.col("n"))), F.lit(0)).alias("null_rows"),
         F.coalesce(
             F.sum(F.when(F.col("k").isNotNull() & (F.col("n") > 1), F.lit(1))), F.lit(0)
         ).alias("dup_keys"),
         F.coalesce(F.max(F.when(F.col("k").isNotNull(), F.col("n"))), F.lit(0)).alias("max_n"),
-    ).first()
-    assert totals is not None
+    ).collect()
+    totals = {name: sum(int(r[name]) for r in groups)
+              for name in ("rows", "null_rows", "dup_keys")}
+    totals["max_n"] = max((int(r["max_n"]) for r in groups), default=0)
     if totals["null_rows"]:
         raise DuplicateKeyError(
             f"{totals['null_rows']} row(s) of the DataFrame to merge have a null {key!r}; "
@@ -409,7 +433,8 @@ def _check_keys(df: DataFrame, key: str) -> int:
             f"row (up to {totals['max_n']} rows for one key); MERGE needs one row per key, "
             "de-duplicate it first"
         )
-    return int(totals["rows"])
+    counts = {str(r["g"]): int(r["rows"]) for r in groups} if count_by else {}
+    return totals["rows"], counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +447,7 @@ def _merge_delta_spark(
     path: str,
     key: str,
     replace_keys_df: DataFrame | None,
+    count_by: str | None = None,
 ) -> WriteResult:
     from delta.tables import DeltaTable as SparkDeltaTable
     from pyspark import StorageLevel
@@ -434,7 +460,7 @@ def _merge_delta_spark(
     # df is read by the key check and again by the MERGE: keep it rather than recompute it.
     source = source.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        rows = _check_keys(source, key)
+        rows, counts = _check_keys(source, key, count_by)
         with _parquet_write_conf(spark):
             if not exists:
                 _conform(source, merged).write.format("delta").mode("errorifexists").save(path)
@@ -454,7 +480,7 @@ def _merge_delta_spark(
             replaced = int(metrics.get("numTargetRowsUpdated") or 0) + int(
                 metrics.get("numTargetRowsDeleted") or 0
             )
-        return WriteResult(WRITER_DELTA_SPARK, int(last["version"]), rows, replaced)
+        return WriteResult(WRITER_DELTA_SPARK, int(last["version"]), rows, replaced, counts)
     finally:
         source.unpersist()
 
@@ -795,6 +821,8 @@ def _merge_deltalake(
     path: str,
     key: str,
     replace_keys_df: DataFrame | None,
+    count_by: str | None = None,
+    new_keys_at: int | None = None,
 ) -> WriteResult:
     from pyspark.sql import functions as F
 
@@ -817,7 +845,7 @@ def _merge_deltalake(
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
         )
-        rows = _check_keys(written, key)
+        rows, counts = _check_keys(written, key, count_by)
         metadata: dict[str, Any] = {
             "clinlinker.writer": WRITER_DELTALAKE,
             "clinlinker.write_id": write_id,
@@ -828,7 +856,8 @@ def _merge_deltalake(
             adds = _publish(loc, staged_new, write_id, merged, moved)
             _commit(loc, None, merged, adds, [], "error",
                     {**metadata, "clinlinker.operation": "CREATE"})
-            return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0)
+            return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0,
+                               counts)
 
         assert table_schema is not None
         key_type = merged[key].dataType
@@ -844,7 +873,9 @@ def _merge_deltalake(
         index = _FileIndex([a["path"] for a in actions])
         uri_of = {index.lookup(uri): _spark_uri(uri) for uri in table.file_uris()}
         hits: dict[str, int] = {}
-        if actions:
+        known_new = (new_keys_at is not None and replace_keys_df is None
+                     and table.version() == new_keys_at)
+        if actions and not known_new:
             old = spark.read.schema(table_schema).parquet(*uri_of.values())
             located = old.select(
                 F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN)
@@ -900,10 +931,12 @@ def _merge_deltalake(
             },
         )
         log.debug(
-            "deltalake MERGE %s: %d files added, %d removed (full rewrite: %s)",
-            loc.uri, len(adds), len(rewrite), full_rewrite,
+            "deltalake MERGE %s: %d files added, %d removed (full rewrite: %s, keys known new "
+            "at version %s: %s)", loc.uri, len(adds), len(rewrite), full_rewrite, new_keys_at,
+            known_new,
         )
-        return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, replaced)
+        return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, replaced,
+                           counts)
     except BaseException:
         # Published files are deleted only when the log surely does not reference them (a
         # commit can land and still raise, e.g. in a post-commit hook).
