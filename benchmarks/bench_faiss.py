@@ -8,15 +8,27 @@ and that time is the denominator: the issue's target is FAISS search at most 10%
 bi-encoder time for the same mentions.
 
 Index vectors: at the real index's size, its own term vectors (read back from the flat index).
-Larger sizes cannot be embedded on a 2-core CPU (1.5M terms would take hours), so they are
-synthetic: each vector is a real term vector plus Gaussian noise of norm
-``semi_synthetic_noise``, L2-normalised -- random unit vectors of dimension 384 that keep the
-clustered shape of real term embeddings (isotropic random vectors are a worst case for IVF and
-HNSW that real embeddings never are). Exact search time does not depend on the values.
+Larger indexes (``large_data``):
+
+- ``composed`` (default): real embeddings of composed term texts. Terminologies at the
+  1.5M scale (SNOMED CT's descriptions) are mostly compositions of simpler concepts ("X con Y",
+  "X debido a Y", "X izquierdo", "X crónico"), so the texts are the real index's distinct terms
+  alone, then its short terms (up to 6 words) with a qualifier, or joined to a second term by a connective, drawn with a fixed seed
+  and de-duplicated, and embedded with the same bi-encoder (bf16 autocast, every core: 1.5M
+  texts take about 45 minutes on 2 cores). The vectors are cached under
+  ``<work_dir>/faiss/composed-<n>-<seed>-<model>.f32`` (raw float32, filled in chunks so an
+  interrupted run resumes); every size is a prefix of the largest, so sizes are nested.
+  ``--embed-only`` fills the cache and exits.
+- ``noise``: a real term vector plus Gaussian noise of norm ``semi_synthetic_noise``,
+  L2-normalised: cheap, but isotropic noise in 384 dimensions gives every cluster a high
+  intrinsic dimension, which makes ANN recall look worse than on real embeddings.
+
+Exact search time does not depend on the values; ANN recall does.
 
 For every size: exact inner-product search (IndexFlatIP, what ``index_type: flat`` builds),
-``k`` = linking.search_k hits per query. At ``ann_sizes``: IVF-Flat (nlist = 4*sqrt(n) unless
-set, k-means on ``ivf_train_per_list * nlist`` vectors) at several nprobe, and HNSW-Flat (M,
+``k`` = linking.search_k hits per query. At ``ann_sizes``: IVF (nlist = 4*sqrt(n) unless
+set, k-means on ``ivf_train_per_list * nlist`` vectors; vectors stored flat or as 8-bit codes,
+``ivf_storage``) at several nprobe, and HNSW-Flat (M,
 efConstruction 40) at several efSearch up to ``hnsw_max_size``; recall@``recall_k`` = share of
 the exact top-``recall_k`` positions found in the approximate top-``recall_k``, build and
 search seconds. Results: ``<work_dir>/faiss/results.json`` and a Markdown summary on stdout.
@@ -83,6 +95,89 @@ def real_vectors(path: str) -> np.ndarray:
     return index.reconstruct_n(0, index.ntotal)
 
 
+QUALIFIERS = (
+    "agudo", "aguda", "crónico", "crónica", "izquierdo", "izquierda", "derecho", "derecha",
+    "bilateral", "recidivante", "recurrente", "leve", "moderado", "moderada", "grave", "severo",
+    "congénito", "congénita", "adquirido", "postoperatorio", "postoperatoria", "no especificado",
+    "no especificada", "inicial", "subsecuente", "secuela", "en remisión", "en el embarazo",
+    "del adulto", "infantil", "primario", "primaria", "secundario", "secundaria", "persistente",
+    "intermitente", "episódico", "sintomático", "asintomático", "de origen desconocido",
+    "con complicaciones", "sin complicaciones", "de larga evolución", "inducido por fármacos",
+)
+CONNECTIVES = ("con", "debido a", "secundario a", "asociado a", "sin", "tras", "en paciente con",
+               "por", "y")
+
+
+def composed_texts(bases: list[str], n: int, seed: int) -> list[str]:
+    """``n`` distinct term texts: every base term first, then compositions (see module doc)."""
+    rng = np.random.default_rng(seed)
+    out = list(dict.fromkeys(bases))[:n]
+    # compositions from short terms: a long description joined to another would be cut at the
+    # encoder's max_length and embed as the first alone
+    bases = [b for b in out if len(b.split()) <= 6]
+    seen = set(out)
+    while len(out) < n:
+        m = 2 * (n - len(out)) + 1000
+        kind = rng.random(m)
+        a = rng.integers(0, len(bases), m)
+        b = rng.integers(0, len(bases), m)
+        q = rng.integers(0, len(QUALIFIERS), m)
+        c = rng.integers(0, len(CONNECTIVES), m)
+        for i in range(m):
+            if kind[i] < 0.3:
+                text = f"{bases[a[i]]} {QUALIFIERS[q[i]]}"
+            elif kind[i] < 0.9:
+                text = f"{bases[a[i]]} {CONNECTIVES[c[i]]} {bases[b[i]]}"
+            else:
+                text = f"{bases[a[i]]} {QUALIFIERS[q[i]]} {CONNECTIVES[c[i]]} {bases[b[i]]}"
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+                if len(out) == n:
+                    break
+    return out
+
+
+def composed_vectors(cfg: BenchConfig, n: int, threads: int) -> np.ndarray:
+    """The first ``n`` composed term vectors, embedding (and caching) the missing ones."""
+    import pandas as pd
+    import torch
+
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import read_manifest
+
+    fc = cfg.faiss
+    total = max(fc.sizes)
+    enc = read_manifest(fc.real_index)["encoder"]
+    path = Path(cfg.work_dir) / "faiss" / (
+        f"composed-{total}-{fc.seed}-{enc['model_hash'][:12]}.f32")
+    progress = path.with_suffix(".done")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        np.memmap(path, dtype=np.float32, mode="w+", shape=(total, fc.dim)).flush()
+    vectors = np.memmap(path, dtype=np.float32, mode="r+", shape=(total, fc.dim))
+    done = int(progress.read_text()) if progress.exists() else 0
+    if done < n:
+        bases = pd.read_parquet(Path(fc.real_index) / "rows.parquet",
+                                columns=["term_norm"])["term_norm"].unique().tolist()
+        bases = sorted(bases)
+        texts = composed_texts(bases, total, fc.seed)
+        encoder = BiEncoder(enc["path"], pooling=enc["pooling"], max_length=enc["max_length"],
+                            prefix=enc["prefix"], normalize=enc["normalize"],
+                            precision="bf16", num_threads=threads, batch_size=256)
+        torch.set_num_threads(threads)
+        chunk = 20_000
+        started = time.perf_counter()
+        for start in range(done, n, chunk):
+            stop = min(n, start + chunk)
+            vectors[start:stop] = encoder.encode(texts[start:stop])
+            vectors.flush()
+            progress.write_text(str(stop))
+            rate = (stop - done) / (time.perf_counter() - started)
+            log.info("composed terms embedded: %d of %d (%.0f texts/s)", stop, n, rate)
+    return np.array(vectors[:n])
+
+
 def semi_synthetic(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
     """``n`` unit vectors: a random real vector plus Gaussian noise of norm ~``noise`` each."""
     rng = np.random.default_rng(seed)
@@ -132,7 +227,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     faiss.omp_set_num_threads(threads)
     for n in fc.sizes:
         with ProcessSampler() as sampler:
-            row = measure_size(cfg, base, queries, n, encode_s)
+            row = measure_size(cfg, base, queries, n, encode_s, threads)
         row["resources"] = sampler.result
         results["sizes"].append(row)
         log.info("size %d: %s", n, {k: v for k, v in row.items() if k != "resources"})
@@ -142,15 +237,21 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int,
-                 encode_s: float) -> dict[str, Any]:
+                 encode_s: float, threads: int) -> dict[str, Any]:
     import faiss
 
     fc = cfg.faiss
     real = n == len(base)
     t = time.perf_counter()
-    vectors = base if real else semi_synthetic(base, n, fc.semi_synthetic_noise, fc.seed + n)
+    if real:
+        vectors, data = base, "real term vectors"
+    elif fc.large_data == "composed":
+        vectors, data = composed_vectors(cfg, n, threads), "composed terms, embedded"
+    else:
+        vectors = semi_synthetic(base, n, fc.semi_synthetic_noise, fc.seed + n)
+        data = "real + noise"
     make_s = time.perf_counter() - t
-    row: dict[str, Any] = {"n": n, "data": "real term vectors" if real else "semi-synthetic",
+    row: dict[str, Any] = {"n": n, "data": data,
                            "make_s": round(make_s, 2), "variants": []}
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
@@ -162,12 +263,18 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
     del flat
     if n not in fc.ann_sizes:
         return row
-    # IVF-Flat
-    for nlist_cfg in fc.ivf_nlist:
+    # IVF: vectors stored as they are (flat) or as 8-bit codes (sq8, index.sq8)
+    for nlist_cfg, storage in ((c, s) for c in fc.ivf_nlist for s in fc.ivf_storage):
         nlist = min(n, nlist_cfg or max(1, int(4 * math.sqrt(n))))
         t = time.perf_counter()
         quantizer = faiss.IndexFlatIP(vectors.shape[1])
-        ivf = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        if storage == "sq8":
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, vectors.shape[1], nlist,
+                                                faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_INNER_PRODUCT)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist,
+                                     faiss.METRIC_INNER_PRODUCT)
         n_train = min(n, fc.ivf_train_per_list * nlist)
         rng = np.random.default_rng(fc.seed)
         sample = vectors if n_train == n else vectors[rng.choice(n, n_train, replace=False)]
@@ -178,7 +285,8 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
             ivf.nprobe = min(nprobe, nlist)
             s, approx = timed_search(ivf, queries, fc.k)
             row["variants"].append({
-                "index": f"ivf nlist={nlist} nprobe={ivf.nprobe}", "build_s": round(build_s, 1),
+                "index": f"ivf-{storage} nlist={nlist} nprobe={ivf.nprobe}",
+                "build_s": round(build_s, 1),
                 "train_vectors": n_train, "search_s": round(s, 3),
                 "ratio_to_bi_encoder": round(s / encode_s, 4),
                 "recall": round(recall(approx, exact, fc.recall_k), 4)})
@@ -220,9 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--embed-only", action="store_true",
+                        help="fill the cache of composed term vectors (large_data: composed), "
+                             "then exit")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     cfg = load_bench_config(args.config, args.set)
+    if args.embed_only:
+        from clinlinker_spark.config import load_config
+
+        job = load_config(cfg.link.job_config, list(cfg.link.job_overrides))
+        composed_vectors(cfg, max(cfg.faiss.sizes),
+                         cfg.threads or cores_of_master(job.spark.master))
+        return 0
     started = time.perf_counter()
     results = run(cfg)
     results["bench_seconds"] = round(time.perf_counter() - started, 1)

@@ -92,16 +92,20 @@ class FaissBenchConfig:
     k: int = 200  # = linking.search_k
     recall_k: int = 25  # = linking.top_k
     dim: int = 384
-    real_index: str = "artifacts/indexes/codiesp-diag"  # real term vectors (recall on real data)
+    # real term vectors (recall on real data), and the bi-encoder that embeds queries and the
+    # composed terms
+    real_index: str = "artifacts/indexes/codiesp-diag-bi"
+    large_data: str = "composed"  # composed (embedded composed term texts) | noise
     ann_sizes: tuple[int, ...] = (17_417, 500_000, 1_500_000)  # where IVF / HNSW are measured
     ivf_nlist: tuple[int, ...] = (0,)  # 0: the project's default, 4 * sqrt(n)
     ivf_nprobe: tuple[int, ...] = (8, 32, 128)
+    ivf_storage: tuple[str, ...] = ("flat", "sq8")  # IVF-Flat, IVF with 8-bit codes
     ivf_train_per_list: int = 64  # k-means training sample = this * nlist (capped at n)
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
     hnsw_ef_search: tuple[int, ...] = (64, 256)
     hnsw_max_size: int = 500_000  # HNSW is built only up to this size (build time)
-    semi_synthetic_noise: float = 0.5  # norm of the noise added to a real vector (see docs)
+    semi_synthetic_noise: float = 0.5  # large_data noise: norm of the noise added to a vector
     seed: int = 7
 
 

@@ -131,17 +131,19 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
     n, dim = vectors.shape
     metric = faiss.METRIC_INNER_PRODUCT
     params: dict[str, Any] = {"type": config.index_type, "fp16": config.fp16,
-                              "metric": "inner_product", "dim": dim}
+                              "sq8": config.sq8, "metric": "inner_product", "dim": dim}
+    sq = faiss.ScalarQuantizer
+    qtype = sq.QT_fp16 if config.fp16 else sq.QT_8bit if config.sq8 else None
     if config.index_type == "flat":
-        index = (faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, metric)
-                 if config.fp16 else faiss.IndexFlatIP(dim))
+        index = (faiss.IndexFlatIP(dim) if qtype is None
+                 else faiss.IndexScalarQuantizer(dim, qtype, metric))
+        index.train(vectors)
     elif config.index_type == "ivf":
         nlist = config.ivf_nlist or max(1, int(4 * math.sqrt(n)))
         nlist = min(nlist, n)
         quantizer = faiss.IndexFlatIP(dim)
-        if config.fp16:
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, metric)
+        if qtype is not None:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, metric)
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
         rng = np.random.default_rng(0)
@@ -150,8 +152,8 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
         index.nprobe = min(config.ivf_nprobe, nlist)
         params.update(nlist=nlist, nprobe=index.nprobe)
     else:  # hnsw
-        if config.fp16:
-            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, config.hnsw_m, metric)
+        if qtype is not None:
+            index = faiss.IndexHNSWSQ(dim, qtype, config.hnsw_m, metric)
             index.train(vectors)
         else:
             index = faiss.IndexHNSWFlat(dim, config.hnsw_m, metric)

@@ -100,9 +100,10 @@ def test_load_refuses_other_encoder_and_broken_dirs(tmp_path):
         TerminologyIndex.load(out)
 
 
-@pytest.mark.parametrize("index_type,fp16", [("flat", True), ("ivf", False), ("ivf", True),
-                                             ("hnsw", False), ("hnsw", True)])
-def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, fp16):
+@pytest.mark.parametrize("index_type,storage", [
+    ("flat", "fp16"), ("flat", "sq8"), ("ivf", ""), ("ivf", "fp16"), ("ivf", "sq8"),
+    ("hnsw", ""), ("hnsw", "fp16"), ("hnsw", "sq8")])
+def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, storage):
     rng = np.random.default_rng(0)
     words = ["dolor", "fiebre", "tos", "cefalea", "anemia", "fractura", "hepatitis", "renal",
              "aguda", "crónica", "bilateral", "izquierda", "derecha", "pulmonar", "cardiaca"]
@@ -111,8 +112,10 @@ def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, fp16)
     enc = FakeEncoder(dim=48)
     exact = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "exact"))
     approx = TerminologyIndex.load(build_index(
-        df, enc, IndexConfig(index_type=index_type, fp16=fp16, ivf_nprobe=64),
-        tmp_path / f"{index_type}{fp16}"))
+        df, enc, IndexConfig(index_type=index_type, fp16=storage == "fp16",
+                             sq8=storage == "sq8", ivf_nprobe=64),
+        tmp_path / f"{index_type}{storage}"))
+    assert approx.manifest["index"]["sq8"] == (storage == "sq8")
     queries = enc.encode(terms[:100])
     k = 10
     a = exact.search(queries, k).positions

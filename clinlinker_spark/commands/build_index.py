@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="", help="index directory (overrides index.path)")
     p.add_argument("--index-type", default="", choices=["", "flat", "ivf", "hnsw"])
     p.add_argument("--fp16", action="store_true", help="store vectors as fp16")
+    p.add_argument("--sq8", action="store_true",
+                   help="store vectors as 8-bit scalar-quantised codes")
     p.add_argument("--name", default="", help="terminology name recorded in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.set_defaults(func=run)
@@ -51,6 +53,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
             sets.append(f"{key}={flag}")
     if args.fp16:
         sets.append("index.fp16=true")
+    if args.sq8:
+        sets.append("index.sq8=true")
     return sets
 
 
