@@ -74,6 +74,8 @@ STATUS_INVALID = "invalid_input"
 FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
 # an input of at most this many mentions is broadcast when matched against the output table
 BROADCAST_INPUT_ROWS = 200_000
+# forms left to compute after the form cache are split into tasks of at least this many
+MIN_FORMS_PER_TASK = 64
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -725,9 +727,10 @@ def run_link_job(
                 else:
                     n_cached = n_hits
                     # the join's output is sized by bytes: spread the model work again, over
-                    # no more tasks than there are Arrow batches of forms to compute
-                    batches = -(-n_misses // config.spark.arrow_batch_size)
-                    forms = forms.repartition(max(1, min(partitions, batches)))
+                    # tasks of at least MIN_FORMS_PER_TASK forms (a small night's few hundred
+                    # forms still use every core; a handful of forms, one task)
+                    tasks = -(-n_misses // MIN_FORMS_PER_TASK)
+                    forms = forms.repartition(max(1, min(partitions, tasks)))
             clock.stop()
             if n_misses != 0:
                 clock.start("embed_search")
