@@ -304,6 +304,11 @@ def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) 
 # Transforms
 
 
+def _small_input(rows: int | None) -> bool:
+    """Whether ``rows`` (a count; None = unknown) is small enough to broadcast."""
+    return rows is not None and rows <= BROADCAST_INPUT_ROWS
+
+
 def identify_mentions(mentions: DataFrame) -> DataFrame:
     """One row per distinct mention_id, with ``text_sha256`` and the helper columns ``_rows``
     (input rows sharing the id) and ``_null_id``; cheap (no Python), so that rows an
@@ -385,7 +390,7 @@ def match_table(identified: DataFrame, keys: DataFrame,
     inputs = identified.select(
         "mention_id", F.col("text_sha256").alias("_in_sha"),
         ((F.col("_rows") == 1) & ~F.col("_null_id")).alias("_single"))
-    if input_rows is not None and input_rows <= BROADCAST_INPUT_ROWS:
+    if _small_input(input_rows):
         inputs = F.broadcast(inputs)
     matched = keys.join(inputs, "mention_id", "inner")
     skip = F.col("_done") & F.col("_single") & (F.col("text_sha256") == F.col("_in_sha"))
@@ -398,7 +403,7 @@ def skip_already_linked(identified: DataFrame, matched: DataFrame,
     from pyspark.sql import functions as F
 
     skipped = matched.filter(F.col("_skip")).select("mention_id")
-    if input_rows is not None and input_rows <= BROADCAST_INPUT_ROWS:
+    if _small_input(input_rows):
         skipped = F.broadcast(skipped)
     return identified.join(skipped, "mention_id", "left_anti")
 
@@ -487,8 +492,8 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
                     sorted(needed - set(cache.columns)))
         return None, forms, -1, -1
     keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
-    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS, F.lit(True).alias("_hit"))
-    if max_forms is not None and max_forms <= BROADCAST_INPUT_ROWS:
+    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
+    if _small_input(max_forms):
         keyed = persist(keyed)
         found = persist(cache.join(F.broadcast(keyed), CACHE_KEY_COLUMN, "inner"))
         missing = keyed.join(F.broadcast(found.select(CACHE_KEY_COLUMN)), CACHE_KEY_COLUMN,
@@ -501,7 +506,8 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
         hits = found.select(*schemas.STAGE_SCHEMA.fieldNames())
         misses = missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
         return hits, misses, n_hits, counts.get(False, 0) - n_hits
-    joined = persist(keyed.join(cache, CACHE_KEY_COLUMN, "left"))
+    joined = persist(keyed.join(cache.withColumn("_hit", F.lit(True)), CACHE_KEY_COLUMN,
+                                "left"))
     counts = {bool(r["hit"]): int(r["n"]) for r in joined.groupBy(
         F.col("_hit").isNotNull().alias("hit")).agg(F.count(F.lit(1)).alias("n")).collect()}
     hits = joined.filter(F.col("_hit")).select(*schemas.STAGE_SCHEMA.fieldNames())
