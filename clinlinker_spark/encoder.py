@@ -21,7 +21,7 @@ from clinlinker_spark.modeling import (
     LoadedModel,
     autocast_context,
     check_texts,
-    length_order,
+    length_batches,
     pad_batch,
 )
 
@@ -34,7 +34,8 @@ FINGERPRINT_KEYS = ("model_hash", "pooling", "max_length", "prefix", "normalize"
 class BiEncoder(LoadedModel):
     """A Hugging Face encoder with CLS or attention-masked mean pooling.
 
-    ``encode`` sorts texts by token length to cut padding, encodes them in batches and returns
+    ``encode`` sorts texts by token length and batches them so that padding stays small
+    (:func:`~clinlinker_spark.modeling.length_batches`), and returns
     the vectors in input order. Padding is on the right and pooling never sees padded
     positions, so a text's vector does not depend on the texts that share its batch.
 
@@ -125,18 +126,18 @@ class BiEncoder(LoadedModel):
         if n == 0:
             return out
         features = self.tokenize(texts)
-        order = length_order([len(ids) for ids in features["input_ids"]])
-        n_batches = (n + self.batch_size - 1) // self.batch_size
+        batches = length_batches([len(ids) for ids in features["input_ids"]], self.batch_size)
+        n_batches = len(batches)
         report_every = max(1, n_batches // 10)
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
-        for b, start in enumerate(range(0, n, self.batch_size)):
-            idx = order[start:start + self.batch_size]
+        done = 0
+        for b, idx in enumerate(batches):
             batch = pad_batch(features, idx, pad_id, pad_type)
             out[idx] = self._embed_batch(batch)
+            done += len(idx)
             if show_progress and ((b + 1) % report_every == 0 or b + 1 == n_batches):
-                log.info("encoded %d/%d texts (%d/%d batches)", min(start + len(idx), n), n,
-                         b + 1, n_batches)
+                log.info("encoded %d/%d texts (%d/%d batches)", done, n, b + 1, n_batches)
         return out
 
     def _embed_batch(self, batch: dict[str, torch.Tensor]) -> np.ndarray:

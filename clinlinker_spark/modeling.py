@@ -240,6 +240,38 @@ def length_order(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+# a batch closes before the next text would make its padded size exceed this multiple of
+# its real tokens (once it holds MIN_LENGTH_BATCH texts): a few dozen texts of mixed lengths
+# (a small night's new forms in one task) are no longer padded to the longest of them
+MAX_PADDING = 1.2
+MIN_LENGTH_BATCH = 8
+
+
+def length_batches(lengths: list[int], batch_size: int, max_padding: float = MAX_PADDING,
+                   min_batch: int = MIN_LENGTH_BATCH) -> list[list[int]]:
+    """Batches of indices into ``lengths``, longest texts first (:func:`length_order`).
+
+    A batch holds at most ``batch_size`` texts, and closes early when adding the next text
+    would make (texts x longest length) exceed ``max_padding`` x (sum of lengths), once it
+    holds ``min_batch`` texts. Every index comes exactly once.
+    """
+    order = length_order(lengths)
+    batches: list[list[int]] = []
+    start, n = 0, len(order)
+    while start < n:
+        width = lengths[order[start]]
+        real, end = width, start + 1
+        while end < n and end - start < batch_size:
+            size = lengths[order[end]]
+            if end - start >= min_batch and (end - start + 1) * width > max_padding * (
+                    real + size):
+                break
+            real, end = real + size, end + 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def pad_batch(
     features: dict[str, list[list[int]]],
     indices: list[int],

@@ -21,7 +21,7 @@ from clinlinker_spark.modeling import (
     LoadedModel,
     autocast_context,
     check_texts,
-    length_order,
+    length_batches,
     pad_batch,
 )
 
@@ -96,11 +96,10 @@ class CrossEncoderReranker(LoadedModel):
         )
         features = {k: v for k, v in encoded.items()
                     if k in ("input_ids", "attention_mask", "token_type_ids")}
-        order = length_order([len(ids) for ids in features["input_ids"]])
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in length_batches([len(ids) for ids in features["input_ids"]],
+                                  self.batch_size):
             batch = {k: v.to(self._device) for k, v in pad_batch(features, idx, pad_id,
                                                                    pad_type).items()}
             with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):

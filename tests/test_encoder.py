@@ -335,3 +335,24 @@ def test_bf16_on_cpu_autocasts_and_stays_close_to_fp32(tiny_encoder_dir: Path) -
     # auto stays exact fp32 on cpu
     auto = BiEncoder(tiny_encoder_dir, device="cpu", precision="auto").encode(CORPUS)
     np.testing.assert_array_equal(auto, fp32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_length_batches_cover_every_text_once_and_bound_padding(seed: int):
+    from clinlinker_spark.modeling import length_batches
+
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(3, 33, size=300)]
+    batches = length_batches(lengths, batch_size=64, max_padding=1.2, min_batch=8)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        sizes = [lengths[i] for i in batch]
+        assert len(batch) <= 64 and sizes == sorted(sizes, reverse=True)  # longest first
+        if len(batch) > 8:
+            assert len(batch) * max(sizes) <= 1.2 * sum(sizes)
+    # mixed lengths no longer pad to the longest text, but equal lengths fill whole batches
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    fixed = sum(len(c) * max(c) for c in (sorted(lengths, reverse=True)[s:s + 64]
+                                         for s in range(0, 300, 64)))
+    assert padded < fixed
+    assert [len(b) for b in length_batches([10] * 150, 64)] == [64, 64, 22]
