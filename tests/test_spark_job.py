@@ -100,6 +100,13 @@ def read_table(path: Path | str) -> pd.DataFrame:
     return DeltaTable(str(path)).to_pandas()
 
 
+def data_files(path: Path | str) -> int:
+    """How many data files the table's latest version has."""
+    from deltalake import DeltaTable
+
+    return len(DeltaTable(str(path)).file_uris())
+
+
 def table_version(path: Path | str) -> int:
     from deltalake import DeltaTable
 
@@ -379,6 +386,7 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
 
     first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
     assert first["to_link"] == len(old) and first["skipped_already_linked"] == 0
+    assert data_files(config.output.path) == 1  # a small run writes one file, not one per task
 
     # night 2: 30 new mentions, and one old mention whose text changed
     changed = old.copy()
@@ -389,6 +397,8 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     assert second["skipped_already_linked"] == len(old) - 1
     assert second["surface_forms"] <= len(new) + 1
     assert second["rows_written"] == len(new) + 1
+    # one file of new rows, plus night 1's file rewritten without the replaced row
+    assert data_files(config.output.path) == 2
     table = read_table(config.output.path).set_index("mention_id")
     assert len(table) == len(dev_mentions) and table.index.is_unique
     runs = table["run_id"]
@@ -438,8 +448,8 @@ def test_incremental_skip_never_hides_a_duplicated_id(
     assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
 
 
-def test_skip_already_linked_broadcast_and_shuffle_agree(spark):
-    from clinlinker_spark.spark.job import match_table, skip_already_linked
+def test_mark_linked_broadcast_and_shuffle_agree(spark):
+    from clinlinker_spark.spark.job import mark_linked, match_table
 
     identified = spark.createDataFrame(
         [("a", "h1", 1, False), ("b", "h2", 1, False), ("c", "h3", 2, False),
@@ -455,8 +465,26 @@ def test_skip_already_linked_broadcast_and_shuffle_agree(spark):
         matched = match_table(identified, table, rows)
         assert {r["mention_id"]: r["_skip"] for r in matched.collect()} == {
             "a": True, "b": False, "c": False, "e": False, "null:x": False}
-        left = skip_already_linked(identified, matched, rows)
-        assert sorted(r["mention_id"] for r in left.collect()) == ["b", "c", "d", "e", "null:x"]
+        marked = {r["mention_id"]: (r["_in_table"], r["_skip"], r["_rows"])
+                  for r in mark_linked(identified, table, rows).collect()}
+        assert marked == {"a": (True, True, 1), "b": (True, False, 1), "c": (True, False, 2),
+                          "d": (False, False, 1), "e": (True, False, 1),
+                          "null:x": (True, False, 1)}
+
+
+def test_tallies_of_several_frames_are_counted_together(spark):
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.job import collect_tallies, tally
+
+    a = spark.createDataFrame([(1,), (2,), (3,), (None,)], "x long")
+    b = spark.createDataFrame([("p",), ("q",)], "y string")
+    counts = collect_tallies([
+        tally(a, rows=F.lit(True), big=F.col("x") > 1, null_x=F.col("x").isNull()),
+        tally(b, rows_b=F.lit(True), p=F.col("y") == "p"),
+        tally(b.filter(F.lit(False)), none=F.lit(True)),  # an empty frame counts 0
+    ])
+    assert counts == {"rows": 4, "big": 2, "null_x": 1, "rows_b": 2, "p": 1, "none": 0}
 
 
 @pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
@@ -513,6 +541,38 @@ def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     assert third["linking_version"] != second["linking_version"]
     assert_matches_core(read_table(config.output.path).query("run_id == 'night-3'"),
                         Linker.from_config(config5).link(new))
+
+
+def test_a_failed_form_cache_write_costs_time_not_rows(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
+):
+    # a failed cache write is reported, the table is complete,
+    # and the next run computes the forms again and fills the cache
+    import clinlinker_spark.spark.writer as writer_module
+
+    cache = tmp_path / "form_cache"
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index,
+                        "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
+    mentions = dev_mentions.iloc[:60][["mention_id", "doc_id", "start", "end", "text", "label"]]
+    real_merge = writer_module.merge_into_delta
+
+    def failing_for_the_cache(spark, df, path, *args, **kwargs):
+        if str(path) == str(cache):
+            raise OSError("disk full (test)")
+        return real_merge(spark, df, path, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "merge_into_delta", failing_for_the_cache)
+    first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(mentions))
+    assert first["form_cache"]["error"] == "OSError" and first["form_cache"]["added"] == 0
+    assert first["rows_written"] == len(mentions) == len(read_table(config.output.path))
+    assert not (cache / "_delta_log").exists()
+
+    monkeypatch.setattr(writer_module, "merge_into_delta", real_merge)
+    second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(mentions))
+    assert second["surface_forms"] == first["surface_forms"] > 0
+    assert second["form_cache"]["added"] == second["surface_forms"]
+    assert "error" not in second["form_cache"]
+    assert len(read_table(config.output.path)) == len(mentions)
 
 
 def test_form_cache_needs_surface_form_dedupe(spark, tmp_path, tiny_encoder_dir,

@@ -10,13 +10,16 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
    index manifest checked against the encoder's fingerprint (EncoderMismatchError names
    both), and the versions (hashes) written into every row.
 3. :func:`identify_mentions`: one row per distinct mention_id (duplicate and null ids).
-4. incremental (``output.incremental``): drop mentions the table already holds as linked or
-   no_candidate with the same model, index and re-ranker versions and the same text; then
-   :func:`check_mentions` normalises the rest and gives invalid rows their reasons.
+4. incremental (``output.incremental``, :func:`mark_linked`): drop mentions the table already
+   holds as linked or no_candidate with the same model, index and re-ranker versions and the
+   same text; then :func:`check_mentions` normalises the rest and gives invalid rows their
+   reasons.
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
-   settings from it; embed + FAISS search the others
-   (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set.
+   settings from it (:func:`split_by_cache`). Steps 3-5 are one Spark action (stage
+   ``prepare``): every count comes from one union of :func:`tally` rows. Then embed + FAISS
+   search the other forms (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank
+   when a re-ranker is set.
 6. join the results back to every mention, add lineage, MERGE into the Delta table on
    mention_id (:mod:`clinlinker_spark.spark.writer`); then MERGE the newly computed forms
    into the form cache.
@@ -76,6 +79,11 @@ FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
 BROADCAST_INPUT_ROWS = 200_000
 # forms left to compute after the form cache are split into tasks of at least this many
 MIN_FORMS_PER_TASK = 64
+# the Python normaliser gets tasks of at least this many input rows (each task costs a
+# Python worker hand-off, ~0.1 s on a small machine, about what normalising 50k rows costs)
+ROWS_PER_PREPARE_TASK = 50_000
+# rows per file written to the table and the form cache (at most shuffle_partitions files)
+ROWS_PER_FILE = 250_000
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -304,6 +312,14 @@ def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) 
 # Transforms
 
 
+def _tasks(rows: int | None, per_task: int, most: int) -> int:
+    """How many tasks share ``rows`` (an upper bound; None: unknown, ``most``) so that each
+    has at least ``per_task`` of them: 1 to ``most``."""
+    if rows is None:
+        return most
+    return max(1, min(most, -(-rows // per_task)))
+
+
 def _small_input(rows: int | None) -> bool:
     """Whether ``rows`` (a count; None = unknown) is small enough to broadcast."""
     return rows is not None and rows <= BROADCAST_INPUT_ROWS
@@ -397,15 +413,40 @@ def match_table(identified: DataFrame, keys: DataFrame,
     return matched.select("mention_id", F.coalesce(skip, F.lit(False)).alias("_skip"))
 
 
-def skip_already_linked(identified: DataFrame, matched: DataFrame,
-                        input_rows: int | None = None) -> DataFrame:
-    """:func:`identify_mentions` rows minus those :func:`match_table` marks ``_skip``."""
+def mark_linked(identified: DataFrame, keys: DataFrame,
+                input_rows: int | None = None) -> DataFrame:
+    """:func:`identify_mentions` rows with ``_in_table`` (the table holds the id) and ``_skip``
+    (:func:`match_table`'s mark: the id is linked already; the run leaves it out), both never
+    null. ``input_rows``: an upper bound of the rows (None: unknown); small inputs are
+    broadcast both ways (their keys to the table scan, the matched ids back)."""
     from pyspark.sql import functions as F
 
-    skipped = matched.filter(F.col("_skip")).select("mention_id")
+    matched = match_table(identified, keys, input_rows).withColumn("_in_table", F.lit(True))
     if _small_input(input_rows):
-        skipped = F.broadcast(skipped)
-    return identified.join(skipped, "mention_id", "left_anti")
+        matched = F.broadcast(matched)
+    return (identified.join(matched, "mention_id", "left")
+            .withColumn("_in_table", F.coalesce(F.col("_in_table"), F.lit(False)))
+            .withColumn("_skip", F.coalesce(F.col("_skip"), F.lit(False))))
+
+
+def tally(df: DataFrame, **conditions: Column) -> DataFrame:
+    """(name, n) rows, one per condition: how many rows of ``df`` satisfy it. Long format, so
+    that the tallies of several DataFrames union into one Spark action
+    (:func:`collect_tallies`)."""
+    from pyspark.sql import functions as F
+
+    counts = df.agg(*[F.count(F.when(cond, 1)).alias(name) for name, cond in conditions.items()])
+    pairs = [F.struct(F.lit(name).alias("name"), F.col(name).cast("long").alias("n"))
+             for name in conditions]
+    return counts.select(F.explode(F.array(*pairs)).alias("t")).select("t.name", "t.n")
+
+
+def collect_tallies(parts: list[DataFrame]) -> dict[str, int]:
+    """Every :func:`tally` of ``parts`` in one Spark action, as {name: count}."""
+    union = parts[0]
+    for part in parts[1:]:
+        union = union.unionByName(part)
+    return {str(r["name"]): int(r["n"]) for r in union.collect()}
 
 
 def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
@@ -470,27 +511,28 @@ def cache_key(versions: dict[str, str]) -> Column:
 def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
                    persist: Callable[[DataFrame], DataFrame] = lambda df: df,
                    max_forms: int | None = None,
-                   ) -> tuple[DataFrame | None, DataFrame, int, int]:
-    """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold;
-    how many of each, or -1 without a usable cache).
+                   ) -> tuple[DataFrame | None, DataFrame, DataFrame | None]:
+    """(results of the forms the cache holds, in STAGE_SCHEMA; the forms it does not hold; a
+    :func:`tally` of ``forms`` and ``cache_hits``), all lazy; (None, forms, None) without a
+    usable cache.
 
-    ``max_forms`` (an upper bound of the forms' count, e.g. the mentions to link) at most
+    ``max_forms`` (an upper bound of the forms' count, e.g. the input's rows) at most
     BROADCAST_INPUT_ROWS: the forms are broadcast to a scan of the cache (inner join: the
     cache, which grows every night, is never shuffled nor broadcast), and the forms it lacks
     are the others. Otherwise one left join of the forms with the cache. Either way
-    ``persist`` keeps the joined rows, so that both parts read them once, and one Spark job
-    counts both parts. ``versions`` has VERSION_COLUMNS. A cache table without the expected
-    columns is not used (warning), so a damaged cache costs time, never wrong rows.
+    ``persist`` keeps the joined rows, so that the parts and the tally read them once.
+    ``versions`` has VERSION_COLUMNS. A cache table without the expected columns is not used
+    (warning), so a damaged cache costs time, never wrong rows.
     """
     from pyspark.sql import functions as F
 
     if cache is None:
-        return None, forms, -1, -1
+        return None, forms, None
     needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
     if not needed.issubset(cache.columns):
         log.warning("form cache lacks columns %s: not used in this run",
                     sorted(needed - set(cache.columns)))
-        return None, forms, -1, -1
+        return None, forms, None
     keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
     cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
     if _small_input(max_forms):
@@ -498,21 +540,16 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
         found = persist(cache.join(F.broadcast(keyed), CACHE_KEY_COLUMN, "inner"))
         missing = keyed.join(F.broadcast(found.select(CACHE_KEY_COLUMN)), CACHE_KEY_COLUMN,
                              "left_anti")
-        both = found.select(F.lit(True).alias("hit")).unionByName(
-            keyed.select(F.lit(False).alias("hit")))
-        counts = {bool(r["hit"]): int(r["n"]) for r in both.groupBy("hit").agg(
-            F.count(F.lit(1)).alias("n")).collect()}
-        n_hits = counts.get(True, 0)
+        counts = tally(keyed, forms=F.lit(True)).unionByName(
+            tally(found, cache_hits=F.lit(True)))
         hits = found.select(*schemas.STAGE_SCHEMA.fieldNames())
-        misses = missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
-        return hits, misses, n_hits, counts.get(False, 0) - n_hits
+        return hits, missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN), counts
     joined = persist(keyed.join(cache.withColumn("_hit", F.lit(True)), CACHE_KEY_COLUMN,
                                 "left"))
-    counts = {bool(r["hit"]): int(r["n"]) for r in joined.groupBy(
-        F.col("_hit").isNotNull().alias("hit")).agg(F.count(F.lit(1)).alias("n")).collect()}
+    counts = tally(joined, forms=F.lit(True), cache_hits=F.col("_hit").isNotNull())
     hits = joined.filter(F.col("_hit")).select(*schemas.STAGE_SCHEMA.fieldNames())
     misses = joined.filter(F.col("_hit").isNull()).select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
-    return hits, misses, counts.get(True, 0), counts.get(False, 0)
+    return hits, misses, counts
 
 
 def cache_rows(results: DataFrame, versions: dict[str, str], run_id: str,
@@ -677,67 +714,74 @@ def run_link_job(
         return df
 
     try:
-        # 3. one row per mention_id (cheap), 4. incremental skip, then validate + normalise
-        # only what is left (the Python normaliser never sees mentions linked before)
-        clock.start("identify")
-        identified = persist(identify_mentions(selected))
-        n_mentions = identified.count()
-        clock.stop()
-        # one scan of the table finds the ids to skip and whether any other input id is in
-        # it; when none is, the MERGE appends without searching the table again
-        clock.start("incremental")
-        remaining = identified
-        n_skipped = 0
-        new_keys_at: int | None = None
+        # 3.-5. one Spark action before any model work: one row per mention_id, one scan of
+        # the table for the input's ids (which to skip, whether any other is in it),
+        # validation and normalisation of the rest (the Python normaliser never sees
+        # mentions linked before), their surface forms, and the split of those by the form
+        # cache; every count comes from one union of tallies
+        clock.start("prepare")
+        # an upper bound of every count below (identify only merges rows), to decide what is
+        # small enough to broadcast; Parquet answers it from its file footers
+        input_rows = selected.count()
+        partitions = config.spark.shuffle_partitions
+        identified = identify_mentions(selected)
+        marked = None
+        table_at: int | None = None
         if config.output.incremental:
             table, table_at = read_delta_snapshot(spark, config.output.path)
             keys = table_keys(table, art.versions)
             if keys is not None:
-                matched = persist(match_table(identified, keys, n_mentions))
-                agg = matched.agg(F.count(F.lit(1)).alias("n"),
-                                  F.count(F.when(F.col("_skip"), 1)).alias("skip")).first()
-                n_skipped = int(agg["skip"])
-                if int(agg["n"]) == n_skipped:
-                    new_keys_at = table_at
-                remaining = skip_already_linked(identified, matched, n_mentions)
-        clock.stop()
-        clock.start("validate")
+                marked = persist(mark_linked(identified, keys, input_rows))
+        if marked is None:
+            table_at = None  # the table was not searched
+            marked = persist(identified.withColumn("_in_table", F.lit(False))
+                             .withColumn("_skip", F.lit(False)))
+        remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
+        # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
+        # night's few thousand rows cost one task's start, not one per shuffle partition
+        remaining = remaining.coalesce(_tasks(input_rows, ROWS_PER_PREPARE_TASK, partitions))
         validated = persist(check_mentions(remaining, config.linking.max_text_length))
-        n_invalid = int(validated.agg(F.count(F.col("reason")).alias("n")).first()["n"])
         to_link = validated.filter(F.col("reason").isNull())
-        n_to_link = n_mentions - n_skipped - n_invalid
-        clock.stop()
+        tallies = [tally(marked, mentions=F.lit(True), in_table=F.col("_in_table"),
+                         skipped=F.col("_skip")),
+                   tally(validated, invalid=F.col("reason").isNotNull())]
 
-        # 5. UDF stages over surface forms (those the form cache holds are not computed)
         dedupe = config.spark.dedupe_surface_forms
         cache_versions = {**art.versions, "linking_version": linking_version(config)}
+        # with a cache the forms left to compute are repartitioned after the split
+        forms = surface_forms(to_link, dedupe, None if cache_path else partitions)
+        hits: DataFrame | None = None
+        cache_at: int | None = None
+        if cache_path:
+            cache, cache_at = read_delta_snapshot(spark, cache_path)
+            hits, forms, cache_tally = split_by_cache(forms, cache, cache_versions, persist,
+                                                      max_forms=input_rows)
+            if cache_tally is None:
+                cache_at = None  # not read: the forms were not checked against it
+                forms = forms.repartition(partitions)
+            else:
+                tallies.append(cache_tally)
+        counts = collect_tallies(tallies)
+        n_mentions, n_skipped = counts["mentions"], counts["skipped"]
+        # no input id but those skipped is in the table: the MERGE can append
+        new_keys_at = table_at if counts["in_table"] == n_skipped else None
+        n_invalid = counts["invalid"]
+        n_to_link = n_mentions - n_skipped - n_invalid
+        n_cached = counts.get("cache_hits", 0)
+        n_misses = counts["forms"] - n_cached if "forms" in counts else -1  # -1: unknown
+        if hits is not None:
+            # the join's output is sized by bytes: spread the model work again, over tasks
+            # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms still
+            # use every core; a handful of forms, one task)
+            forms = forms.repartition(_tasks(n_misses, MIN_FORMS_PER_TASK, partitions))
+        clock.stop()
+
+        # 5. UDF stages over the surface forms the form cache does not hold
         results: DataFrame | None = None
         computed: DataFrame | None = None
-        n_forms = n_cached = 0
-        cache_at: int | None = None
+        n_forms = 0
         stage_seconds = stage_seconds_accumulator(spark)
         if n_to_link:
-            clock.start("form_cache")
-            partitions = config.spark.shuffle_partitions
-            # with a cache the forms left to compute are repartitioned after the split
-            forms = surface_forms(to_link, dedupe, None if cache_path else partitions)
-            hits = None
-            n_misses = -1  # unknown without a cache
-            if cache_path:
-                cache, cache_at = read_delta_snapshot(spark, cache_path)
-                hits, forms, n_hits, n_misses = split_by_cache(
-                    forms, cache, cache_versions, persist, max_forms=n_to_link)
-                if hits is None:
-                    cache_at = None  # not read: the forms were not checked against it
-                    forms = forms.repartition(partitions)
-                else:
-                    n_cached = n_hits
-                    # the join's output is sized by bytes: spread the model work again, over
-                    # tasks of at least MIN_FORMS_PER_TASK forms (a small night's few hundred
-                    # forms still use every core; a handful of forms, one task)
-                    tasks = -(-n_misses // MIN_FORMS_PER_TASK)
-                    forms = forms.repartition(max(1, min(partitions, tasks)))
-            clock.stop()
             if n_misses != 0:
                 clock.start("embed_search")
                 computed = persist(forms.mapInArrow(make_retrieve_fn(spec, stage_seconds),
@@ -760,9 +804,11 @@ def run_link_job(
 
         # 6. join back + write
         clock.start("write")
-        out = assemble_output(validated, to_link, results, config, art.versions, run_id,
-                              run_ts, dedupe)
         n_out = n_invalid + n_to_link
+        # one file per ROWS_PER_FILE rows written (a night of a few thousand rows adds one
+        # file to the table, not one per partition of each part)
+        out = assemble_output(validated, to_link, results, config, art.versions, run_id,
+                              run_ts, dedupe).coalesce(_tasks(n_out, ROWS_PER_FILE, partitions))
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
@@ -779,21 +825,13 @@ def run_link_job(
 
         # 7. the form cache learns the forms this run computed (after the table: a failure
         # here costs the next run time, never rows)
-        cache_info = {"path": cache_path or None, "hits": n_cached, "added": 0}
+        cache_info: dict[str, Any] = {"path": cache_path or None, "hits": n_cached, "added": 0}
         if cache_path and computed is not None and n_forms:
+            # the computed forms missed the cache as read at cache_at
+            new_rows = cache_rows(computed, cache_versions, run_id, run_ts).coalesce(
+                _tasks(n_forms, ROWS_PER_FILE, partitions))
             clock.start("form_cache_write")
-            try:
-                # the computed forms missed the cache as read at cache_at
-                added = merge_into_delta(spark, cache_rows(computed, cache_versions, run_id,
-                                                           run_ts),
-                                         cache_path, key=CACHE_KEY_COLUMN,
-                                         writer=config.output.writer, new_keys_at=cache_at)
-                cache_info["added"] = added.rows_written
-            except Exception as exc:  # noqa: BLE001 - the assignments are already committed
-                log.warning("link job %s: form cache %s not updated (%s: %s); the table is "
-                            "written, the next run computes these forms again", run_id,
-                            cache_path, type(exc).__name__, exc)
-                cache_info["error"] = type(exc).__name__
+            cache_info.update(_update_form_cache(spark, new_rows, config, cache_at, run_id))
             clock.stop()
     finally:
         clock.stop()
@@ -823,6 +861,25 @@ def run_link_job(
              "%.1f s", run_id, write_info["rows_written"], write_info["table_version"],
              by_status, timings["total"])
     return summary
+
+
+def _update_form_cache(spark: SparkSession, rows: DataFrame, config: JobConfig,
+                       cache_at: int | None, run_id: str) -> dict[str, Any]:
+    """Append ``rows`` (forms missing from the cache as read at ``cache_at``) to the form
+    cache: {"added": rows} or, when the write fails, {"error": the exception's type}. Never
+    raises for a failed write: the code assignments are committed without it."""
+    from clinlinker_spark.spark.writer import merge_into_delta
+
+    try:
+        added = merge_into_delta(spark, rows, config.output.form_cache_path,
+                                 key=CACHE_KEY_COLUMN, writer=config.output.writer,
+                                 new_keys_at=cache_at)
+        return {"added": added.rows_written}
+    except Exception as exc:  # noqa: BLE001 - the assignments are already committed
+        log.warning("link job %s: form cache %s not updated (%s: %s); the table is written, "
+                    "the next run computes these forms again", run_id,
+                    config.output.form_cache_path, type(exc).__name__, exc)
+        return {"error": type(exc).__name__}
 
 
 def _current_version(path: str) -> int | None:
