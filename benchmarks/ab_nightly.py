@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="new", help="new | night2")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--job-config", default="conf/local.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the job config (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the last repetition's Spark jobs (from the event log)")
+    parser.add_argument("--event-log", default=None, metavar="DIR",
+                        help="with --profile: keep the Spark event log in DIR")
     args = parser.parse_args(argv)
     code = str(Path(args.code).resolve())
     sys.path[:0] = [code, code + "/benchmarks"]
@@ -43,13 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     if not clinlinker_spark.__file__.startswith(code):
         raise SystemExit(f"clinlinker_spark imported from {clinlinker_spark.__file__}, not {code}")
     work = Path(args.work)
-    job = load_config(args.job_config, [])
-    spark = build_spark_session(job.spark)
-    spark.sparkContext.setLogLevel("ERROR")
+    job = load_config(args.job_config, args.set)
     walls: list[float] = []
     summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="ab-nightly-") as tmp:
         scratch = Path(tmp)
+        events = Path(args.event_log) if args.event_log else scratch / "events"
+        events.mkdir(parents=True, exist_ok=True)
+        extra = ({"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+                  "spark.eventLog.compress": "false"}
+                 if args.profile else {})
+        spark = build_spark_session(job.spark, extra)
+        spark.sparkContext.setLogLevel("ERROR")
         run_link_job(spark, spark_job_config(job, str(work / "warmup.parquet"),
                                              str(scratch / "warm"), False, False))
         for _ in range(args.reps):
@@ -60,13 +71,55 @@ def main(argv: list[str] | None = None) -> int:
             config = spark_job_config(job, str(work / f"{args.input}.parquet"),
                                       str(scratch / "table"), True, True, str(scratch / "cache"))
             t = time.perf_counter()
+            t_ms = time.time() * 1000
             summary = run_link_job(spark, config)
             walls.append(round(time.perf_counter() - t, 2))
-    spark.stop()
+        spark.stop()
+        if args.profile:
+            print_jobs(max(events.iterdir(), key=lambda f: f.stat().st_mtime), t_ms)
     print(json.dumps({"code": code, "input": args.input, "walls_s": walls,
                       "last_timings_s": summary.get("timings_s"),
+                      "last_udf_task_s": summary.get("udf_task_seconds"),
                       "rows_written": summary.get("rows_written")}))
     return 0
+
+
+def print_jobs(event_log: Path, since_ms: float) -> None:
+    """Each Spark job that started after ``since_ms``: start offset, wall, stages, tasks, the
+    tasks' summed run time, and its description; then the driver time between jobs."""
+    jobs: dict[int, dict] = {}
+    stage_job: dict[int, int] = {}
+    # Spark 4 writes a folder of rolled files (events_<n>_<app>) unless rolling is off
+    files = sorted(event_log.glob("events_*"), key=lambda f: int(f.name.split("_")[1])) \
+        if event_log.is_dir() else [event_log]
+    for line in (ln for f in files for ln in f.read_text().splitlines()):
+        ev = json.loads(line)
+        kind = ev.get("Event")
+        if kind == "SparkListenerJobStart" and ev["Submission Time"] >= since_ms:
+            desc = (ev.get("Properties") or {}).get("spark.job.description") or ""
+            jobs[ev["Job ID"]] = {"start": ev["Submission Time"], "desc": desc.split(": ")[-1],
+                                  "stages": 0, "tasks": 0, "task_ms": 0}
+            for sid in ev["Stage IDs"]:
+                stage_job[sid] = ev["Job ID"]
+        elif kind == "SparkListenerJobEnd" and ev["Job ID"] in jobs:
+            jobs[ev["Job ID"]]["end"] = ev["Completion Time"]
+        elif kind == "SparkListenerStageCompleted":
+            info = ev["Stage Info"]
+            job_id = stage_job.get(info["Stage ID"])
+            if job_id in jobs and "Submission Time" in info:
+                jobs[job_id]["stages"] += 1
+                jobs[job_id]["tasks"] += info["Number of Tasks"]
+        elif kind == "SparkListenerTaskEnd" and stage_job.get(ev["Stage ID"]) in jobs:
+            jobs[stage_job[ev["Stage ID"]]]["task_ms"] += (ev["Task Info"]["Finish Time"]
+                                                           - ev["Task Info"]["Launch Time"])
+    busy = 0.0
+    print(f"{'at s':>6} {'wall s':>7} {'stages':>6} {'tasks':>5} {'task s':>7}  stage")
+    for job in sorted(jobs.values(), key=lambda j: j["start"]):
+        wall = (job.get("end", job["start"]) - job["start"]) / 1000
+        busy += wall
+        print(f"{(job['start'] - since_ms) / 1000:6.2f} {wall:7.2f} {job['stages']:6d} "
+              f"{job['tasks']:5d} {job['task_ms'] / 1000:7.2f}  {job['desc']}")
+    print(f"{len(jobs)} Spark jobs, {busy:.2f} s inside them (overlaps counted twice)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ Steps (conf/bench.yaml, section ``link``, says which runs):
    surface-form cache), ``incremental`` (night 2 = night 1 + the new mentions into that
    table: mentions already linked are skipped, forms in the cache are not computed) and
    ``nightly_new`` (only the new mentions as input, the way a nightly extract arrives; the
-   cache warm).
+   cache warm). Each night-2 run is repeated ``link.night_repeats`` times from a fresh copy
+   of night 1: the first repetition runs its code paths for the first time in the session,
+   the way a nightly spark-submit starts; the median shows them warm.
 5. ``rerank``: cross-encoder pairs/s on candidates of real forms, with a cross-encoder made
    from the base encoder plus an untrained one-logit head (the same compute as a trained
    one; no trained cross-encoder exists in this repository yet).
@@ -43,6 +45,7 @@ import json
 import logging
 import multiprocessing
 import shutil
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -448,25 +451,34 @@ def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str
             source, table_name, dedupe, incremental, cache_name, start = plan[name]
             table = work / table_name
             form_cache = str(work / cache_name) if cache_name else ""
-            shutil.rmtree(table, ignore_errors=True)
-            if form_cache:
-                shutil.rmtree(form_cache, ignore_errors=True)
-            if start == "night1":
-                if not snapshot.exists():
-                    log.warning("run %s needs spark_dedupe's table; skipped", name)
-                    continue
-                shutil.copytree(snapshot / "table", table)
-                shutil.copytree(snapshot / "form-cache", form_cache)
-            log.info("run %s", name)
-            config = spark_job_config(job, str(inputs[source]), str(table), dedupe,
-                                      incremental, form_cache)
-            with ProcessSampler(cfg.link.sample_interval_s) as sampler:
-                t = time.perf_counter()
-                summary = run_link_job(spark, config)
-                wall = time.perf_counter() - t
-            phases[name] = {"wall_s": round(wall, 3), "spark_cores": cores,
-                            "summary": summary, "resources": sampler.result}
-            log.info("run %s: %.1f s, %s", name, wall, summary["timings_s"])
+            if start == "night1" and not snapshot.exists():
+                log.warning("run %s needs spark_dedupe's table; skipped", name)
+                continue
+            # a night-2 run is repeated from a fresh copy of night 1: the first repetition
+            # is the first time this session runs its code paths (a nightly spark-submit
+            # starts a new JVM every night), the later ones show them warm
+            walls: list[float] = []
+            for rep in range(cfg.link.night_repeats if start == "night1" else 1):
+                shutil.rmtree(table, ignore_errors=True)
+                if form_cache:
+                    shutil.rmtree(form_cache, ignore_errors=True)
+                if start == "night1":
+                    shutil.copytree(snapshot / "table", table)
+                    shutil.copytree(snapshot / "form-cache", form_cache)
+                log.info("run %s (repetition %d)", name, rep + 1)
+                config = spark_job_config(job, str(inputs[source]), str(table), dedupe,
+                                          incremental, form_cache)
+                with ProcessSampler(cfg.link.sample_interval_s) as sampler:
+                    t = time.perf_counter()
+                    summary = run_link_job(spark, config)
+                    wall = time.perf_counter() - t
+                walls.append(round(wall, 3))
+                log.info("run %s: %.1f s, %s", name, wall, summary["timings_s"])
+                if rep == 0:
+                    phases[name] = {"wall_s": round(wall, 3), "spark_cores": cores,
+                                    "summary": summary, "resources": sampler.result}
+            phases[name]["repeat_walls_s"] = walls
+            phases[name]["repeat_timings_s"] = summary["timings_s"]  # the last repetition's
             if name == "spark_dedupe":
                 shutil.rmtree(snapshot, ignore_errors=True)
                 shutil.copytree(table, snapshot / "table")
@@ -611,7 +623,14 @@ def targets(runs: dict[str, Any], phases: dict[str, Any]) -> dict[str, Any]:
             continue
         ratio = runs["spark_dedupe"]["wall_s"] / runs[name]["wall_s"]
         out[f"{name}_speedup"] = {"ratio": round(ratio, 2), "target": ">= 10",
-                                  "met": ratio >= 10}
+                                  "met": ratio >= 10, "night": "first repetition"}
+        walls = phases[name].get("repeat_walls_s", [])
+        if len(walls) > 1:
+            median = statistics.median(walls)
+            ratio = runs["spark_dedupe"]["wall_s"] / median
+            out[f"{name}_speedup_median"] = {
+                "ratio": round(ratio, 2), "target": ">= 10", "met": ratio >= 10,
+                "night": f"median of {len(walls)} repetitions", "walls_s": walls}
         ratio = runs["spark_dedupe"]["cpu_s"] / runs[name]["cpu_s"]
         out[f"{name}_speedup_per_cpu_second"] = {"ratio": round(ratio, 2), "target": ">= 10",
                                                  "met": ratio >= 10}

@@ -73,6 +73,8 @@ class LinkBenchConfig:
     # by one twice does not fit a bounded run on 2 shared cores
     plain_mentions: int = 0
     warmup_mentions: int = 2000  # a first Spark run that loads models in the workers
+    # each night-2 run (incremental, nightly_new) this many times, from a fresh copy of night 1
+    night_repeats: int = 3
     rerank_forms: int = 200  # forms whose top_n candidates the cross-encoder scores
     precision_forms: int = 2000  # forms the fp32 vs bf16 bi-encoder comparison embeds
     sample_interval_s: float = 0.25
