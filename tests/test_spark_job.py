@@ -448,6 +448,45 @@ def test_incremental_skip_never_hides_a_duplicated_id(
     assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
 
 
+def test_incremental_run_leaves_unchanged_invalid_rows_alone(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    # an input with invalid rows fed again (the whole history as input) writes nothing: no
+    # table file is rewritten for rows whose outcome would be the same
+    columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
+    night1 = dev_mentions.iloc[:20][columns].copy()
+    limit = int(night1["text"].str.len().max()) + 5  # every real text fits
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        "input.passthrough_columns=[]", f"linking.max_text_length={limit}")
+    night1.iloc[1, night1.columns.get_loc("text")] = "   "  # empty text
+    night1.iloc[2, night1.columns.get_loc("text")] = "x" * (limit + 20)  # too long
+    twin = night1.iloc[3:4].copy()  # a duplicated id
+    twin["start"] += 1000
+    night1 = pd.concat([night1, twin], ignore_index=True)
+    first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(night1))
+    assert first["counts_by_status"]["invalid_input"] == 3
+    version = table_version(config.output.path)
+
+    again = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(night1))
+    assert again["skipped_already_linked"] == 17 and again["skipped_unchanged_invalid"] == 3
+    assert again["rows_written"] == 0 and table_version(config.output.path) == version
+
+    # the duplicate is gone and a longer text limit makes the long text valid: both relinked;
+    # the empty text stays as it was
+    longer = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        "input.passthrough_columns=[]", f"linking.max_text_length={limit + 40}")
+    third = run_job(spark, longer, run_id="night-3",
+                    mentions=spark.createDataFrame(night1.iloc[:-1]))
+    assert third["skipped_unchanged_invalid"] == 1 and third["to_link"] == 2
+    table = read_table(config.output.path).set_index("mention_id")
+    assert len(table) == 20
+    relinked = night1["mention_id"].iloc[[2, 3]]
+    assert (table.loc[relinked, "run_id"] == "night-3").all()
+    assert (table.loc[relinked, "status"] != "invalid_input").all()
+    empty = table.loc[night1["mention_id"].iloc[1]]
+    assert empty["run_id"] == "night-1" and empty["reason"] == "empty text"
+
+
 def test_mark_linked_broadcast_and_shuffle_agree(spark):
     from clinlinker_spark.spark.job import mark_linked, match_table
 
@@ -456,15 +495,18 @@ def test_mark_linked_broadcast_and_shuffle_agree(spark):
          ("d", "h4", 1, False), ("e", "h6", 1, False), ("null:x", "h5", 1, True)],
         "mention_id string, text_sha256 string, _rows long, _null_id boolean")
     table = spark.createDataFrame(
-        [("a", "h1", True), ("b", "other", True), ("c", "h3", True), ("e", "h6", False),
-         ("null:x", "h5", True), ("z", "h9", True)],
-        "mention_id string, text_sha256 string, _done boolean")
-    # a: skipped; b: text changed; c: duplicated id; d: new; e: not final (or other
-    # versions); null id: never skipped; z: not in the input
+        [("a", "h1", True, None), ("b", "other", True, None), ("c", "h3", True, None),
+         ("e", "h6", False, "empty text"), ("null:x", "h5", False, "null mention_id"),
+         ("z", "h9", True, None)],
+        "mention_id string, text_sha256 string, _done boolean, _invalid_reason string")
+    # a: skipped; b: text changed; c: duplicated id; d: new; e: invalid before (same text);
+    # null id: never skipped, invalid before; z: not in the input
     for rows in (None, 6):  # shuffle join / broadcast of the input's keys
         matched = match_table(identified, table, rows)
-        assert {r["mention_id"]: r["_skip"] for r in matched.collect()} == {
-            "a": True, "b": False, "c": False, "e": False, "null:x": False}
+        assert {r["mention_id"]: (r["_skip"], r["_was_invalid"])
+                for r in matched.collect()} == {
+            "a": (True, None), "b": (False, None), "c": (False, None),
+            "e": (False, "empty text"), "null:x": (False, "null mention_id")}
         marked = {r["mention_id"]: (r["_in_table"], r["_skip"], r["_rows"])
                   for r in mark_linked(identified, table, rows).collect()}
         assert marked == {"a": (True, True, 1), "b": (True, False, 1), "c": (True, False, 2),

@@ -13,7 +13,8 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
 4. incremental (``output.incremental``, :func:`mark_linked`): drop mentions the table already
    holds as linked or no_candidate with the same model, index and re-ranker versions and the
    same text; then :func:`check_mentions` normalises the rest and gives invalid rows their
-   reasons.
+   reasons (an invalid row the table holds with the same text, versions and reason is left
+   alone too).
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
    settings from it (:func:`split_by_cache`). Steps 3-5 are one Spark action (stage
@@ -392,9 +393,11 @@ def validate_mentions(mentions: DataFrame, max_text_length: int) -> DataFrame:
 def match_table(identified: DataFrame, keys: DataFrame,
                 input_rows: int | None = None) -> DataFrame:
     """The table rows whose mention_id is in the input (:func:`identify_mentions` rows), as
-    (mention_id, ``_skip``): ``_skip`` when the table holds the id as final with these
-    versions and the same text, and the input has it on one row with a real id (a duplicated
-    or null id must still reach the table as invalid_input). ``keys``:
+    (mention_id, ``_skip``, ``_was_invalid``): ``_skip`` when the table holds the id as final
+    with these versions and the same text, and the input has it on one row with a real id (a
+    duplicated or null id must still reach the table as invalid_input); ``_was_invalid``: the
+    reason the table gives for the same text as invalid_input with these versions (the job
+    leaves the row alone when validation gives that reason again). ``keys``:
     :func:`table_keys`. The other matched ids are rows this run replaces.
 
     With ``input_rows`` (the count of ``identified``) at most BROADCAST_INPUT_ROWS, the input's
@@ -409,16 +412,19 @@ def match_table(identified: DataFrame, keys: DataFrame,
     if _small_input(input_rows):
         inputs = F.broadcast(inputs)
     matched = keys.join(inputs, "mention_id", "inner")
-    skip = F.col("_done") & F.col("_single") & (F.col("text_sha256") == F.col("_in_sha"))
-    return matched.select("mention_id", F.coalesce(skip, F.lit(False)).alias("_skip"))
+    same_text = F.col("text_sha256").eqNullSafe(F.col("_in_sha"))  # null text: null hashes
+    skip = F.col("_done") & F.col("_single") & same_text
+    return matched.select("mention_id", F.coalesce(skip, F.lit(False)).alias("_skip"),
+                          F.when(same_text, F.col("_invalid_reason")).alias("_was_invalid"))
 
 
 def mark_linked(identified: DataFrame, keys: DataFrame,
                 input_rows: int | None = None) -> DataFrame:
     """:func:`identify_mentions` rows with ``_in_table`` (the table holds the id) and ``_skip``
     (:func:`match_table`'s mark: the id is linked already; the run leaves it out), both never
-    null. ``input_rows``: an upper bound of the rows (None: unknown); small inputs are
-    broadcast both ways (their keys to the table scan, the matched ids back)."""
+    null, and :func:`match_table`'s ``_was_invalid``. ``input_rows``: an upper bound of the
+    rows (None: unknown); small inputs are broadcast both ways (their keys to the table scan,
+    the matched ids back)."""
     from pyspark.sql import functions as F
 
     matched = match_table(identified, keys, input_rows).withColumn("_in_table", F.lit(True))
@@ -450,8 +456,10 @@ def collect_tallies(parts: list[DataFrame]) -> dict[str, int]:
 
 
 def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
-    """(mention_id, text_sha256, ``_done``) of every output table row; ``_done``: final with
-    these versions. None without a table or when it lacks the columns."""
+    """(mention_id, text_sha256, ``_done``, ``_invalid_reason``) of every output table row;
+    ``_done``: final with these versions; ``_invalid_reason``: the reason of an invalid_input
+    row with these versions (else null). None without a table or when it lacks the
+    columns."""
     from pyspark.sql import functions as F
 
     if existing is None:
@@ -461,11 +469,15 @@ def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFram
         log.warning("output table lacks columns %s: incremental skipping is off for this run",
                     sorted(needed - set(existing.columns)))
         return None
-    cond = F.col("status").isin(*FINAL_STATUSES)
+    same_versions = F.lit(True)
     for name, value in versions.items():
-        cond = cond & (F.col(name) == F.lit(value))
-    return existing.select("mention_id", "text_sha256",
-                           F.coalesce(cond, F.lit(False)).alias("_done"))
+        same_versions = same_versions & (F.col(name) == F.lit(value))
+    done = F.col("status").isin(*FINAL_STATUSES) & same_versions
+    reason = F.col("reason") if "reason" in existing.columns else F.lit(None).cast("string")
+    return existing.select(
+        "mention_id", "text_sha256", F.coalesce(done, F.lit(False)).alias("_done"),
+        F.when((F.col("status") == STATUS_INVALID) & same_versions, reason)
+        .alias("_invalid_reason"))
 
 
 def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int | None) -> DataFrame:
@@ -735,16 +747,25 @@ def run_link_job(
         if marked is None:
             table_at = None  # the table was not searched
             marked = persist(identified.withColumn("_in_table", F.lit(False))
-                             .withColumn("_skip", F.lit(False)))
+                             .withColumn("_skip", F.lit(False))
+                             .withColumn("_was_invalid", F.lit(None).cast("string")))
         remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
         # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
         # night's few thousand rows cost one task's start, not one per shuffle partition
         remaining = remaining.coalesce(_tasks(input_rows, ROWS_PER_PREPARE_TASK, partitions))
-        validated = persist(check_mentions(remaining, config.linking.max_text_length))
+        # an invalid row the table holds with the same text, versions and reason is left
+        # alone (rewriting a table file for it would change nothing)
+        checked = persist(
+            check_mentions(remaining, config.linking.max_text_length)
+            .withColumn("_unchanged", F.coalesce(F.col("reason") == F.col("_was_invalid"),
+                                                 F.lit(False)))
+            .drop("_was_invalid"))
+        validated = checked.filter(~F.col("_unchanged")).drop("_unchanged")
         to_link = validated.filter(F.col("reason").isNull())
         tallies = [tally(marked, mentions=F.lit(True), in_table=F.col("_in_table"),
                          skipped=F.col("_skip")),
-                   tally(validated, invalid=F.col("reason").isNotNull())]
+                   tally(checked, invalid=F.col("reason").isNotNull() & ~F.col("_unchanged"),
+                         unchanged_invalid=F.col("_unchanged"))]
 
         dedupe = config.spark.dedupe_surface_forms
         cache_versions = {**art.versions, "linking_version": linking_version(config)}
@@ -763,10 +784,11 @@ def run_link_job(
                 tallies.append(cache_tally)
         counts = collect_tallies(tallies)
         n_mentions, n_skipped = counts["mentions"], counts["skipped"]
-        # no input id but those skipped is in the table: the MERGE can append
-        new_keys_at = table_at if counts["in_table"] == n_skipped else None
+        n_unchanged = counts["unchanged_invalid"]
+        # no input id but those left alone is in the table: the MERGE can append
+        new_keys_at = table_at if counts["in_table"] == n_skipped + n_unchanged else None
         n_invalid = counts["invalid"]
-        n_to_link = n_mentions - n_skipped - n_invalid
+        n_to_link = n_mentions - n_skipped - n_unchanged - n_invalid
         n_cached = counts.get("cache_hits", 0)
         n_misses = counts["forms"] - n_cached if "forms" in counts else -1  # -1: unknown
         if hits is not None:
@@ -798,9 +820,10 @@ def run_link_job(
                 results = computed
             else:
                 results = hits if computed is None else hits.unionByName(computed)
-        log.info("link job %s: %d mentions, %d invalid, %d skipped (already linked), "
-                 "%d to link: %d surface forms from the form cache, %d computed", run_id,
-                 n_mentions, n_invalid, n_skipped, n_to_link, n_cached, n_forms)
+        log.info("link job %s: %d mentions, %d invalid, %d skipped (already linked), %d "
+                 "invalid as before, %d to link: %d surface forms from the form cache, %d "
+                 "computed", run_id, n_mentions, n_invalid, n_skipped, n_unchanged, n_to_link,
+                 n_cached, n_forms)
 
         # 6. join back + write
         clock.start("write")
@@ -846,6 +869,8 @@ def run_link_job(
         "mentions": n_mentions,
         "counts_by_status": by_status,
         "skipped_already_linked": n_skipped,
+        # invalid_input rows the table holds with the same text, versions and reason
+        "skipped_unchanged_invalid": n_unchanged,
         "to_link": n_to_link,
         "surface_forms": n_forms,  # computed by the UDFs (form cache hits not counted)
         "form_cache": cache_info,
