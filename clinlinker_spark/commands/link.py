@@ -80,6 +80,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f"; {summary['rows_written']} rows written, "
         f"{summary['skipped_already_linked']} skipped (already linked), "
+        f"{summary.get('skipped_unchanged_invalid', 0)} invalid as before (left alone), "
         f"{summary['surface_forms']} surface forms embedded, "
         f"{summary.get('form_cache', {}).get('hits', 0)} taken from the form cache",
         f"timings: {timings}",

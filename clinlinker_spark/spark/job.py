@@ -685,8 +685,12 @@ def run_link_job(
     columns (the column mapping still applies). Returns a summary: run_id, table path,
     writer, table version, rows written/replaced, counts by status, how many mentions were
     skipped (incremental) and how many surface forms went through the UDFs, artifact versions,
-    wall time per stage in seconds (``timings_s``) and the UDFs' seconds per linking stage
-    (encode, search, candidates, rerank) summed over tasks (``udf_task_seconds``).
+    wall time per stage in seconds (``timings_s``: prepare, embed_search, rerank, write,
+    form_cache_write, total) and the UDFs' seconds per linking stage (encode, search,
+    candidates, rerank) summed over tasks (``udf_task_seconds``).
+
+    The input is read twice: a row count first (from file footers for Parquet and Delta; a
+    ``mentions`` DataFrame is evaluated for it), then the one pass of the prepare stage.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
