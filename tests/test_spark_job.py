@@ -448,11 +448,16 @@ def test_incremental_skip_never_hides_a_duplicated_id(
     assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
 
 
+@pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
 def test_incremental_run_leaves_unchanged_invalid_rows_alone(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, broadcast_rows,
 ):
     # an input with invalid rows fed again (the whole history as input) writes nothing: no
-    # table file is rewritten for rows whose outcome would be the same
+    # table file is rewritten for rows whose outcome would be the same. Both ways of looking
+    # the input up in the table: broadcast (a night's extract) or one left join (a large input)
+    import clinlinker_spark.spark.job as job_module
+
+    monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", broadcast_rows)
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
     night1 = dev_mentions.iloc[:20][columns].copy()
     limit = int(night1["text"].str.len().max()) + 5  # every real text fits

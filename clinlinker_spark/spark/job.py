@@ -406,16 +406,31 @@ def match_table(identified: DataFrame, keys: DataFrame,
     comes once."""
     from pyspark.sql import functions as F
 
-    inputs = identified.select(
-        "mention_id", F.col("text_sha256").alias("_in_sha"),
-        ((F.col("_rows") == 1) & ~F.col("_null_id")).alias("_single"))
+    inputs = identified.select("mention_id", F.col("text_sha256").alias("_in_sha"),
+                               _single_id().alias("_single"))
     if _small_input(input_rows):
         inputs = F.broadcast(inputs)
     matched = keys.join(inputs, "mention_id", "inner")
-    same_text = F.col("text_sha256").eqNullSafe(F.col("_in_sha"))  # null text: null hashes
-    skip = F.col("_done") & F.col("_single") & same_text
-    return matched.select("mention_id", F.coalesce(skip, F.lit(False)).alias("_skip"),
-                          F.when(same_text, F.col("_invalid_reason")).alias("_was_invalid"))
+    return matched.select("mention_id", *_marks(F.col("_single"), F.col("_in_sha"),
+                                                F.col("text_sha256")))
+
+
+def _single_id() -> Column:
+    """An :func:`identify_mentions` row that came from one input row with a real id."""
+    from pyspark.sql import functions as F
+
+    return (F.col("_rows") == 1) & ~F.col("_null_id")
+
+
+def _marks(single: Column, input_sha: Column, table_sha: Column) -> list[Column]:
+    """``_skip`` and ``_was_invalid`` (see :func:`match_table`) of an input row joined with
+    its :func:`table_keys` row."""
+    from pyspark.sql import functions as F
+
+    same_text = table_sha.eqNullSafe(input_sha)  # a null text has a null hash
+    skip = F.col("_done") & single & same_text
+    return [F.coalesce(skip, F.lit(False)).alias("_skip"),
+            F.when(same_text, F.col("_invalid_reason")).alias("_was_invalid")]
 
 
 def mark_linked(identified: DataFrame, keys: DataFrame,
@@ -424,15 +439,24 @@ def mark_linked(identified: DataFrame, keys: DataFrame,
     (:func:`match_table`'s mark: the id is linked already; the run leaves it out), both never
     null, and :func:`match_table`'s ``_was_invalid``. ``input_rows``: an upper bound of the
     rows (None: unknown); small inputs are broadcast both ways (their keys to the table scan,
-    the matched ids back)."""
+    the matched ids back), larger ones meet the table in one left join."""
     from pyspark.sql import functions as F
 
-    matched = match_table(identified, keys, input_rows).withColumn("_in_table", F.lit(True))
     if _small_input(input_rows):
-        matched = F.broadcast(matched)
-    return (identified.join(matched, "mention_id", "left")
-            .withColumn("_in_table", F.coalesce(F.col("_in_table"), F.lit(False)))
-            .withColumn("_skip", F.coalesce(F.col("_skip"), F.lit(False))))
+        matched = match_table(identified, keys, input_rows).withColumn("_in_table", F.lit(True))
+        return (identified.join(F.broadcast(matched), "mention_id", "left")
+                .withColumn("_in_table", F.coalesce(F.col("_in_table"), F.lit(False)))
+                .withColumn("_skip", F.coalesce(F.col("_skip"), F.lit(False))))
+    # a large input: one left join. The rows are already partitioned by mention_id (the
+    # window of identify_mentions), so only the table's keys are shuffled, and the input is
+    # neither de-duplicated twice nor broadcast
+    table = keys.select("mention_id", F.col("text_sha256").alias("_table_sha"), "_done",
+                        "_invalid_reason", F.lit(True).alias("_in_table"))
+    joined = identified.join(table, "mention_id", "left")
+    return joined.select(
+        *identified.columns,
+        F.coalesce(F.col("_in_table"), F.lit(False)).alias("_in_table"),
+        *_marks(_single_id(), F.col("text_sha256"), F.col("_table_sha")))
 
 
 def tally(df: DataFrame, **conditions: Column) -> DataFrame:
