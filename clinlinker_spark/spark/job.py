@@ -400,7 +400,8 @@ def match_table(identified: DataFrame, keys: DataFrame,
     leaves the row alone when validation gives that reason again). ``keys``:
     :func:`table_keys`. The other matched ids are rows this run replaces.
 
-    With ``input_rows`` (the count of ``identified``) at most BROADCAST_INPUT_ROWS, the input's
+    With ``input_rows`` (an upper bound of the rows of ``identified``, e.g. the input's row
+    count) at most BROADCAST_INPUT_ROWS, the input's
     keys are broadcast to the table scan instead of shuffling the whole table (a nightly
     extract against a large table). The table holds each mention_id once, so each matched id
     comes once."""
