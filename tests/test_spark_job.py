@@ -534,6 +534,30 @@ def test_tallies_of_several_frames_are_counted_together(spark):
     assert counts == {"rows": 4, "big": 2, "null_x": 1, "rows_b": 2, "p": 1, "none": 0}
 
 
+def test_few_forms_run_in_one_wave_many_in_every_partition(spark):
+    from clinlinker_spark.spark.job import (
+        MIN_FORMS_PER_TASK,
+        ONE_WAVE_FORMS_PER_SLOT,
+        _form_tasks,
+        _task_slots,
+    )
+
+    # a night's few hundred forms: one task per slot, not two waves of smaller tasks
+    assert _form_tasks(275, partitions=4, slots=2) == 2
+    assert _form_tasks(275, partitions=16, slots=8) == math.ceil(275 / MIN_FORMS_PER_TASK)
+    assert _form_tasks(10, partitions=4, slots=2) == 1
+    assert _form_tasks(0, partitions=4, slots=2) == 1
+    # more than one wave's worth: every partition, as before
+    assert _form_tasks(2 * ONE_WAVE_FORMS_PER_SLOT + 1, partitions=4, slots=2) == 4
+    assert _form_tasks(275, partitions=4, slots=None) == 4  # slots unknown
+    assert _form_tasks(None, partitions=4, slots=2) == 4  # count unknown
+    assert _form_tasks(275, partitions=1, slots=2) == 1
+    # the session's slots: its cores over spark.task.cpus
+    cores = spark.sparkContext.defaultParallelism
+    assert _task_slots(spark, 1) == cores
+    assert _task_slots(spark, cores + 1) == 1
+
+
 @pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, broadcast_rows,
