@@ -153,7 +153,14 @@ def test_create_merge_rerun_is_idempotent(spark, tmp_path):
     assert history[-1]["clinlinker.operation"] == "CREATE"
 
 
-def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path):
+KEY_CHECKS = pytest.mark.parametrize("driver_rows", [writer.DRIVER_KEY_CHECK_ROWS, 0],
+                                     ids=["driver-check", "spark-check"])
+
+
+@KEY_CHECKS
+def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path, monkeypatch,
+                                                        driver_rows):
+    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", driver_rows)
     path = str(tmp_path / "t")
     df = make_df(spark, [1, 2, 3, 4, 5], "r1").withColumn(
         "status", F.when(F.col("start") > 20, "linked").otherwise("invalid_input"))
@@ -176,6 +183,20 @@ def _jobs_of(spark, group: str, action) -> int:
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
     return len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+def test_a_small_write_is_key_checked_without_spark_jobs(spark, tmp_path, monkeypatch):
+    df = make_df(spark, list(range(20)), "r1").withColumn("status", F.lit("linked"))
+    jobs = {}
+    for name, limit in [("driver", writer.DRIVER_KEY_CHECK_ROWS), ("spark", 0)]:
+        monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", limit)
+        result = {}
+        jobs[name] = _jobs_of(spark, f"key-check-{name}", lambda: result.update(
+            w=merge_into_delta(spark, df, str(tmp_path / name), writer="deltalake",
+                               count_by="status")))
+        assert result["w"].rows_written == 20 and result["w"].counts == {"linked": 20}
+    # the Spark check is one collect (a job per adaptive query stage); the driver's, none
+    assert jobs["driver"] < jobs["spark"]
 
 
 def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spark, tmp_path):
@@ -302,7 +323,10 @@ def test_nested_timestamp_and_nullability_round_trip(spark, tmp_path):
     assert all(f.nullable for f in delta_fields.values())
 
 
-def test_duplicate_or_null_keys_are_refused_and_leave_the_table_alone(spark, tmp_path):
+@KEY_CHECKS
+def test_duplicate_or_null_keys_are_refused_and_leave_the_table_alone(spark, tmp_path,
+                                                                      monkeypatch, driver_rows):
+    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", driver_rows)
     path = tmp_path / "t"
     merge_into_delta(spark, make_df(spark, [1, 2], "r1"), str(path), writer="deltalake")
     files_before = data_files_on_disk(path)

@@ -419,22 +419,62 @@ def _check_keys(df: DataFrame, key: str, count_by: str | None = None,
         ).alias("dup_keys"),
         F.coalesce(F.max(F.when(F.col("k").isNotNull(), F.col("n"))), F.lit(0)).alias("max_n"),
     ).collect()
-    totals = {name: sum(int(r[name]) for r in groups)
-              for name in ("rows", "null_rows", "dup_keys")}
-    totals["max_n"] = max((int(r["max_n"]) for r in groups), default=0)
-    if totals["null_rows"]:
+    _raise_on_bad_keys(
+        key,
+        null_rows=sum(int(r["null_rows"]) for r in groups),
+        dup_keys=sum(int(r["dup_keys"]) for r in groups),
+        max_n=max((int(r["max_n"]) for r in groups), default=0),
+    )
+    counts = {str(r["g"]): int(r["rows"]) for r in groups} if count_by else {}
+    return sum(int(r["rows"]) for r in groups), counts
+
+
+def _raise_on_bad_keys(key: str, null_rows: int, dup_keys: int, max_n: int) -> None:
+    if null_rows:
         raise DuplicateKeyError(
-            f"{totals['null_rows']} row(s) of the DataFrame to merge have a null {key!r}; "
+            f"{null_rows} row(s) of the DataFrame to merge have a null {key!r}; "
             "every row needs a key"
         )
-    if totals["dup_keys"]:
+    if dup_keys:
         raise DuplicateKeyError(
-            f"the DataFrame to merge has {totals['dup_keys']} {key!r} value(s) on more than one "
-            f"row (up to {totals['max_n']} rows for one key); MERGE needs one row per key, "
+            f"the DataFrame to merge has {dup_keys} {key!r} value(s) on more than one "
+            f"row (up to {max_n} rows for one key); MERGE needs one row per key, "
             "de-duplicate it first"
         )
-    counts = {str(r["g"]): int(r["rows"]) for r in groups} if count_by else {}
-    return totals["rows"], counts
+
+
+# staged writes of at most this many rows are key-checked on the driver (pyarrow reads their
+# key column: 2M keys of 64 characters are ~150 MB), larger ones by a Spark job
+DRIVER_KEY_CHECK_ROWS = 2_000_000
+
+
+def _check_staged_keys(loc: _Location, staged: Sequence[str], key: str,
+                       count_by: str | None = None) -> tuple[int, dict[str, int]] | None:
+    """:func:`_check_keys` of the staged Parquet files, read by pyarrow on the driver when
+    their footers count at most DRIVER_KEY_CHECK_ROWS rows; None when they count more (the
+    caller checks them with Spark). A night's few thousand rows are checked in milliseconds
+    instead of three small Spark jobs."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = sum(pq.read_metadata(path, filesystem=loc.fs).num_rows for path in staged)
+    if total > DRIVER_KEY_CHECK_ROWS:
+        return None
+    if not staged:
+        return 0, {}
+    columns = [key] if count_by is None or count_by == key else [key, count_by]
+    table = pq.read_table(list(staged), filesystem=loc.fs, columns=columns)
+    keys = table.column(key)
+    per_key = pc.value_counts(keys.drop_null()).field("counts")
+    repeated = pc.filter(per_key, pc.greater(per_key, 1))
+    _raise_on_bad_keys(key, null_rows=keys.null_count, dup_keys=len(repeated),
+                       max_n=pc.max(per_key).as_py() or 0)
+    counts: dict[str, int] = {}
+    if count_by is not None:
+        by_value = pc.value_counts(table.column(count_by))
+        counts = {str(value): int(n) for value, n in zip(
+            by_value.field("values").to_pylist(), by_value.field("counts").to_pylist())}
+    return table.num_rows, counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,7 +885,8 @@ def _merge_deltalake(
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
         )
-        rows, counts = _check_keys(written, key, count_by)
+        checked = _check_staged_keys(loc, staged_new, key, count_by)
+        rows, counts = checked if checked is not None else _check_keys(written, key, count_by)
         metadata: dict[str, Any] = {
             "clinlinker.writer": WRITER_DELTALAKE,
             "clinlinker.write_id": write_id,
