@@ -47,6 +47,12 @@ ARTIFACT_KIND = "clinlinker-terminology-index"
 FORMAT_VERSION = 1
 NORMALISATION = "nfkc-lower-ws"
 
+# exact (flat) search uses a matrix multiply from this many queries in one call. faiss-cpu
+# 1.15's default (128,000) keeps every batch below 512 queries on its one-query-at-a-time
+# kernel: a night's task of 70 forms against 15k terms took 65 ms instead of 8.5 ms (1 thread;
+# benchmarks/bench_search_batch.py). One query alone is still faster without it.
+FAISS_BLAS_MIN_QUERIES = 4
+
 ROW_COLUMNS = [
     "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
     "source", "mention_count",
@@ -347,6 +353,9 @@ class TerminologyIndex:
         k = min(k, len(self.texts))
         if len(vectors) == 0:
             return Hits(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        # a process-wide FAISS setting: set here so that it holds in every worker
+        if faiss.cvar.distance_compute_blas_threshold != FAISS_BLAS_MIN_QUERIES:
+            faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_MIN_QUERIES
         scores, positions = self.faiss_index.search(
             np.ascontiguousarray(vectors, dtype=np.float32), k)
         return Hits(scores, positions)

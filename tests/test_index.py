@@ -9,7 +9,8 @@ import pytest
 from clinlinker_spark.config import IndexConfig
 from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
 from clinlinker_spark.index import (
-    INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex, build_index, prepare_rows,
+    FAISS_BLAS_MIN_QUERIES, INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex,
+    build_index, prepare_rows,
 )
 from fake_encoder import FakeEncoder
 
@@ -69,6 +70,26 @@ def test_build_and_load_roundtrip(tmp_path):
     assert index.texts[hits.positions[0, 0]] == "neumonía"
     assert hits.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     assert index.position_of("apendicitis") >= 0 and index.position_of("nada") == -1
+
+
+def test_batched_exact_search_agrees_with_one_query_at_a_time(tmp_path, monkeypatch):
+    import faiss
+
+    # FAISS's default sends every batch under 128k queries through its per-query kernel;
+    # the index switches batches of FAISS_BLAS_MIN_QUERIES and more to a matrix multiply
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 128_000)
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"code": [f"C{i}" for i in range(300)],
+                       "term": [f"término {i} {rng.integers(10**6)}" for i in range(300)]})
+    enc = FakeEncoder(dim=32)
+    index = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "idx"))
+    queries = rng.standard_normal((40, 32)).astype(np.float32)
+    batch = index.search(queries, 20)
+    assert faiss.cvar.distance_compute_blas_threshold == FAISS_BLAS_MIN_QUERIES
+    for i, query in enumerate(queries):
+        single = index.search(query[None, :], 20)  # one query: the per-query kernel
+        np.testing.assert_allclose(batch.scores[i], single.scores[0], rtol=1e-5, atol=1e-5)
+        assert (batch.positions[i] == single.positions[0]).mean() >= 0.95  # ties may swap
 
 
 def test_index_is_immutable_and_build_is_atomic(tmp_path):
