@@ -681,6 +681,20 @@ def test_artifacts_are_shipped_once_under_distinct_names(spark, tmp_path):
     assert sc.parallelize([0], 1).map(read).collect() == [["first", "second"]]
 
 
+def test_stage_batches_carry_every_candidate_field_both_ways():
+    from clinlinker_spark.linker import Candidate
+    from clinlinker_spark.spark.udfs import _from_arrow, _to_batch
+
+    ranked = [[Candidate("E11.9", "diabetes tipo 2", 0.91, rerank_score=2.5, exact=True),
+               Candidate("E10", "diabetes tipo 1", 0.77)],
+              [],
+              [Candidate("J18", "neumonía", 0.5, rerank_score=None, exact=False)]]
+    assert {f.name for f in dataclasses.fields(Candidate)} == set(
+        _to_batch(["a"], ["a"], [[]], None).schema.field("candidates").type.value_type.names)
+    batch = _to_batch(["a", "b", "c"], ["x", "y", "z"], ranked, None)
+    assert _from_arrow(batch.column("candidates")) == ranked
+
+
 def test_task_device_uses_the_gpu_a_task_holds():
     from clinlinker_spark.spark.udfs import task_device
 

@@ -377,7 +377,10 @@ def _to_batch(keys: list[str], texts: list[str], ranked: list[list[Candidate]],
     outcomes = ([linker.outcome(c) for c in ranked] if linker is not None
                 else [(None, None, None, None, None)] * n)
     columns = list(zip(*outcomes)) if n else [(), (), (), (), ()]
-    cands = [[dataclasses.asdict(c) for c in cs] for cs in ranked]
+    # a dict literal per candidate: dataclasses.asdict (a deep copy) cost 0.1 s per 1,024
+    # forms of 25 candidates, 5% of a task's encode time
+    cands = [[{"code": c.code, "term": c.term, "retrieval_score": c.retrieval_score,
+               "rerank_score": c.rerank_score, "exact": c.exact} for c in cs] for cs in ranked]
     arrays = [
         pa.array(keys, pa.string()),
         pa.array(texts, pa.string()),
