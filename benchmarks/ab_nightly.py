@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code", required=True, help="checkout whose job code runs")
     parser.add_argument("--work", required=True, help="bench_link.py work directory (link/)")
-    parser.add_argument("--input", default="new", help="new | night2")
+    parser.add_argument("--input", default="new",
+                        help="new | night2 (night 2 from the night-1 snapshot) | plain (the "
+                             "first 10k mentions into a fresh table, no de-duplication: run b)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--job-config", default="conf/local.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the last repetition's Spark jobs (from the event log)")
     parser.add_argument("--event-log", default=None, metavar="DIR",
                         help="with --profile: keep the Spark event log in DIR")
+    parser.add_argument("--cprofile", default=None, metavar="FILE",
+                        help="profile the driver's Python in the last repetition (cProfile "
+                             "stats to FILE; the 25 costliest calls by cumulative time printed)")
     args = parser.parse_args(argv)
     code = str(Path(args.code).resolve())
     sys.path[:0] = [code, code + "/benchmarks"]
@@ -66,17 +71,31 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             for name in ("table", "cache"):
                 shutil.rmtree(scratch / name, ignore_errors=True)
-            shutil.copytree(work / "night1-snapshot" / "table", scratch / "table")
-            shutil.copytree(work / "night1-snapshot" / "form-cache", scratch / "cache")
+            night = args.input != "plain"
+            if night:
+                shutil.copytree(work / "night1-snapshot" / "table", scratch / "table")
+                shutil.copytree(work / "night1-snapshot" / "form-cache", scratch / "cache")
             config = spark_job_config(job, str(work / f"{args.input}.parquet"),
-                                      str(scratch / "table"), True, True, str(scratch / "cache"))
+                                      str(scratch / "table"), night, night,
+                                      str(scratch / "cache") if night else "")
             t = time.perf_counter()
             t_ms = time.time() * 1000
-            summary = run_link_job(spark, config)
+            if args.cprofile and len(walls) == args.reps - 1:
+                import cProfile
+
+                with cProfile.Profile() as prof:
+                    summary = run_link_job(spark, config)
+                prof.dump_stats(args.cprofile)
+            else:
+                summary = run_link_job(spark, config)
             walls.append(round(time.perf_counter() - t, 2))
         spark.stop()
         if args.profile:
             print_jobs(max(events.iterdir(), key=lambda f: f.stat().st_mtime), t_ms)
+    if args.cprofile:
+        import pstats
+
+        pstats.Stats(args.cprofile).sort_stats("cumulative").print_stats(25)
     print(json.dumps({"code": code, "input": args.input, "walls_s": walls,
                       "last_timings_s": summary.get("timings_s"),
                       "last_udf_task_s": summary.get("udf_task_seconds"),
