@@ -534,13 +534,14 @@ def test_tallies_of_several_frames_are_counted_together(spark):
     assert counts == {"rows": 4, "big": 2, "null_x": 1, "rows_b": 2, "p": 1, "none": 0}
 
 
-def test_few_forms_run_in_one_wave_many_in_every_partition(spark):
+def test_few_rows_run_in_one_wave_many_in_every_partition(spark):
     from clinlinker_spark.spark.job import (
         MIN_FORMS_PER_TASK,
         ONE_WAVE_FORMS_PER_SLOT,
         _form_tasks,
-        _task_slots,
+        _prepare_tasks,
     )
+    from clinlinker_spark.spark.session import task_slots
 
     # a night's few hundred forms: one task per slot, not two waves of smaller tasks
     assert _form_tasks(275, partitions=4, slots=2) == 2
@@ -552,10 +553,17 @@ def test_few_forms_run_in_one_wave_many_in_every_partition(spark):
     assert _form_tasks(275, partitions=4, slots=None) == 4  # slots unknown
     assert _form_tasks(None, partitions=4, slots=2) == 4  # count unknown
     assert _form_tasks(275, partitions=1, slots=2) == 1
-    # the session's slots: its cores over spark.task.cpus
+    # the session's slots: its cores over spark.task.cpus (the session's, or the given)
     cores = spark.sparkContext.defaultParallelism
-    assert _task_slots(spark, 1) == cores
-    assert _task_slots(spark, cores + 1) == 1
+    assert task_slots(spark) == task_slots(spark, 1) == cores
+    assert task_slots(spark, cores + 1) == 1
+    # the normaliser: a small input in one task per slot (not one task while a slot idles),
+    # a large one in tasks of ROWS_PER_PREPARE_TASK rows up to every partition
+    assert _prepare_tasks(5_000, partitions=4, slots=2) == 2
+    assert _prepare_tasks(1_000, partitions=4, slots=2) == 1
+    assert _prepare_tasks(100_000, partitions=4, slots=2) == 2
+    assert _prepare_tasks(1_000_000, partitions=4, slots=2) == 4
+    assert _prepare_tasks(5_000, partitions=4, slots=None) == 1  # slots unknown: as before
 
 
 @pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
@@ -734,6 +742,10 @@ def test_session_settings_and_notebook_overrides():
     assert conf["spark.executor.resource.gpu.discoveryScript"] == "/opt/gpus.sh"
     assert conf["spark.sql.session.timeZone"] == "UTC"
     assert conf["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
+    assert conf["spark.python.sql.dataFrameDebugging.enabled"] == "false"
+    assert spark_conf_pairs(SparkConfig(conf={"spark.python.sql.dataFrameDebugging.enabled":
+                                              "true"}))[
+        "spark.python.sql.dataFrameDebugging.enabled"] == "true"
     assert "spark.executor.resource.gpu.amount" not in spark_conf_pairs(SparkConfig())
     assert all(map(is_local_master, ["local", "local[2]", "local[*]", "local[2,3]",
                                      "local-cluster[2,1,1024]"]))

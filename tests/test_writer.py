@@ -199,6 +199,74 @@ def test_a_small_write_is_key_checked_without_spark_jobs(spark, tmp_path, monkey
     assert jobs["driver"] < jobs["spark"]
 
 
+def _added_files(path: str, version: int) -> list[dict[str, Any]]:
+    return [e["add"] for e in log_entries(Path(path), version) if "add" in e]
+
+
+def test_a_small_write_is_staged_by_the_driver_as_spark_would_stage_it(spark, tmp_path):
+    # max_rows within DRIVER_WRITE_ROWS: the rows are collected as Arrow and pyarrow writes the
+    # staged file; the table must read the same as from a Spark-staged write, with the same
+    # Delta stats and Parquet types
+    first = make_df(spark, list(range(1, 21)), "r1", 3)
+    update = make_df(spark, list(range(15, 31)), "r2", 3)
+    paths = {name: str(tmp_path / name) for name in ("spark", "driver", "empty")}
+    bound = {"spark": None, "driver": 20}
+    for name in ("spark", "driver"):
+        assert merge_into_delta(spark, first, paths[name], writer="deltalake",
+                                max_rows=bound[name]) == WriteResult("deltalake", 0, 20, 0)
+        assert merge_into_delta(spark, update, paths[name], writer="deltalake",
+                                max_rows=bound[name] and 16) == WriteResult("deltalake", 1, 16, 6)
+    writers = {name: {pq.read_metadata(uri).created_by.split(" ")[0]
+                      for uri in DeltaTable(paths[name]).file_uris()} for name in bound}
+    # the driver's new files come from pyarrow; the rewritten survivors still from Spark
+    assert "parquet-cpp-arrow" not in writers["spark"] and "parquet-cpp-arrow" in writers["driver"]
+    tables = {name: by_key(read_delta(spark, paths[name])) for name in ("spark", "driver")}
+    assert len(tables["driver"]) == 30 and tables["driver"] == tables["spark"]
+    assert tables["driver"]["m015"]["run_id"] == "r2" and tables["driver"]["m014"]["run_id"] == "r1"
+    # one file per write on the driver's path; its stats and column types as Spark's
+    driver_adds = _added_files(paths["driver"], 0)
+    assert len(driver_adds) == 1
+    stats = [json.loads(a["stats"]) for a in driver_adds + _added_files(paths["spark"], 0)]
+    assert sum(s["numRecords"] for s in stats[1:]) == stats[0]["numRecords"] == 20
+    assert stats[0]["minValues"]["mention_id"] == "m001"
+    assert stats[0]["maxValues"]["mention_id"] == "m020"
+    assert set(stats[0]["nullCount"]) == set(stats[1]["nullCount"])
+    for file_uri in DeltaTable(paths["driver"]).file_uris():
+        file_schema = pq.read_schema(file_uri)
+        assert str(file_schema.field("run_ts").type) == "timestamp[us, tz=UTC]"
+        assert file_schema.field("candidates").type.value_field.name == "element"
+    assert not (Path(paths["driver"]) / writer.STAGING_DIR).exists() or not any(
+        (Path(paths["driver"]) / writer.STAGING_DIR).iterdir())
+    # no rows: no data file, still one version
+    empty = merge_into_delta(spark, first.limit(0), paths["empty"], writer="deltalake",
+                             max_rows=0)
+    assert empty == WriteResult("deltalake", 0, 0, 0)
+    assert DeltaTable(paths["empty"]).file_uris() == []
+
+
+def test_a_row_bound_sizes_the_files_of_a_spark_staged_write(spark, tmp_path, monkeypatch):
+    # ceil(rows / ROWS_PER_FILE) files, more (up to one per task slot) while each keeps
+    # MIN_ROWS_PER_FILE rows
+    assert writer._file_count(100_000, slots=2) == 2
+    assert writer._file_count(100_000, slots=None) == 1
+    assert writer._file_count(30_000, slots=8) == 1
+    assert writer._file_count(1_000_000, slots=2) == 4
+    assert writer._file_count(1_000_000, slots=64) == 40
+    assert writer._file_count(0, slots=2) == 1
+    monkeypatch.setattr(writer, "DRIVER_WRITE_ROWS", 5)
+    monkeypatch.setattr(writer, "ROWS_PER_FILE", 8)
+    monkeypatch.setattr(writer, "MIN_ROWS_PER_FILE", 8)
+    df = make_df(spark, list(range(1, 21)), "r1", 4)
+    merge_into_delta(spark, df, str(tmp_path / "bound"), writer="deltalake", max_rows=20)
+    merge_into_delta(spark, df, str(tmp_path / "free"), writer="deltalake")
+    assert len(_added_files(str(tmp_path / "bound"), 0)) == 3  # ceil(20 / 8)
+    assert len(_added_files(str(tmp_path / "free"), 0)) == 4  # one per partition
+    monkeypatch.setattr(writer, "MIN_ROWS_PER_FILE", 4)
+    slots = spark.sparkContext.defaultParallelism
+    merge_into_delta(spark, df, str(tmp_path / "slots"), writer="deltalake", max_rows=20)
+    assert len(_added_files(str(tmp_path / "slots"), 0)) == min(4, max(3, min(slots, 5)))
+
+
 def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spark, tmp_path):
     path = str(tmp_path / "t")
     merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer="deltalake")

@@ -85,8 +85,9 @@ ONE_WAVE_FORMS_PER_SLOT = 1024
 # the Python normaliser gets tasks of at least this many input rows (each task costs a
 # Python worker hand-off, ~0.1 s on a small machine, about what normalising 50k rows costs)
 ROWS_PER_PREPARE_TASK = 50_000
-# rows per file written to the table and the form cache (at most shuffle_partitions files)
-ROWS_PER_FILE = 250_000
+# ... unless the rows fit one such task per slot: then one task per slot (one wave), of at
+# least this many rows (10k rows in one task: 0.33 s; a slot idles meanwhile)
+MIN_ROWS_PER_PREPARE_TASK = 2_500
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -323,26 +324,33 @@ def _tasks(rows: int | None, per_task: int, most: int) -> int:
     return max(1, min(most, -(-rows // per_task)))
 
 
-def _form_tasks(forms: int | None, partitions: int, slots: int | None) -> int:
-    """Tasks for ``forms`` surface forms left to compute (None: unknown): at least
-    MIN_FORMS_PER_TASK forms each, at most ``partitions`` tasks; when the forms fit in one
-    wave (at most ONE_WAVE_FORMS_PER_SLOT per slot), at most one task per slot (``slots``:
-    tasks the cluster runs at once; None: unknown). A night's few hundred forms in more tasks
-    than slots run in two waves, each task paying its Python hand-off: 275 forms on 2 slots,
-    embed + search 1.8 s in 4 tasks, 1.35 s in 2."""
+def _wave_tasks(rows: int | None, per_task: int, wave_per_slot: int, partitions: int,
+                slots: int | None) -> int:
+    """Tasks for ``rows`` (None: unknown): at least ``per_task`` each, at most ``partitions``;
+    when they fit in one wave (at most ``wave_per_slot`` per slot), at most one task per slot
+    (``slots``: tasks the cluster runs at once; None: unknown)."""
     most = partitions
-    if slots is not None and forms is not None and forms <= slots * ONE_WAVE_FORMS_PER_SLOT:
+    if slots is not None and rows is not None and rows <= slots * wave_per_slot:
         most = max(1, min(partitions, slots))
-    return _tasks(forms, MIN_FORMS_PER_TASK, most)
+    return _tasks(rows, per_task, most)
 
 
-def _task_slots(spark: SparkSession, task_cpus: int) -> int | None:
-    """How many tasks the session runs at once (its default parallelism over
-    ``spark.task.cpus``); None where it cannot tell (Spark Connect)."""
-    try:
-        return max(1, int(spark.sparkContext.defaultParallelism) // max(1, task_cpus))
-    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
-        return None
+def _form_tasks(forms: int | None, partitions: int, slots: int | None) -> int:
+    """Tasks for ``forms`` surface forms left to compute: :func:`_wave_tasks` with at least
+    MIN_FORMS_PER_TASK forms each, one wave up to ONE_WAVE_FORMS_PER_SLOT per slot. A night's
+    few hundred forms in more tasks than slots run in two waves, each task paying its Python
+    hand-off: 275 forms on 2 slots, embed + search 1.8 s in 4 tasks, 1.35 s in 2."""
+    return _wave_tasks(forms, MIN_FORMS_PER_TASK, ONE_WAVE_FORMS_PER_SLOT, partitions, slots)
+
+
+def _prepare_tasks(rows: int | None, partitions: int, slots: int | None) -> int:
+    """Tasks of the Python normaliser for ``rows`` input rows: :func:`_wave_tasks` with at
+    least MIN_ROWS_PER_PREPARE_TASK rows each, one wave up to ROWS_PER_PREPARE_TASK per slot,
+    else ROWS_PER_PREPARE_TASK rows at least."""
+    if slots is not None and rows is not None and rows <= slots * ROWS_PER_PREPARE_TASK:
+        return _wave_tasks(rows, MIN_ROWS_PER_PREPARE_TASK, ROWS_PER_PREPARE_TASK, partitions,
+                           slots)
+    return _tasks(rows, ROWS_PER_PREPARE_TASK, partitions)
 
 
 def _small_input(rows: int | None) -> bool:
@@ -744,6 +752,7 @@ def run_link_job(
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from clinlinker_spark.spark.session import task_slots
     from clinlinker_spark.spark.udfs import (
         make_rerank_fn,
         make_retrieve_fn,
@@ -789,6 +798,7 @@ def run_link_job(
         # small enough to broadcast; Parquet answers it from its file footers
         input_rows = selected.count()
         partitions = config.spark.shuffle_partitions
+        slots = task_slots(spark, config.spark.task_cpus)
         identified = identify_mentions(selected)
         marked = None
         table_at: int | None = None
@@ -805,7 +815,7 @@ def run_link_job(
         remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
         # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
         # night's few thousand rows cost one task's start, not one per shuffle partition
-        remaining = remaining.coalesce(_tasks(input_rows, ROWS_PER_PREPARE_TASK, partitions))
+        remaining = remaining.coalesce(_prepare_tasks(input_rows, partitions, slots))
         # an invalid row the table holds with the same text, versions and reason is left
         # alone (rewriting a table file for it would change nothing)
         checked = persist(
@@ -848,8 +858,7 @@ def run_link_job(
             # the join's output is sized by bytes: spread the model work again, over tasks
             # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms use
             # every core in one wave; a handful of forms, one task)
-            forms = forms.repartition(_form_tasks(
-                n_misses, partitions, _task_slots(spark, config.spark.task_cpus)))
+            forms = forms.repartition(_form_tasks(n_misses, partitions, slots))
         clock.stop()
 
         # 5. UDF stages over the surface forms the form cache does not hold
@@ -882,15 +891,15 @@ def run_link_job(
         # 6. join back + write
         clock.start("write")
         n_out = n_invalid + n_to_link
-        # one file per ROWS_PER_FILE rows written (a night of a few thousand rows adds one
-        # file to the table, not one per partition of each part)
+        # n_out bounds the rows: the writer sizes the files by it (one per ROWS_PER_FILE
+        # rows) and collects a small night to the driver instead of a Spark write job
         out = assemble_output(validated, to_link, results, config, art.versions, run_id,
-                              run_ts, dedupe).coalesce(_tasks(n_out, ROWS_PER_FILE, partitions))
+                              run_ts, dedupe)
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
                                        writer=config.output.writer, count_by="status",
-                                       new_keys_at=new_keys_at)
+                                       new_keys_at=new_keys_at, max_rows=n_out)
             by_status.update(written.counts)
             write_info = {"writer": written.writer, "table_version": written.table_version,
                           "rows_written": written.rows_written,
@@ -905,10 +914,10 @@ def run_link_job(
         cache_info: dict[str, Any] = {"path": cache_path or None, "hits": n_cached, "added": 0}
         if cache_path and computed is not None and n_forms:
             # the computed forms missed the cache as read at cache_at
-            new_rows = cache_rows(computed, cache_versions, run_id, run_ts).coalesce(
-                _tasks(n_forms, ROWS_PER_FILE, partitions))
+            new_rows = cache_rows(computed, cache_versions, run_id, run_ts)
             clock.start("form_cache_write")
-            cache_info.update(_update_form_cache(spark, new_rows, config, cache_at, run_id))
+            cache_info.update(_update_form_cache(spark, new_rows, n_forms, config, cache_at,
+                                                 run_id))
             clock.stop()
     finally:
         clock.stop()
@@ -942,17 +951,17 @@ def run_link_job(
     return summary
 
 
-def _update_form_cache(spark: SparkSession, rows: DataFrame, config: JobConfig,
+def _update_form_cache(spark: SparkSession, rows: DataFrame, n_rows: int, config: JobConfig,
                        cache_at: int | None, run_id: str) -> dict[str, Any]:
-    """Append ``rows`` (forms missing from the cache as read at ``cache_at``) to the form
-    cache: {"added": rows} or, when the write fails, {"error": the exception's type}. Never
-    raises for a failed write: the code assignments are committed without it."""
+    """Append ``rows`` (``n_rows`` forms missing from the cache as read at ``cache_at``) to the
+    form cache: {"added": rows} or, when the write fails, {"error": the exception's type}.
+    Never raises for a failed write: the code assignments are committed without it."""
     from clinlinker_spark.spark.writer import merge_into_delta
 
     try:
         added = merge_into_delta(spark, rows, config.output.form_cache_path,
                                  key=CACHE_KEY_COLUMN, writer=config.output.writer,
-                                 new_keys_at=cache_at)
+                                 new_keys_at=cache_at, max_rows=n_rows)
         return {"added": added.rows_written}
     except Exception as exc:  # noqa: BLE001 - the assignments are already committed
         log.warning("link job %s: form cache %s not updated (%s: %s); the table is written, "

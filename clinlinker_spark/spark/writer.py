@@ -190,6 +190,7 @@ def merge_into_delta(
     replace_keys_df: DataFrame | None = None,
     count_by: str | None = None,
     new_keys_at: int | None = None,
+    max_rows: int | None = None,
 ) -> WriteResult:
     """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
 
@@ -204,6 +205,11 @@ def merge_into_delta(
     keys is in the table at this version (the version :func:`read_delta_snapshot` gave); when
     the table is still at it, the deltalake writer appends without searching the table for
     rows to replace. On any other version, or with delta-spark, the MERGE searches as usual.
+
+    ``max_rows``: an upper bound of ``df``'s rows that the caller knows (None: unknown). ``df``
+    is then written in :func:`_file_count` files; the deltalake writer collects a ``df`` of at
+    most DRIVER_WRITE_ROWS rows to the driver as Arrow and stages its one file with pyarrow
+    (:func:`_stage`).
     """
     if writer not in _WRITER_CHOICES:
         raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
@@ -222,10 +228,15 @@ def merge_into_delta(
             f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
         )
     started = time.monotonic()
+    if max_rows is not None and (use_delta_spark or not _stages_on_driver(max_rows)):
+        from clinlinker_spark.spark.session import task_slots
+
+        df = df.coalesce(_file_count(max_rows, task_slots(spark)))
     if use_delta_spark:
         result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
     else:
-        result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at)
+        result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at,
+                                  max_rows)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -441,6 +452,54 @@ def _raise_on_bad_keys(key: str, null_rows: int, dup_keys: int, max_n: int) -> N
             f"row (up to {max_n} rows for one key); MERGE needs one row per key, "
             "de-duplicate it first"
         )
+
+
+# rows per file a write with a known row bound is staged in (a night of a few thousand rows
+# adds one file to the table, not one per partition of each part)
+ROWS_PER_FILE = 250_000
+# writes of at most this many rows (the caller's bound) are collected to the driver as Arrow and
+# staged by pyarrow in one file: no Spark write job, output committer or listing (a night's
+# 5,000 rows with 25 candidates each are ~10 MB of Arrow; 50k rows ~100 MB)
+DRIVER_WRITE_ROWS = 50_000
+# ... and more files than rows / ROWS_PER_FILE, up to one per task slot, while each keeps at
+# least this many rows (one file of 100k rows is written by one core while the others idle)
+MIN_ROWS_PER_FILE = 25_000
+
+
+def _file_count(rows: int, slots: int | None) -> int:
+    """Files for a write of ``rows`` rows on ``slots`` task slots (None: unknown)."""
+    files = -(-rows // ROWS_PER_FILE)
+    if slots is not None:
+        files = max(files, min(slots, rows // MIN_ROWS_PER_FILE))
+    return max(1, files)
+
+
+def _stages_on_driver(max_rows: int | None) -> bool:
+    return max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
+
+
+def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
+           max_rows: int | None) -> list[str]:
+    """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
+    ``spark_folder``: the same for Spark); the files written.
+
+    With ``max_rows`` at most DRIVER_WRITE_ROWS, ``df`` is collected as Arrow (its partitions
+    computed in parallel) and the driver writes one file with pyarrow (none without rows):
+    the same Parquet a Spark write gives under :data:`_PARQUET_WRITE_CONF` (microsecond UTC
+    timestamps, standard 3-level lists, snappy). Otherwise Spark writes it."""
+    import pyarrow.parquet as pq
+
+    if not _stages_on_driver(max_rows):
+        with _parquet_write_conf(spark):
+            df.write.mode("errorifexists").parquet(spark_folder)
+        return _list_parquet(loc, folder)
+    table = df.toArrow()
+    loc.fs.create_dir(folder, recursive=True)
+    if table.num_rows == 0:
+        return []
+    target = f"{folder}/part-00000-{uuid.uuid4().hex}.snappy.parquet"
+    pq.write_table(table, target, filesystem=loc.fs, compression="snappy")
+    return [target]
 
 
 # staged writes of at most this many rows are key-checked on the driver (pyarrow reads their
@@ -863,6 +922,7 @@ def _merge_deltalake(
     replace_keys_df: DataFrame | None,
     count_by: str | None = None,
     new_keys_at: int | None = None,
+    max_rows: int | None = None,
 ) -> WriteResult:
     from pyspark.sql import functions as F
 
@@ -878,9 +938,8 @@ def _merge_deltalake(
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
     moved: list[str] = []
     try:
-        with _parquet_write_conf(spark):
-            _conform(df, merged).write.mode("errorifexists").parquet(spark_staging + "/new")
-        staged_new = _list_parquet(loc, staging + "/new")
+        staged_new = _stage(spark, _conform(df, merged), loc, staging + "/new",
+                            spark_staging + "/new", max_rows)
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
