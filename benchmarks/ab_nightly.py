@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", required=True, help="checkout whose job code runs")
     parser.add_argument("--work", required=True, help="bench_link.py work directory (link/)")
     parser.add_argument("--input", default="new",
-                        help="new | night2 (night 2 from the night-1 snapshot) | plain (the "
-                             "first 10k mentions into a fresh table, no de-duplication: run b)")
+                        help="new | night2 (night 2 from the night-1 snapshot) | night1 (the "
+                             "de-duplicated full run into a fresh table and cache: run b') | "
+                             "plain (the first 10k mentions, no de-duplication: run b)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--job-config", default="conf/local.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -71,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             for name in ("table", "cache"):
                 shutil.rmtree(scratch / name, ignore_errors=True)
-            night = args.input != "plain"
+            night = args.input in ("new", "night2")
             if night:
                 shutil.copytree(work / "night1-snapshot" / "table", scratch / "table")
                 shutil.copytree(work / "night1-snapshot" / "form-cache", scratch / "cache")
+            dedupe = args.input != "plain"
             config = spark_job_config(job, str(work / f"{args.input}.parquet"),
-                                      str(scratch / "table"), night, night,
-                                      str(scratch / "cache") if night else "")
+                                      str(scratch / "table"), dedupe, night,
+                                      str(scratch / "cache") if dedupe else "")
             t = time.perf_counter()
             t_ms = time.time() * 1000
             if args.cprofile and len(walls) == args.reps - 1:
