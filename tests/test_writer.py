@@ -244,6 +244,24 @@ def test_a_small_write_is_staged_by_the_driver_as_spark_would_stage_it(spark, tm
     assert DeltaTable(paths["empty"]).file_uris() == []
 
 
+def test_only_types_pyarrow_writes_as_spark_are_staged_by_the_driver(spark, tmp_path):
+    from pyspark.sql.types import DayTimeIntervalType, MapType, VariantType
+
+    assert writer._pyarrow_writes_as_spark(SCHEMA)
+    assert writer._pyarrow_writes_as_spark(MapType(StringType(), ArrayType(LongType())))
+    assert not writer._pyarrow_writes_as_spark(VariantType())
+    assert not writer._pyarrow_writes_as_spark(
+        StructType([StructField("a", ArrayType(DayTimeIntervalType()))]))
+    # a map column (a passthrough column of the input) round-trips through the driver's file
+    df = make_df(spark, [1, 2], "r1").withColumn(
+        "attrs", F.create_map(F.lit("doc"), F.col("doc_id")))
+    path = str(tmp_path / "t")
+    merge_into_delta(spark, df, path, writer="deltalake", max_rows=2)
+    (uri,) = DeltaTable(path).file_uris()
+    assert pq.read_metadata(uri).created_by.startswith("parquet-cpp-arrow")
+    assert by_key(read_delta(spark, path)) == by_key(df)
+
+
 def test_a_row_bound_sizes_the_files_of_a_spark_staged_write(spark, tmp_path, monkeypatch):
     # ceil(rows / ROWS_PER_FILE) files, more (up to one per task slot) while each keeps
     # MIN_ROWS_PER_FILE rows

@@ -478,18 +478,49 @@ def _stages_on_driver(max_rows: int | None) -> bool:
     return max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
 
 
+def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
+    """Whether a column of ``data_type`` goes through Arrow and pyarrow's Parquet writer as
+    the same Parquet type Spark writes: strings, binary, booleans, numbers, decimals, dates,
+    timestamps (with and without time zone), and arrays, maps and structs of those. Others
+    (intervals, variant, ...) are staged by Spark."""
+    from pyspark.sql.types import (
+        ArrayType,
+        BinaryType,
+        BooleanType,
+        DateType,
+        DecimalType,
+        MapType,
+        NumericType,
+        StringType,
+        StructType,
+        TimestampNTZType,
+        TimestampType,
+    )
+
+    if isinstance(data_type, StructType):
+        return all(_pyarrow_writes_as_spark(f.dataType) for f in data_type.fields)
+    if isinstance(data_type, ArrayType):
+        return _pyarrow_writes_as_spark(data_type.elementType)
+    if isinstance(data_type, MapType):
+        return (_pyarrow_writes_as_spark(data_type.keyType)
+                and _pyarrow_writes_as_spark(data_type.valueType))
+    return isinstance(data_type, (StringType, BinaryType, BooleanType, NumericType, DecimalType,
+                                  DateType, TimestampType, TimestampNTZType))
+
+
 def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
            max_rows: int | None) -> list[str]:
     """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
     ``spark_folder``: the same for Spark); the files written.
 
-    With ``max_rows`` at most DRIVER_WRITE_ROWS, ``df`` is collected as Arrow (its partitions
+    With ``max_rows`` at most DRIVER_WRITE_ROWS and columns of types pyarrow writes as Spark
+    does (:func:`_pyarrow_writes_as_spark`), ``df`` is collected as Arrow (its partitions
     computed in parallel) and the driver writes one file with pyarrow (none without rows):
     the same Parquet a Spark write gives under :data:`_PARQUET_WRITE_CONF` (microsecond UTC
     timestamps, standard 3-level lists, snappy). Otherwise Spark writes it."""
     import pyarrow.parquet as pq
 
-    if not _stages_on_driver(max_rows):
+    if not (_stages_on_driver(max_rows) and _pyarrow_writes_as_spark(df.schema)):
         with _parquet_write_conf(spark):
             df.write.mode("errorifexists").parquet(spark_folder)
         return _list_parquet(loc, folder)
