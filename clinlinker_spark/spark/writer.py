@@ -22,8 +22,11 @@ the same rows and adds one Delta version. Two writers implement it:
 
     1. Spark writes ``df`` once into a hidden staging folder of the table,
        ``<table>/_clinlinker_staging/<write id>/`` (``df`` is evaluated exactly once; the key
-       check and everything after it read those Parquet files, not ``df``).
-    2. The key check (one Spark aggregate) refuses null or duplicate keys.
+       check and everything after it read those Parquet files, not ``df``). With a row bound
+       ``max_rows`` of at most DRIVER_WRITE_ROWS, the driver collects ``df`` as Arrow and
+       writes the one staged file with pyarrow instead (:func:`_stage`).
+    2. The key check (pyarrow on the driver up to DRIVER_KEY_CHECK_ROWS staged rows, one
+       Spark aggregate above) refuses null or duplicate keys.
     3. Spark reads the current snapshot's files (listed by ``DeltaTable.get_add_actions`` /
        ``file_uris``, never a directory glob) with ``_metadata.file_path`` and finds the files
        that hold a key being replaced (key and file columns only, a semi-join).
