@@ -461,9 +461,10 @@ def _raise_on_bad_keys(key: str, null_rows: int, dup_keys: int, max_n: int) -> N
 # adds one file to the table, not one per partition of each part)
 ROWS_PER_FILE = 250_000
 # writes of at most this many rows (the caller's bound) are collected to the driver as Arrow and
-# staged by pyarrow in one file: no Spark write job, output committer or listing (a night's
-# 5,000 rows with 25 candidates each are ~10 MB of Arrow; 50k rows ~100 MB)
-DRIVER_WRITE_ROWS = 50_000
+# staged by pyarrow in one file: no Spark write job, output committer or listing. A row with 25
+# candidates is ~2 KB of Arrow (a night's 5,000 rows ~10 MB), held once in the driver's JVM
+# and once in its Python; wide pass-through columns add to that, hence a bound well under 2 GB
+DRIVER_WRITE_ROWS = 20_000
 # ... and more files than rows / ROWS_PER_FILE, up to one per task slot, while each keeps at
 # least this many rows (one file of 100k rows is written by one core while the others idle)
 MIN_ROWS_PER_FILE = 25_000
