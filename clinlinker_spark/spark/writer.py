@@ -231,7 +231,9 @@ def merge_into_delta(
             f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
         )
     started = time.monotonic()
-    if max_rows is not None and (use_delta_spark or not _stages_on_driver(max_rows)):
+    on_driver = (not use_delta_spark and max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
+                 and _pyarrow_writes_as_spark(df.schema))
+    if max_rows is not None and not on_driver:
         from clinlinker_spark.spark.session import task_slots
 
         df = df.coalesce(_file_count(max_rows, task_slots(spark)))
@@ -239,7 +241,7 @@ def merge_into_delta(
         result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
     else:
         result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at,
-                                  max_rows)
+                                  on_driver)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -478,10 +480,6 @@ def _file_count(rows: int, slots: int | None) -> int:
     return max(1, files)
 
 
-def _stages_on_driver(max_rows: int | None) -> bool:
-    return max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
-
-
 def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
     """Whether a column of ``data_type`` goes through Arrow and pyarrow's Parquet writer as
     the same Parquet type Spark writes: strings, binary, booleans, numbers, decimals, dates,
@@ -513,18 +511,19 @@ def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
 
 
 def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
-           max_rows: int | None) -> list[str]:
+           on_driver: bool) -> list[str]:
     """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
     ``spark_folder``: the same for Spark); the files written.
 
-    With ``max_rows`` at most DRIVER_WRITE_ROWS and columns of types pyarrow writes as Spark
-    does (:func:`_pyarrow_writes_as_spark`), ``df`` is collected as Arrow (its partitions
-    computed in parallel) and the driver writes one file with pyarrow (none without rows):
-    the same Parquet a Spark write gives under :data:`_PARQUET_WRITE_CONF` (microsecond UTC
-    timestamps, standard 3-level lists, snappy). Otherwise Spark writes it."""
+    ``on_driver`` (a row bound of at most DRIVER_WRITE_ROWS and only types that
+    :func:`_pyarrow_writes_as_spark`): ``df`` is collected as Arrow (its partitions computed in
+    parallel) and the driver writes one file with pyarrow (none without rows), with the
+    Parquet schema a Spark write gives under :data:`_PARQUET_WRITE_CONF` (the DataFrame's
+    nullability, microsecond UTC timestamps, standard 3-level lists, snappy). Otherwise Spark
+    writes it."""
     import pyarrow.parquet as pq
 
-    if not (_stages_on_driver(max_rows) and _pyarrow_writes_as_spark(df.schema)):
+    if not on_driver:
         with _parquet_write_conf(spark):
             df.write.mode("errorifexists").parquet(spark_folder)
         return _list_parquet(loc, folder)
@@ -957,7 +956,7 @@ def _merge_deltalake(
     replace_keys_df: DataFrame | None,
     count_by: str | None = None,
     new_keys_at: int | None = None,
-    max_rows: int | None = None,
+    on_driver: bool = False,
 ) -> WriteResult:
     from pyspark.sql import functions as F
 
@@ -974,7 +973,7 @@ def _merge_deltalake(
     moved: list[str] = []
     try:
         staged_new = _stage(spark, _conform(df, merged), loc, staging + "/new",
-                            spark_staging + "/new", max_rows)
+                            spark_staging + "/new", on_driver)
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
