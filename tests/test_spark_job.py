@@ -151,11 +151,18 @@ def run_job(spark, config: JobConfig, **kwargs):
 # (a) + (b): same top-k as the core linker, one row per mention
 
 
-@pytest.mark.parametrize("with_reranker", [False, True], ids=["retrieval", "reranked"])
+# the forms' results reach their mentions by a broadcast join (few forms) or a shuffle join
+@pytest.mark.parametrize("with_reranker,result_join",
+                         [(False, "broadcast"), (False, "shuffle"), (True, "broadcast")],
+                         ids=["retrieval", "retrieval-shuffle-join", "reranked"])
 def test_job_matches_core_linker_on_package_samples(
     spark, tmp_path, tiny_encoder_dir, tiny_cross_encoder_dir, sample_index, dev_mentions,
-    with_reranker,
+    with_reranker, result_join, monkeypatch,
 ):
+    import clinlinker_spark.spark.job as job_module
+
+    if result_join == "shuffle":
+        monkeypatch.setattr(job_module, "BROADCAST_RESULT_FORMS", 0)
     reranker = tiny_cross_encoder_dir if with_reranker else None
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, reranker=reranker)
     summary = run_job(spark, config, run_id="run-a")

@@ -78,6 +78,10 @@ STATUS_INVALID = "invalid_input"
 FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
 # an input of at most this many mentions is broadcast when matched against the output table
 BROADCAST_INPUT_ROWS = 200_000
+# with de-duplication, the results of at most this many surface forms (~2 KB each with 25
+# candidates) are broadcast to the mentions that carry them, instead of shuffling and sorting
+# both sides of the join (100k mentions of 13k forms)
+BROADCAST_RESULT_FORMS = 50_000
 # forms left to compute after the form cache are split into tasks of at least this many
 MIN_FORMS_PER_TASK = 64
 # ... and when there are at most this many per task slot, into one task per slot (one wave)
@@ -654,8 +658,10 @@ def assemble_output(
     run_id: str,
     run_ts: datetime,
     dedupe: bool,
+    broadcast_results: bool = False,
 ) -> DataFrame:
-    """Invalid rows + linked rows, with lineage, in the code-assignment schema's order."""
+    """Invalid rows + linked rows, with lineage, in the code-assignment schema's order.
+    ``broadcast_results``: join the results to the mentions as a broadcast (few forms)."""
     from pyspark.sql import functions as F
 
     passthrough = list(config.input.passthrough_columns)
@@ -679,6 +685,8 @@ def assemble_output(
             *[F.col(c).alias(f"_r_{c}") for c in outcome],
             table_candidates().alias("_r_candidates"),
         )
+        if broadcast_results:
+            res = F.broadcast(res)
         linked = to_link.join(res, to_link[key] == res["_key"], "inner").select(
             *[to_link[c] for c in mention_cols],
             *[res[f"_r_{c}"].alias(c) for c in [*outcome, "candidates"]],
@@ -894,7 +902,8 @@ def run_link_job(
         # n_out bounds the rows: the writer sizes the files by it (one per ROWS_PER_FILE
         # rows) and collects a small night to the driver instead of a Spark write job
         out = assemble_output(validated, to_link, results, config, art.versions, run_id,
-                              run_ts, dedupe)
+                              run_ts, dedupe,
+                              dedupe and n_cached + n_forms <= BROADCAST_RESULT_FORMS)
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
