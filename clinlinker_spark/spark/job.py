@@ -328,32 +328,33 @@ def _tasks(rows: int | None, per_task: int, most: int) -> int:
     return max(1, min(most, -(-rows // per_task)))
 
 
-def _wave_tasks(rows: int | None, per_task: int, wave_per_slot: int, partitions: int,
-                slots: int | None) -> int:
-    """Tasks for ``rows`` (None: unknown): at least ``per_task`` each, at most ``partitions``;
-    when they fit in one wave (at most ``wave_per_slot`` per slot), at most one task per slot
-    (``slots``: tasks the cluster runs at once; None: unknown)."""
-    most = partitions
-    if slots is not None and rows is not None and rows <= slots * wave_per_slot:
-        most = max(1, min(partitions, slots))
-    return _tasks(rows, per_task, most)
+def _one_wave_cap(rows: int | None, per_slot: int, partitions: int,
+                  slots: int | None) -> int | None:
+    """One task per slot (at most ``partitions``) when ``rows`` fit one wave of at most
+    ``per_slot`` per slot (``slots``: tasks the cluster runs at once); None when they do not,
+    or when either count is unknown."""
+    if slots is None or rows is None or rows > slots * per_slot:
+        return None
+    return max(1, min(partitions, slots))
 
 
 def _form_tasks(forms: int | None, partitions: int, slots: int | None) -> int:
-    """Tasks for ``forms`` surface forms left to compute: :func:`_wave_tasks` with at least
-    MIN_FORMS_PER_TASK forms each, one wave up to ONE_WAVE_FORMS_PER_SLOT per slot. A night's
-    few hundred forms in more tasks than slots run in two waves, each task paying its Python
-    hand-off: 275 forms on 2 slots, embed + search 1.8 s in 4 tasks, 1.35 s in 2."""
-    return _wave_tasks(forms, MIN_FORMS_PER_TASK, ONE_WAVE_FORMS_PER_SLOT, partitions, slots)
+    """Tasks for ``forms`` surface forms left to compute (None: unknown): at least
+    MIN_FORMS_PER_TASK forms each, at most ``partitions``, one per slot while they fit one
+    wave of ONE_WAVE_FORMS_PER_SLOT per slot. A night's few hundred forms in more tasks than
+    slots run in two waves, each task paying its Python hand-off: 275 forms on 2 slots,
+    embed + search 1.8 s in 4 tasks, 1.35 s in 2."""
+    cap = _one_wave_cap(forms, ONE_WAVE_FORMS_PER_SLOT, partitions, slots)
+    return _tasks(forms, MIN_FORMS_PER_TASK, cap or partitions)
 
 
 def _prepare_tasks(rows: int | None, partitions: int, slots: int | None) -> int:
-    """Tasks of the Python normaliser for ``rows`` input rows: :func:`_wave_tasks` with at
-    least MIN_ROWS_PER_PREPARE_TASK rows each, one wave up to ROWS_PER_PREPARE_TASK per slot,
-    else ROWS_PER_PREPARE_TASK rows at least."""
-    if slots is not None and rows is not None and rows <= slots * ROWS_PER_PREPARE_TASK:
-        return _wave_tasks(rows, MIN_ROWS_PER_PREPARE_TASK, ROWS_PER_PREPARE_TASK, partitions,
-                           slots)
+    """Tasks of the Python normaliser for ``rows`` input rows: one per slot (at least
+    MIN_ROWS_PER_PREPARE_TASK rows each) while they fit one wave of ROWS_PER_PREPARE_TASK per
+    slot, else at least ROWS_PER_PREPARE_TASK rows each, at most ``partitions``."""
+    cap = _one_wave_cap(rows, ROWS_PER_PREPARE_TASK, partitions, slots)
+    if cap is not None:
+        return _tasks(rows, MIN_ROWS_PER_PREPARE_TASK, cap)
     return _tasks(rows, ROWS_PER_PREPARE_TASK, partitions)
 
 
