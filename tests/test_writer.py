@@ -153,23 +153,30 @@ def test_create_merge_rerun_is_idempotent(spark, tmp_path):
     assert history[-1]["clinlinker.operation"] == "CREATE"
 
 
-KEY_CHECKS = pytest.mark.parametrize("driver_rows", [writer.DRIVER_KEY_CHECK_ROWS, 0],
-                                     ids=["driver-check", "spark-check"])
+# the key check of rows the driver staged (held as Arrow), of files Spark staged read back
+# by pyarrow, and of those files read by a Spark job
+KEY_CHECKS = pytest.mark.parametrize("check", ["driver-staged", "driver-check", "spark-check"])
+
+
+def _key_check(monkeypatch, check: str) -> dict[str, Any]:
+    """Set up ``check``; the merge_into_delta arguments that select it."""
+    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS",
+                        0 if check == "spark-check" else writer.DRIVER_KEY_CHECK_ROWS)
+    return {"max_rows": 10} if check == "driver-staged" else {}
 
 
 @KEY_CHECKS
-def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path, monkeypatch,
-                                                        driver_rows):
-    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", driver_rows)
+def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path, monkeypatch, check):
+    bound = _key_check(monkeypatch, check)
     path = str(tmp_path / "t")
     df = make_df(spark, [1, 2, 3, 4, 5], "r1").withColumn(
         "status", F.when(F.col("start") > 20, "linked").otherwise("invalid_input"))
-    created = merge_into_delta(spark, df, path, writer="deltalake", count_by="status")
+    created = merge_into_delta(spark, df, path, writer="deltalake", count_by="status", **bound)
     assert created.counts == {"linked": 3, "invalid_input": 2}
     merged = merge_into_delta(spark, df.where("start > 30"), path, writer="deltalake",
-                              count_by="status")
+                              count_by="status", **bound)
     assert merged.counts == {"linked": 2} and merged.rows_replaced == 2
-    assert merge_into_delta(spark, df, path, writer="deltalake").counts == {}
+    assert merge_into_delta(spark, df, path, writer="deltalake", **bound).counts == {}
     with pytest.raises(SchemaMismatchError, match="no column 'nope'"):
         merge_into_delta(spark, df, path, writer="deltalake", count_by="nope")
 
@@ -418,25 +425,25 @@ def test_nested_timestamp_and_nullability_round_trip(spark, tmp_path):
 
 @KEY_CHECKS
 def test_duplicate_or_null_keys_are_refused_and_leave_the_table_alone(spark, tmp_path,
-                                                                      monkeypatch, driver_rows):
-    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", driver_rows)
+                                                                      monkeypatch, check):
+    bound = _key_check(monkeypatch, check)
     path = tmp_path / "t"
     merge_into_delta(spark, make_df(spark, [1, 2], "r1"), str(path), writer="deltalake")
     files_before = data_files_on_disk(path)
     duplicated = make_df(spark, [3, 3, 4], "r2")
     with pytest.raises(DuplicateKeyError, match="one row per key"):
-        merge_into_delta(spark, duplicated, str(path), writer="deltalake")
+        merge_into_delta(spark, duplicated, str(path), writer="deltalake", **bound)
     assert issubclass(DuplicateKeyError, InputDataError)
     null_key_schema = StructType([StructField("mention_id", StringType(), True),
                                   *SCHEMA.fields[1:]])
     null_key = spark.createDataFrame([(None, *rows_for([5], "r2")[0][1:])], null_key_schema)
     with pytest.raises(DuplicateKeyError, match="null 'mention_id'"):
-        merge_into_delta(spark, null_key, str(path), writer="deltalake")
+        merge_into_delta(spark, null_key, str(path), writer="deltalake", **bound)
     assert table_version(str(path)) == 0
     assert data_files_on_disk(path) == files_before
     assert not list((path / writer.STAGING_DIR).glob("*"))
     with pytest.raises(DuplicateKeyError):  # also when the table does not exist yet
-        merge_into_delta(spark, duplicated, str(tmp_path / "new"), writer="deltalake")
+        merge_into_delta(spark, duplicated, str(tmp_path / "new"), writer="deltalake", **bound)
     assert not table_exists(str(tmp_path / "new"))
 
 

@@ -87,6 +87,7 @@ from urllib.parse import unquote, urlparse
 from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     from deltalake import DeltaTable
@@ -511,9 +512,10 @@ def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
 
 
 def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
-           on_driver: bool) -> list[str]:
+           on_driver: bool) -> tuple[list[str], pa.Table | None]:
     """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
-    ``spark_folder``: the same for Spark); the files written.
+    ``spark_folder``: the same for Spark); the files written, and the rows as Arrow when the
+    driver wrote them (None when Spark did).
 
     ``on_driver`` (a row bound of at most DRIVER_WRITE_ROWS and only types that
     :func:`_pyarrow_writes_as_spark`): ``df`` is collected as Arrow (its partitions computed in
@@ -526,14 +528,14 @@ def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spar
     if not on_driver:
         with _parquet_write_conf(spark):
             df.write.mode("errorifexists").parquet(spark_folder)
-        return _list_parquet(loc, folder)
+        return _list_parquet(loc, folder), None
     table = df.toArrow()
     loc.fs.create_dir(folder, recursive=True)
     if table.num_rows == 0:
-        return []
+        return [], table
     target = f"{folder}/part-00000-{uuid.uuid4().hex}.snappy.parquet"
     pq.write_table(table, target, filesystem=loc.fs, compression="snappy")
-    return [target]
+    return [target], table
 
 
 # staged writes of at most this many rows are key-checked on the driver (pyarrow reads their
@@ -547,7 +549,6 @@ def _check_staged_keys(loc: _Location, staged: Sequence[str], key: str,
     their footers count at most DRIVER_KEY_CHECK_ROWS rows; None when they count more (the
     caller checks them with Spark). A night's few thousand rows are checked in milliseconds
     instead of three small Spark jobs."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     total = sum(pq.read_metadata(path, filesystem=loc.fs).num_rows for path in staged)
@@ -556,7 +557,15 @@ def _check_staged_keys(loc: _Location, staged: Sequence[str], key: str,
     if not staged:
         return 0, {}
     columns = [key] if count_by is None or count_by == key else [key, count_by]
-    table = pq.read_table(list(staged), filesystem=loc.fs, columns=columns)
+    return _check_arrow_keys(pq.read_table(list(staged), filesystem=loc.fs, columns=columns),
+                             key, count_by)
+
+
+def _check_arrow_keys(table: pa.Table, key: str,
+                      count_by: str | None = None) -> tuple[int, dict[str, int]]:
+    """:func:`_check_keys` of rows held as Arrow: (rows, counts by ``count_by``)."""
+    import pyarrow.compute as pc
+
     keys = table.column(key)
     per_key = pc.value_counts(keys.drop_null()).field("counts")
     repeated = pc.filter(per_key, pc.greater(per_key, 1))
@@ -972,13 +981,15 @@ def _merge_deltalake(
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
     moved: list[str] = []
     try:
-        staged_new = _stage(spark, _conform(df, merged), loc, staging + "/new",
-                            spark_staging + "/new", on_driver)
+        staged_new, staged_rows = _stage(spark, _conform(df, merged), loc, staging + "/new",
+                                         spark_staging + "/new", on_driver)
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
         )
-        checked = _check_staged_keys(loc, staged_new, key, count_by)
+        # rows the driver staged are checked as it holds them; files Spark staged, as read back
+        checked = (_check_arrow_keys(staged_rows, key, count_by) if staged_rows is not None
+                   else _check_staged_keys(loc, staged_new, key, count_by))
         rows, counts = checked if checked is not None else _check_keys(written, key, count_by)
         metadata: dict[str, Any] = {
             "clinlinker.writer": WRITER_DELTALAKE,
