@@ -147,25 +147,48 @@ def run_job(spark, config: JobConfig, **kwargs):
     return run_link_job(spark, config, **kwargs)
 
 
+# the prepare stage's paths: on the driver (small inputs: every test input here by default), or
+# by Spark with the input's keys broadcast to the table and cache scans, or by Spark with one
+# left join of the input with each (a large input)
+PREPARE_PATHS = ["driver", "spark-broadcast", "spark-left-join"]
+
+
+def use_prepare(monkeypatch, path: str) -> None:
+    import clinlinker_spark.spark.job as job_module
+
+    if path != "driver":
+        monkeypatch.setattr(job_module, "DRIVER_PREPARE_ROWS", -1)
+    if path == "spark-left-join":
+        monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", 0)
+
+
+def check_prepared_on(summary, path: str) -> None:
+    assert summary["prepared_on"] == ("driver" if path == "driver" else "spark")
+
+
 # --------------------------------------------------------------------------------------------
 # (a) + (b): same top-k as the core linker, one row per mention
 
 
 # the forms' results reach their mentions by a broadcast join (few forms) or a shuffle join
-@pytest.mark.parametrize("with_reranker,result_join",
-                         [(False, "broadcast"), (False, "shuffle"), (True, "broadcast")],
-                         ids=["retrieval", "retrieval-shuffle-join", "reranked"])
+# both prepare paths
+@pytest.mark.parametrize("with_reranker,result_join,prepare",
+                         [(False, "broadcast", "driver"), (False, "shuffle", "spark-broadcast"),
+                          (True, "broadcast", "driver")],
+                         ids=["retrieval", "retrieval-shuffle-join-spark-prepare", "reranked"])
 def test_job_matches_core_linker_on_package_samples(
     spark, tmp_path, tiny_encoder_dir, tiny_cross_encoder_dir, sample_index, dev_mentions,
-    with_reranker, result_join, monkeypatch,
+    with_reranker, result_join, prepare, monkeypatch,
 ):
     import clinlinker_spark.spark.job as job_module
 
     if result_join == "shuffle":
         monkeypatch.setattr(job_module, "BROADCAST_RESULT_FORMS", 0)
+    use_prepare(monkeypatch, prepare)
     reranker = tiny_cross_encoder_dir if with_reranker else None
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, reranker=reranker)
     summary = run_job(spark, config, run_id="run-a")
+    check_prepared_on(summary, prepare)
 
     table = read_table(config.output.path)
     assert len(table) == len(dev_mentions) == table["mention_id"].nunique()
@@ -299,13 +322,16 @@ def bad_rows(spark):
     return spark.createDataFrame(rows, schema)
 
 
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
 def test_bad_rows_reach_the_table_as_invalid_input(
-    spark, tmp_path, tiny_encoder_dir, sample_index,
+    spark, tmp_path, tiny_encoder_dir, sample_index, monkeypatch, prepare,
 ):
+    use_prepare(monkeypatch, prepare)
     config = job_config(tmp_path, tiny_encoder_dir, sample_index,
                         "linking.max_text_length=40", "input.passthrough_columns=[]",
                         "output.store_text=false")
     summary = run_job(spark, config, mentions=bad_rows(spark))
+    check_prepared_on(summary, prepare)
     table = read_table(config.output.path).set_index("mention_id")
     assert len(table) == 8 and table.index.is_unique
     # store_text false: no text column, its SHA-256 instead
@@ -383,9 +409,12 @@ def test_index_built_with_another_encoder_fails_before_any_work(
 # (g) incremental runs
 
 
+@pytest.mark.parametrize("prepare", PREPARE_PATHS)
 def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     spark, tmp_path, tiny_encoder_dir, sample_index, sample_terminology, dev_mentions,
+    monkeypatch, prepare,
 ):
+    use_prepare(monkeypatch, prepare)
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
                         "input.passthrough_columns=[]")
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
@@ -400,6 +429,7 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     changed.iloc[0, changed.columns.get_loc("text")] = "hepatitis c crónica"
     both = pd.concat([changed, new], ignore_index=True)
     second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(both))
+    check_prepared_on(second, prepare)
     assert second["to_link"] == len(new) + 1
     assert second["skipped_already_linked"] == len(old) - 1
     assert second["surface_forms"] <= len(new) + 1
@@ -434,9 +464,11 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     assert set(table["index_version"]) == {fourth["index_version"]} != {first["index_version"]}
 
 
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
 def test_incremental_skip_never_hides_a_duplicated_id(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, prepare,
 ):
+    use_prepare(monkeypatch, prepare)
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
                         "input.passthrough_columns=[]")
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
@@ -455,16 +487,15 @@ def test_incremental_skip_never_hides_a_duplicated_id(
     assert len(table) == 20 and (table.drop(index=row.name)["run_id"] == "night-1").all()
 
 
-@pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
+@pytest.mark.parametrize("prepare", PREPARE_PATHS)
 def test_incremental_run_leaves_unchanged_invalid_rows_alone(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, broadcast_rows,
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, prepare,
 ):
     # an input with invalid rows fed again (the whole history as input) writes nothing: no
-    # table file is rewritten for rows whose outcome would be the same. Both ways of looking
-    # the input up in the table: broadcast (a night's extract) or one left join (a large input)
-    import clinlinker_spark.spark.job as job_module
-
-    monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", broadcast_rows)
+    # table file is rewritten for rows whose outcome would be the same. Each way of looking
+    # the input up in the table: on the driver, by Spark with the input's keys broadcast (a
+    # night's extract) or in one left join (a large input)
+    use_prepare(monkeypatch, prepare)
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
     night1 = dev_mentions.iloc[:20][columns].copy()
     limit = int(night1["text"].str.len().max()) + 5  # every real text fits
@@ -476,6 +507,7 @@ def test_incremental_run_leaves_unchanged_invalid_rows_alone(
     twin["start"] += 1000
     night1 = pd.concat([night1, twin], ignore_index=True)
     first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(night1))
+    check_prepared_on(first, prepare)
     assert first["counts_by_status"]["invalid_input"] == 3
     version = table_version(config.output.path)
 
@@ -526,6 +558,124 @@ def test_mark_linked_broadcast_and_shuffle_agree(spark):
                           "null:x": (True, False, 1)}
 
 
+def test_driver_and_spark_prepare_agree_row_for_row(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    # every rule of the prepare stage on one input, against a table and a form cache: the
+    # driver's preparation gives the Spark path's rows (pass-through columns of every kind
+    # included), forms, cache hits and counts
+    import datetime as dt
+    from decimal import Decimal
+
+    import clinlinker_spark.spark.job as J
+    from clinlinker_spark.spark.driver_prepare import prepare_on_driver
+
+    extra = ["note_date", "seen_at", "dose", "tags", "attrs", "origin"]
+    schema = ("mention_id string, doc_id string, start long, end long, text string, "
+              "label string, note_date date, seen_at timestamp, dose decimal(10,3), "
+              "tags array<string>, attrs map<string,int>, origin struct<system:string,n:int>")
+    cache = tmp_path / "form_cache"
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        f"input.passthrough_columns=[{', '.join(extra)}]",
+                        f"output.form_cache_path={cache}", "linking.max_text_length=60")
+
+    def row(mention_id, doc_id, start, text, k=0):
+        return (mention_id, doc_id, start, None if start is None else start + 5, text, "DX",
+                dt.date(2026, 1, 1 + k % 28), dt.datetime(2026, 3, 1, 12, k % 60, 7, 250),
+                Decimal(f"{k}.125"), [f"t{k}", None], {"k": k}, ("cie10", k))
+
+    real = [row(r.mention_id, r.doc_id, int(r.start), r.text, k)
+            for k, r in enumerate(dev_mentions.iloc[:60].itertuples())]
+    tricky = [
+        row("dup1", "z", 5, "fiebre", 1), row("dup1", None, 9, "tos", 2),
+        row("dup1", "\u00e9", 1, "disnea", 3),  # the null doc_id comes first, then "z" < "é"
+        row("dup2", "d", None, "tos", 4), row("dup2", "d", 3, "fiebre", 5),
+        row("dup3", "d", 3, "b", 6), row("dup3", "d", 3, "a", 7),  # by text hash
+        row(None, "d9", 0, "cefalea", 8), row(None, "d9", 0, "cefalea", 8),  # 2 rows
+        row("  ", "d9", 4, "tos", 9), row("null-text", "d", 0, None, 10),
+        row("empty", "d", 0, " \t", 11), row("long", "d", 0, "dolor " * 12, 12),
+        row("u1", "d", 0, "\u00dalcera  G\u00c1STRICA", 13),
+        row("u2", "d", 1, "\u00falcera g\u00e1strica", 14),  # u1's form
+    ]
+    night1 = real[:40] + tricky[10:13]
+    run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(night1, schema))
+    changed = list(real[0])
+    changed[4] = "hepatitis c cr\u00f3nica"  # a linked id whose text changed
+    night2 = spark.createDataFrame([tuple(changed), *real[1:], *tricky], schema)
+
+    art = J.resolve_artifacts(config)
+    cache_versions = {**art.versions, "linking_version": J.linking_version(config)}
+    selected = J.select_mentions(night2, config.input)
+    got = {}
+    for name, prepare in (("driver", prepare_on_driver), ("spark", J.prepare_in_spark)):
+        kept = []
+        prep = prepare(spark, selected, config, art.versions, cache_versions,
+                       selected.count(), 2, lambda df: kept.append(df.persist()) or kept[-1])
+        rows = sorted((r.asDict(recursive=True) for r in prep.validated.collect()),
+                      key=lambda r: r["mention_id"])
+        got[name] = {
+            "counts": prep.counts, "rows": rows,
+            "types": [f.dataType for f in prep.validated.schema.fields],
+            "forms": sorted(tuple(r) for r in prep.forms.collect()),
+            "hits": sorted(tuple(r) for r in prep.hits.collect()),
+            "versions": (prep.table_at, prep.cache_at), "on_driver": prep.on_driver,
+        }
+        for df in kept:
+            df.unpersist()
+    driver, spark_path = got.pop("driver"), got.pop("spark")
+    assert driver.pop("on_driver") and not spark_path.pop("on_driver")
+    for key in driver:
+        assert driver[key] == spark_path[key], key
+    counts = driver["counts"]
+    assert counts["skipped"] == 39 and counts["unchanged_invalid"] == 3
+    assert counts["invalid"] == 5 and 0 < counts["cache_hits"] < counts["forms"]
+    by_id = {r["mention_id"]: r for r in driver["rows"]}
+    assert by_id["dup1"]["doc_id"] is None and by_id["dup2"]["start"] is None
+    assert by_id["dup1"]["reason"] == "duplicate mention_id (3 rows)"
+    assert by_id["dup3"]["text"] == min(["a", "b"], key=lambda t: hashlib.sha256(
+        t.encode()).hexdigest())
+    assert by_id["u1"]["text_norm"] == by_id["u2"]["text_norm"] == "\u00falcera g\u00e1strica"
+    assert by_id["u1"]["seen_at"] == dt.datetime(2026, 3, 1, 12, 13, 7, 250)
+    assert by_id["u1"]["dose"] == Decimal("13.125") and by_id["u1"]["attrs"] == {"k": 13}
+
+
+def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
+    spark, tmp_path, tiny_encoder_dir, sample_index,
+):
+    from datetime import datetime, timezone
+
+    from clinlinker_spark.spark import schemas
+    from clinlinker_spark.spark.job import assemble_output
+
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "input.passthrough_columns=[]")
+    validated = spark.createDataFrame(
+        [("a", "d", 0, 3, "Tos", "h1", "DX", None, "tos"),
+         ("b", "d", 4, 7, "tos", "h2", "DX", None, "tos"),
+         ("c", "d", 8, 9, "", "h3", "DX", "empty text", None)],
+        "mention_id string, doc_id string, start long, end long, text string, "
+        "text_sha256 string, label string, reason string, text_norm string")
+    found = spark.createDataFrame(
+        [("tos", "tos", "linked", None, "R05", "tos", 0.9,
+          [{"code": "R05", "term": "tos", "retrieval_score": 0.9, "rerank_score": None,
+            "exact": True}])], schemas.STAGE_SCHEMA)
+    versions = {"model_version": "m", "index_version": "i", "reranker_version": ""}
+    now = datetime.now(timezone.utc)
+    for broadcast in (True, False):
+        out = assemble_output(validated, found, config, versions, "r", now, dedupe=True,
+                              broadcast_results=broadcast)
+        rows = {r["mention_id"]: r for r in out.collect()}
+        assert {k: (r["status"], r["code"], len(r["candidates"])) for k, r in rows.items()} == {
+            "a": ("linked", "R05", 1), "b": ("linked", "R05", 1), "c": ("invalid_input", None, 0)}
+        assert rows["c"]["reason"] == "empty text" and rows["a"]["run_id"] == "r"
+        assert out.columns == schemas.assignment_columns(True, [])
+    # a row to link whose form has no result fails the write; it is not dropped
+    other = found.filter("link_key = 'none'")
+    with pytest.raises(Exception, match="has no result"):
+        assemble_output(validated, other, config, versions, "r", now, dedupe=True).collect()
+    with pytest.raises(Exception, match="has no result"):
+        assemble_output(validated, None, config, versions, "r", now, dedupe=True).collect()
+
+
 def test_tallies_of_several_frames_are_counted_together(spark):
     from pyspark.sql import functions as F
 
@@ -573,15 +723,13 @@ def test_few_rows_run_in_one_wave_many_in_every_partition(spark):
     assert _prepare_tasks(5_000, partitions=4, slots=None) == 1  # slots unknown: as before
 
 
-@pytest.mark.parametrize("broadcast_rows", [200_000, 0], ids=["broadcast", "left-join"])
+@pytest.mark.parametrize("prepare", PREPARE_PATHS)
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, broadcast_rows,
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, prepare,
 ):
-    # both ways of splitting the forms by the cache: the night's forms broadcast to a scan of
-    # the cache, or a left join of the forms with the cache
-    import clinlinker_spark.spark.job as job_module
-
-    monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", broadcast_rows)
+    # each way of splitting the forms by the cache: the forms' keys (from the driver or from
+    # Spark) broadcast to a scan of the cache, or a left join of the forms with the cache
+    use_prepare(monkeypatch, prepare)
     cache = tmp_path / "form_cache"
     config = job_config(tmp_path, tiny_encoder_dir, sample_index,
                         "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
@@ -592,6 +740,7 @@ def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     assert unseen and norm(new) & norm(old)  # the sample has both kinds
 
     first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
+    check_prepared_on(first, prepare)
     assert first["form_cache"]["hits"] == 0
     assert first["form_cache"]["added"] == first["surface_forms"] == len(norm(old))
     rows = read_table(cache)

@@ -258,13 +258,13 @@ def test_a_small_write_is_staged_by_the_driver_as_spark_would_stage_it(spark, tm
     assert DeltaTable(paths["empty"]).file_uris() == []
 
 
-def test_only_types_pyarrow_writes_as_spark_are_staged_by_the_driver(spark, tmp_path):
+def test_only_typesplain_arrow_type_are_staged_by_the_driver(spark, tmp_path):
     from pyspark.sql.types import DayTimeIntervalType, MapType, VariantType
 
-    assert writer._pyarrow_writes_as_spark(SCHEMA)
-    assert writer._pyarrow_writes_as_spark(MapType(StringType(), ArrayType(LongType())))
-    assert not writer._pyarrow_writes_as_spark(VariantType())
-    assert not writer._pyarrow_writes_as_spark(
+    assert writer.plain_arrow_type(SCHEMA)
+    assert writer.plain_arrow_type(MapType(StringType(), ArrayType(LongType())))
+    assert not writer.plain_arrow_type(VariantType())
+    assert not writer.plain_arrow_type(
         StructType([StructField("a", ArrayType(DayTimeIntervalType()))]))
     # a map column (a passthrough column of the input) round-trips through the driver's file
     df = make_df(spark, [1, 2], "r1").withColumn(

@@ -92,6 +92,10 @@ ROWS_PER_PREPARE_TASK = 50_000
 # ... unless the rows fit one such task per slot: then one task per slot (one wave), of at
 # least this many rows (10k rows in one task: 0.33 s; a slot idles meanwhile)
 MIN_ROWS_PER_PREPARE_TASK = 2_500
+# an input of at most this many rows is prepared on the driver (driver_prepare): collected as
+# Arrow, identified and normalised in one Python process, with Spark only scanning the table
+# and the form cache; the Spark plan of the same work runs ~10 dependent stages
+DRIVER_PREPARE_ROWS = 100_000
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -99,10 +103,15 @@ GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 # Input
 
 
+def _quoted(name: str) -> str:
+    """A column name as Spark parses it (dots and backticks taken literally)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
 def _col(name: str) -> Column:
     from pyspark.sql import functions as F
 
-    return F.col("`" + name.replace("`", "``") + "`")
+    return F.col(_quoted(name))
 
 
 def read_mentions(spark: SparkSession, cfg: InputConfig) -> DataFrame:
@@ -363,6 +372,28 @@ def _small_input(rows: int | None) -> bool:
     return rows is not None and rows <= BROADCAST_INPUT_ROWS
 
 
+# of the input rows sharing a mention_id, the first by these columns (nulls first) is kept
+FIRST_ROW_ORDER = ("doc_id", "start", "end", "text_sha256")
+
+
+def keyed_mentions(mentions: DataFrame) -> DataFrame:
+    """The row-wise part of :func:`identify_mentions` (no shuffle): ``_null_id``, the
+    synthetic id of a null or blank mention_id, and ``text_sha256``."""
+    from pyspark.sql import functions as F
+
+    blank_id = F.col("mention_id").isNull() | (F.trim(F.col("mention_id")) == "")
+    synthetic = F.concat(
+        F.lit("null:"),
+        F.sha2(F.to_json(F.struct("doc_id", "start", "end", "text")), 256),
+    )
+    return (
+        mentions
+        .withColumn("_null_id", blank_id)
+        .withColumn("mention_id", F.when(blank_id, synthetic).otherwise(F.col("mention_id")))
+        .withColumn("text_sha256", F.sha2(F.col("text"), 256))
+    )
+
+
 def identify_mentions(mentions: DataFrame) -> DataFrame:
     """One row per distinct mention_id, with ``text_sha256`` and the helper columns ``_rows``
     (input rows sharing the id) and ``_null_id``; cheap (no Python), so that rows an
@@ -371,22 +402,9 @@ def identify_mentions(mentions: DataFrame) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    blank_id = F.col("mention_id").isNull() | (F.trim(F.col("mention_id")) == "")
-    synthetic = F.concat(
-        F.lit("null:"),
-        F.sha2(F.to_json(F.struct("doc_id", "start", "end", "text")), 256),
-    )
-    df = (
-        mentions
-        .withColumn("_null_id", blank_id)
-        .withColumn("mention_id", F.when(blank_id, synthetic).otherwise(F.col("mention_id")))
-        .withColumn("text_sha256", F.sha2(F.col("text"), 256))
-    )
+    df = keyed_mentions(mentions)
     by_id = Window.partitionBy("mention_id")
-    first = by_id.orderBy(
-        F.col("doc_id").asc_nulls_first(), F.col("start").asc_nulls_first(),
-        F.col("end").asc_nulls_first(), F.col("text_sha256").asc_nulls_first(),
-    )
+    first = by_id.orderBy(*[F.col(c).asc_nulls_first() for c in FIRST_ROW_ORDER])
     return (
         df.withColumn("_rows", F.count(F.lit(1)).over(by_id))
         .withColumn("_rank", F.row_number().over(first))
@@ -404,19 +422,11 @@ def check_mentions(identified: DataFrame, max_text_length: int) -> DataFrame:
     from clinlinker_spark.spark.udfs import make_prepare_udf
 
     prepare = make_prepare_udf(max_text_length)
-    df = identified.withColumn("_prep", prepare(F.col("text")))
-    rows_note = F.when(F.col("_rows") > 1,
-                       F.concat(F.lit(" ("), F.col("_rows").cast("string"), F.lit(" rows)")))
-    reason = (
-        F.when(F.col("_null_id"),
-               F.concat(F.lit("null mention_id"), F.coalesce(rows_note, F.lit(""))))
-        .when(F.col("_rows") > 1, F.concat(F.lit("duplicate mention_id"), rows_note))
-        .otherwise(F.col("_prep.reason"))
-    )
+    df = identified.withColumn("_prep", prepare(F.col("text"), F.col("_rows"),
+                                                F.col("_null_id")))
     return (
-        df.withColumn("reason", reason)
-        .withColumn(TEXT_NORM_COLUMN,
-                    F.when(reason.isNull(), F.col(f"_prep.{TEXT_NORM_COLUMN}")))
+        df.withColumn("reason", F.col("_prep.reason"))
+        .withColumn(TEXT_NORM_COLUMN, F.col(f"_prep.{TEXT_NORM_COLUMN}"))
         .drop("_prep", "_rows", "_null_id")
     )
 
@@ -582,6 +592,25 @@ def cache_key(versions: dict[str, str]) -> Column:
     return F.sha2(F.concat_ws("\u001f", *parts), 256)
 
 
+def cache_key_of(text_norm: str, versions: dict[str, str]) -> str:
+    """:func:`cache_key` of one normalised text, computed in Python."""
+    parts = [text_norm, *[versions[c] for c in VERSION_COLUMNS]]
+    return hashlib.sha256("\u001f".join(parts).encode("utf-8")).hexdigest()
+
+
+def usable_cache(cache: DataFrame | None) -> DataFrame | None:
+    """The form cache's key and outcome columns; None without a cache, or when it lacks
+    them (warning: a damaged cache costs time, never wrong rows)."""
+    if cache is None:
+        return None
+    needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
+    if not needed.issubset(cache.columns):
+        log.warning("form cache lacks columns %s: not used in this run",
+                    sorted(needed - set(cache.columns)))
+        return None
+    return cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
+
+
 def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
                    persist: Callable[[DataFrame], DataFrame] = lambda df: df,
                    max_forms: int | None = None,
@@ -600,15 +629,10 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
     """
     from pyspark.sql import functions as F
 
+    cache = usable_cache(cache)
     if cache is None:
         return None, forms, None
-    needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
-    if not needed.issubset(cache.columns):
-        log.warning("form cache lacks columns %s: not used in this run",
-                    sorted(needed - set(cache.columns)))
-        return None, forms, None
     keyed = forms.withColumn(CACHE_KEY_COLUMN, cache_key(versions))
-    cache = cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
     if _small_input(max_forms):
         keyed = persist(keyed)
         found = persist(cache.join(F.broadcast(keyed), CACHE_KEY_COLUMN, "inner"))
@@ -624,6 +648,104 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
     hits = joined.filter(F.col("_hit")).select(*schemas.STAGE_SCHEMA.fieldNames())
     misses = joined.filter(F.col("_hit").isNull()).select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
     return hits, misses, counts
+
+
+@dataclass
+class Prepared:
+    """What the prepare stage hands the linking stages. ``validated``: one row per mention
+    the run writes (:func:`check_mentions` columns; ``reason`` set for invalid rows);
+    ``forms``: the (link_key, text_norm) rows the UDFs
+    compute (the form cache's hits left out), partitioned for them; ``hits``: the cache's
+    results (STAGE_SCHEMA) or None; ``counts``: mentions, in_table, skipped, invalid,
+    unchanged_invalid, and with a form cache forms and cache_hits; ``table_at``/``cache_at``:
+    the versions of the table and cache searched (None: not searched); ``on_driver``: which
+    path prepared them."""
+
+    validated: DataFrame
+    forms: DataFrame
+    hits: DataFrame | None
+    counts: dict[str, int]
+    table_at: int | None
+    cache_at: int | None
+    on_driver: bool
+
+
+def prepares_on_driver(selected: DataFrame, input_rows: int | None) -> bool:
+    """Whether an input of ``input_rows`` rows (an upper bound) is prepared on the driver
+    (:mod:`clinlinker_spark.spark.driver_prepare`): at most DRIVER_PREPARE_ROWS rows, and
+    only column types that go through Arrow and back unchanged."""
+    from clinlinker_spark.spark.writer import plain_arrow_type
+
+    if input_rows is None or input_rows > DRIVER_PREPARE_ROWS:
+        return False
+    return plain_arrow_type(selected.schema)
+
+
+def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig,
+                     versions: dict[str, str], cache_versions: dict[str, str],
+                     input_rows: int | None, slots: int | None,
+                     persist: Callable[[DataFrame], DataFrame]) -> Prepared:
+    """The prepare stage as one Spark action: every count comes from one union of
+    :func:`tally` rows (``persist`` keeps the frames they and the later stages share)."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.writer import read_delta_snapshot
+
+    partitions = config.spark.shuffle_partitions
+    cache_path = config.output.form_cache_path
+    identified = identify_mentions(selected)
+    marked = None
+    table_at: int | None = None
+    if config.output.incremental:
+        table, table_at = read_delta_snapshot(spark, config.output.path)
+        keys = table_keys(table, versions)
+        if keys is not None:
+            marked = persist(mark_linked(identified, keys, input_rows))
+    if marked is None:
+        table_at = None  # the table was not searched
+        marked = persist(identified.withColumn("_in_table", F.lit(False))
+                         .withColumn("_skip", F.lit(False))
+                         .withColumn("_was_invalid", F.lit(None).cast("string")))
+    remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
+    # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
+    # night's few thousand rows cost one task's start, not one per shuffle partition
+    remaining = remaining.coalesce(_prepare_tasks(input_rows, partitions, slots))
+    # an invalid row the table holds with the same text, versions and reason is left
+    # alone (rewriting a table file for it would change nothing)
+    checked = persist(
+        check_mentions(remaining, config.linking.max_text_length)
+        .withColumn("_unchanged", F.coalesce(F.col("reason") == F.col("_was_invalid"),
+                                             F.lit(False)))
+        .drop("_was_invalid"))
+    validated = checked.filter(~F.col("_unchanged")).drop("_unchanged")
+    to_link = validated.filter(F.col("reason").isNull())
+    tallies = [tally(marked, mentions=F.lit(True), in_table=F.col("_in_table"),
+                     skipped=F.col("_skip")),
+               tally(checked, invalid=F.col("reason").isNotNull() & ~F.col("_unchanged"),
+                     unchanged_invalid=F.col("_unchanged"))]
+
+    # with a cache the forms left to compute are repartitioned after the split
+    forms = surface_forms(to_link, config.spark.dedupe_surface_forms,
+                          None if cache_path else partitions)
+    hits: DataFrame | None = None
+    cache_at: int | None = None
+    if cache_path:
+        cache, cache_at = read_delta_snapshot(spark, cache_path)
+        hits, forms, cache_tally = split_by_cache(forms, cache, cache_versions, persist,
+                                                  max_forms=input_rows)
+        if cache_tally is None:
+            cache_at = None  # not read: the forms were not checked against it
+            forms = forms.repartition(partitions)
+        else:
+            tallies.append(cache_tally)
+    counts = collect_tallies(tallies)
+    if hits is not None:
+        # the join's output is sized by bytes: spread the model work again, over tasks
+        # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms use
+        # every core in one wave; a handful of forms, one task)
+        n_misses = counts["forms"] - counts["cache_hits"]
+        forms = forms.repartition(_form_tasks(n_misses, partitions, slots))
+    return Prepared(validated, forms, hits, counts, table_at, cache_at, False)
 
 
 def cache_rows(results: DataFrame, versions: dict[str, str], run_id: str,
@@ -652,7 +774,6 @@ def table_candidates(column: str = "candidates") -> Column:
 
 def assemble_output(
     validated: DataFrame,
-    to_link: DataFrame,
     results: DataFrame | None,
     config: JobConfig,
     versions: dict[str, str],
@@ -661,26 +782,35 @@ def assemble_output(
     dedupe: bool,
     broadcast_results: bool = False,
 ) -> DataFrame:
-    """Invalid rows + linked rows, with lineage, in the code-assignment schema's order.
-    ``broadcast_results``: join the results to the mentions as a broadcast (few forms)."""
+    """One output row per ``validated`` row, with lineage, in the code-assignment schema's
+    order: invalid rows as invalid_input, the others with the result of their form (or
+    mention) from ``results``. ``broadcast_results``: the results are few enough to broadcast.
+
+    One left join of every row with the results, not a union of the invalid and the linked
+    rows: the writer coalesces its input into files by ranges of partitions, and a union puts
+    the (few) invalid rows' partitions in one range and every linked row in the others. A row
+    to link without a result (a broken invariant) fails the write instead of being dropped."""
     from pyspark.sql import functions as F
 
     passthrough = list(config.input.passthrough_columns)
     mention_cols = ["mention_id", "doc_id", "start", "end", "text", "text_sha256", "label",
                     *passthrough]
-    invalid = validated.filter(F.col("reason").isNotNull()).select(
-        *[_col(c) for c in mention_cols],
-        F.lit(STATUS_INVALID).alias("status"),
-        F.col("reason"),
-        F.lit(None).cast("string").alias("code"),
-        F.lit(None).cast("string").alias("term"),
-        F.lit(None).cast("double").alias("score"),
-        F.array().cast(schemas.CANDIDATES_TYPE).alias("candidates"),
-    )
-    parts = [invalid]
-    if results is not None:
+    outcome = ["status", "reason", "code", "term", "score"]
+    valid = validated["reason"].isNull()
+    mention = [validated[_quoted(c)] for c in mention_cols]
+    if results is None:
+        out = validated.select(
+            *mention,
+            F.when(valid, F.raise_error(F.lit("a mention to link has no result")))
+            .otherwise(F.lit(STATUS_INVALID)).alias("status"),
+            validated["reason"],
+            F.lit(None).cast("string").alias("code"),
+            F.lit(None).cast("string").alias("term"),
+            F.lit(None).cast("double").alias("score"),
+            F.array().cast(schemas.CANDIDATES_TYPE).alias("candidates"),
+        )
+    else:
         key = TEXT_NORM_COLUMN if dedupe else "mention_id"
-        outcome = ["status", "reason", "code", "term", "score"]
         res = results.select(
             F.col(LINK_KEY_COLUMN).alias("_key"),
             *[F.col(c).alias(f"_r_{c}") for c in outcome],
@@ -688,14 +818,20 @@ def assemble_output(
         )
         if broadcast_results:
             res = F.broadcast(res)
-        linked = to_link.join(res, to_link[key] == res["_key"], "inner").select(
-            *[to_link[c] for c in mention_cols],
-            *[res[f"_r_{c}"].alias(c) for c in [*outcome, "candidates"]],
+        # an invalid row's text_norm is null (no match); without de-duplication only the
+        # rows to link have results
+        joined = validated.join(res, validated[key] == res["_key"], "left")
+        missing = valid & res["_key"].isNull()
+        out = joined.select(
+            *mention,
+            F.when(~valid, F.lit(STATUS_INVALID))
+            .when(missing, F.raise_error(F.lit("a mention to link has no result")))
+            .otherwise(res["_r_status"]).alias("status"),
+            F.when(valid, res["_r_reason"]).otherwise(validated["reason"]).alias("reason"),
+            *[F.when(valid, res[f"_r_{c}"]).alias(c) for c in ("code", "term", "score")],
+            F.when(valid, res["_r_candidates"])
+            .otherwise(F.array().cast(schemas.CANDIDATES_TYPE)).alias("candidates"),
         )
-        parts.append(linked)
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.unionByName(part)
     out = out.select(
         *out.columns,
         *[F.lit(v).alias(k) for k, v in versions.items()],
@@ -759,7 +895,6 @@ def run_link_job(
     ``mentions`` DataFrame is evaluated for it), then the one pass of the prepare stage.
     """
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     from clinlinker_spark.spark.session import task_slots
     from clinlinker_spark.spark.udfs import (
@@ -767,7 +902,7 @@ def run_link_job(
         make_retrieve_fn,
         stage_seconds_accumulator,
     )
-    from clinlinker_spark.spark.writer import merge_into_delta, read_delta_snapshot
+    from clinlinker_spark.spark.writer import merge_into_delta
 
     run_id = run_id or uuid.uuid4().hex
     cache_path = config.output.form_cache_path
@@ -797,77 +932,40 @@ def run_link_job(
         return df
 
     try:
-        # 3.-5. one Spark action before any model work: one row per mention_id, one scan of
-        # the table for the input's ids (which to skip, whether any other is in it),
-        # validation and normalisation of the rest (the Python normaliser never sees
-        # mentions linked before), their surface forms, and the split of those by the form
-        # cache; every count comes from one union of tallies
+        # 3.-5. before any model work: one row per mention_id, one scan of the table for the
+        # input's ids (which to skip, whether any other is in it), validation and
+        # normalisation of the rest (the normaliser never sees mentions linked before), their
+        # surface forms, and the split of those by the form cache
         clock.start("prepare")
         # an upper bound of every count below (identify only merges rows), to decide what is
-        # small enough to broadcast; Parquet answers it from its file footers
+        # small enough to broadcast or to prepare on the driver; Parquet answers it from its
+        # file footers
         input_rows = selected.count()
-        partitions = config.spark.shuffle_partitions
         slots = task_slots(spark, config.spark.task_cpus)
-        identified = identify_mentions(selected)
-        marked = None
-        table_at: int | None = None
-        if config.output.incremental:
-            table, table_at = read_delta_snapshot(spark, config.output.path)
-            keys = table_keys(table, art.versions)
-            if keys is not None:
-                marked = persist(mark_linked(identified, keys, input_rows))
-        if marked is None:
-            table_at = None  # the table was not searched
-            marked = persist(identified.withColumn("_in_table", F.lit(False))
-                             .withColumn("_skip", F.lit(False))
-                             .withColumn("_was_invalid", F.lit(None).cast("string")))
-        remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
-        # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
-        # night's few thousand rows cost one task's start, not one per shuffle partition
-        remaining = remaining.coalesce(_prepare_tasks(input_rows, partitions, slots))
-        # an invalid row the table holds with the same text, versions and reason is left
-        # alone (rewriting a table file for it would change nothing)
-        checked = persist(
-            check_mentions(remaining, config.linking.max_text_length)
-            .withColumn("_unchanged", F.coalesce(F.col("reason") == F.col("_was_invalid"),
-                                                 F.lit(False)))
-            .drop("_was_invalid"))
-        validated = checked.filter(~F.col("_unchanged")).drop("_unchanged")
-        to_link = validated.filter(F.col("reason").isNull())
-        tallies = [tally(marked, mentions=F.lit(True), in_table=F.col("_in_table"),
-                         skipped=F.col("_skip")),
-                   tally(checked, invalid=F.col("reason").isNotNull() & ~F.col("_unchanged"),
-                         unchanged_invalid=F.col("_unchanged"))]
-
         dedupe = config.spark.dedupe_surface_forms
         cache_versions = {**art.versions, "linking_version": linking_version(config)}
-        # with a cache the forms left to compute are repartitioned after the split
-        forms = surface_forms(to_link, dedupe, None if cache_path else partitions)
-        hits: DataFrame | None = None
-        cache_at: int | None = None
-        if cache_path:
-            cache, cache_at = read_delta_snapshot(spark, cache_path)
-            hits, forms, cache_tally = split_by_cache(forms, cache, cache_versions, persist,
-                                                      max_forms=input_rows)
-            if cache_tally is None:
-                cache_at = None  # not read: the forms were not checked against it
-                forms = forms.repartition(partitions)
-            else:
-                tallies.append(cache_tally)
-        counts = collect_tallies(tallies)
+        if prepares_on_driver(selected, input_rows):
+            from clinlinker_spark.spark.driver_prepare import prepare_on_driver
+
+            prepare = prepare_on_driver
+        else:
+            prepare = prepare_in_spark
+        prep = prepare(spark, selected, config, art.versions, cache_versions, input_rows,
+                       slots, persist)
+        log.info("link job %s: input of at most %d rows prepared %s", run_id, input_rows,
+                 "on the driver" if prep.on_driver else "by Spark")
+        validated, forms, hits = prep.validated, prep.forms, prep.hits
+        counts = prep.counts
         n_mentions, n_skipped = counts["mentions"], counts["skipped"]
         n_unchanged = counts["unchanged_invalid"]
         # no input id but those left alone is in the table: the MERGE can append
-        new_keys_at = table_at if counts["in_table"] == n_skipped + n_unchanged else None
+        new_keys_at = (prep.table_at if counts["in_table"] == n_skipped + n_unchanged
+                       else None)
         n_invalid = counts["invalid"]
         n_to_link = n_mentions - n_skipped - n_unchanged - n_invalid
         n_cached = counts.get("cache_hits", 0)
         n_misses = counts["forms"] - n_cached if "forms" in counts else -1  # -1: unknown
-        if hits is not None:
-            # the join's output is sized by bytes: spread the model work again, over tasks
-            # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms use
-            # every core in one wave; a handful of forms, one task)
-            forms = forms.repartition(_form_tasks(n_misses, partitions, slots))
+        cache_at = prep.cache_at
         clock.stop()
 
         # 5. UDF stages over the surface forms the form cache does not hold
@@ -902,8 +1000,8 @@ def run_link_job(
         n_out = n_invalid + n_to_link
         # n_out bounds the rows: the writer sizes the files by it (one per ROWS_PER_FILE
         # rows) and collects a small night to the driver instead of a Spark write job
-        out = assemble_output(validated, to_link, results, config, art.versions, run_id,
-                              run_ts, dedupe,
+        out = assemble_output(validated, results, config, art.versions, run_id, run_ts,
+                              dedupe,
                               dedupe and n_cached + n_forms <= BROADCAST_RESULT_FORMS)
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
@@ -948,6 +1046,7 @@ def run_link_job(
         "surface_forms": n_forms,  # computed by the UDFs (form cache hits not counted)
         "form_cache": cache_info,
         "dedupe_surface_forms": dedupe,
+        "prepared_on": "driver" if prep.on_driver else "spark",
         **art.versions,
         "linking_version": cache_versions["linking_version"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -15,7 +15,7 @@ path every executor can read (shared storage; the FAISS file can be memory-mappe
 Stages:
 
 - :func:`make_prepare_udf`: per row, the normalised text or the reason it cannot be linked
-  (``linker.invalid_reason`` + ``text.normalize_text``; no model needed).
+  (:func:`check_mention`; no model needed).
 - :func:`make_retrieve_fn`: bi-encoder embedding + FAISS search (``Linker.retrieve``).
 - :func:`make_rerank_fn`: cross-encoder re-ranking (``Linker.rerank``); not used without one.
 
@@ -346,22 +346,38 @@ def clear_cache() -> None:
 # Row checks
 
 
-def make_prepare_udf(max_text_length: int) -> Any:
-    """A pandas UDF: mention text -> struct<text_norm, reason>.
+def check_mention(text: Any, rows: int, null_id: bool, max_text_length: int,
+                  ) -> tuple[str | None, str | None]:
+    """(text_norm, reason) of one :func:`~clinlinker_spark.spark.job.identify_mentions` row:
+    ``rows`` input rows shared its id, ``null_id``: the id was null or blank. A null or
+    duplicated id is invalid whatever the text (``"null mention_id"``, ``"duplicate
+    mention_id (N rows)"``); otherwise ``linker.invalid_reason``. ``text_norm`` is
+    ``normalize_text(text)`` for a row that can be linked, else None. The one statement of
+    these rules: the job's Spark path runs it in :func:`make_prepare_udf`, its driver path
+    directly."""
+    from clinlinker_spark.linker import invalid_reason
+    from clinlinker_spark.text import normalize_text
 
-    ``reason`` is ``linker.invalid_reason`` (null text, empty text, too long); ``text_norm`` is
-    ``normalize_text(text)`` for valid rows and null otherwise.
-    """
+    note = f" ({rows} rows)" if rows > 1 else ""
+    if null_id:
+        return None, "null mention_id" + note
+    if rows > 1:
+        return None, "duplicate mention_id" + note
+    reason = invalid_reason(text, max_text_length)
+    return (normalize_text(text) if reason is None else None), reason
+
+
+def make_prepare_udf(max_text_length: int) -> Any:
+    """A pandas UDF: (text, rows sharing the id, null id) -> struct<text_norm, reason>, by
+    :func:`check_mention`."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(PREPARED_STRUCT)  # type: ignore[call-overload]
-    def prepare(texts: pd.Series) -> pd.DataFrame:
-        from clinlinker_spark.linker import invalid_reason
-        from clinlinker_spark.text import normalize_text
-
-        reasons = [invalid_reason(t, max_text_length) for t in texts.tolist()]
-        norms = [normalize_text(t) if r is None else None
-                 for t, r in zip(texts.tolist(), reasons)]
+    def prepare(texts: pd.Series, rows: pd.Series, null_ids: pd.Series) -> pd.DataFrame:
+        checked = [check_mention(t, int(n), bool(z), max_text_length)
+                   for t, n, z in zip(texts.tolist(), rows.tolist(), null_ids.tolist())]
+        norms = [c[0] for c in checked]
+        reasons = [c[1] for c in checked]
         return pd.DataFrame({TEXT_NORM_COLUMN: norms, "reason": reasons})
 
     return prepare

@@ -233,7 +233,7 @@ def merge_into_delta(
         )
     started = time.monotonic()
     on_driver = (not use_delta_spark and max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
-                 and _pyarrow_writes_as_spark(df.schema))
+                 and plain_arrow_type(df.schema))
     if max_rows is not None and not on_driver:
         from clinlinker_spark.spark.session import task_slots
 
@@ -481,11 +481,12 @@ def _file_count(rows: int, slots: int | None) -> int:
     return max(1, files)
 
 
-def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
+def plain_arrow_type(data_type: DataType) -> bool:
     """Whether a column of ``data_type`` goes through Arrow and pyarrow's Parquet writer as
-    the same Parquet type Spark writes: strings, binary, booleans, numbers, decimals, dates,
-    timestamps (with and without time zone), and arrays, maps and structs of those. Others
-    (intervals, variant, ...) are staged by Spark."""
+    the same Parquet type Spark writes, and through Arrow and back into Spark unchanged:
+    strings, binary, booleans, numbers, decimals, dates, timestamps (with and without time
+    zone), and arrays, maps and structs of those. Others (intervals, variant, ...) are staged
+    by Spark, and an input with them is prepared by Spark."""
     from pyspark.sql.types import (
         ArrayType,
         BinaryType,
@@ -501,12 +502,12 @@ def _pyarrow_writes_as_spark(data_type: DataType) -> bool:
     )
 
     if isinstance(data_type, StructType):
-        return all(_pyarrow_writes_as_spark(f.dataType) for f in data_type.fields)
+        return all(plain_arrow_type(f.dataType) for f in data_type.fields)
     if isinstance(data_type, ArrayType):
-        return _pyarrow_writes_as_spark(data_type.elementType)
+        return plain_arrow_type(data_type.elementType)
     if isinstance(data_type, MapType):
-        return (_pyarrow_writes_as_spark(data_type.keyType)
-                and _pyarrow_writes_as_spark(data_type.valueType))
+        return (plain_arrow_type(data_type.keyType)
+                and plain_arrow_type(data_type.valueType))
     return isinstance(data_type, (StringType, BinaryType, BooleanType, NumericType, DecimalType,
                                   DateType, TimestampType, TimestampNTZType))
 
@@ -518,7 +519,7 @@ def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spar
     driver wrote them (None when Spark did).
 
     ``on_driver`` (a row bound of at most DRIVER_WRITE_ROWS and only types that
-    :func:`_pyarrow_writes_as_spark`): ``df`` is collected as Arrow (its partitions computed in
+    :func:`plain_arrow_type`): ``df`` is collected as Arrow (its partitions computed in
     parallel) and the driver writes one file with pyarrow (none without rows), with the
     Parquet schema a Spark write gives under :data:`_PARQUET_WRITE_CONF` (the DataFrame's
     nullability, microsecond UTC timestamps, standard 3-level lists, snappy). Otherwise Spark
