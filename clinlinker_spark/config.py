@@ -163,6 +163,11 @@ class SparkConfig:
     # Link each distinct normalised surface form once and join the result back to every
     # mention (False: every valid mention goes through the UDFs; for benchmarks).
     dedupe_surface_forms: bool = True
+    # An input of at most this many rows is prepared on the driver (clinlinker_spark.spark.
+    # driver_prepare: collected as Arrow, one row per id kept and normalised in one process,
+    # Spark only scanning the table and the form cache) instead of in ~10 dependent Spark
+    # stages; the outcome is the same. 0: always Spark.
+    driver_prepare_rows: int = 100_000
     # True: the index (and the encoder and re-ranker directories) reach executors once through
     # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
     # directly (shared storage such as /dbfs or NFS; use it for multi-GB indexes).
@@ -174,6 +179,8 @@ class SparkConfig:
         _check_positive("spark.shuffle_partitions", self.shuffle_partitions)
         _check_positive("spark.arrow_batch_size", self.arrow_batch_size)
         _check_positive("spark.task_cpus", self.task_cpus)
+        if self.driver_prepare_rows < 0:
+            raise ConfigError("spark.driver_prepare_rows must be >= 0 (0: always Spark)")
         if self.executor_gpus < 0 or self.task_gpus < 0:
             raise ConfigError("spark.executor_gpus and spark.task_gpus must be >= 0")
         if self.task_gpus > 0 and self.executor_gpus == 0:

@@ -154,10 +154,12 @@ PREPARE_PATHS = ["driver", "spark-broadcast", "spark-left-join"]
 
 
 def use_prepare(monkeypatch, path: str) -> None:
+    """The job configs of the test (job_config) take the prepare ``path``."""
     import clinlinker_spark.spark.job as job_module
 
     if path != "driver":
-        monkeypatch.setattr(job_module, "DRIVER_PREPARE_ROWS", -1)
+        monkeypatch.setitem(globals(), "TEST_SPARK",
+                            dataclasses.replace(TEST_SPARK, driver_prepare_rows=0))
     if path == "spark-left-join":
         monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", 0)
 

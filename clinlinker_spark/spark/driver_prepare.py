@@ -21,7 +21,7 @@ Spark runs only what needs the data it holds:
 6. the rows to write and the forms to compute go back to Spark as DataFrames of local data.
 
 The outcome is the Spark path's, row for row (the job's tests run both). Used when the input
-has at most ``job.DRIVER_PREPARE_ROWS`` rows and only column types that go through Arrow and
+has at most ``spark.driver_prepare_rows`` rows and only column types that go through Arrow and
 back unchanged (:func:`~clinlinker_spark.spark.job.prepares_on_driver`). Nothing but counts is
 logged.
 """

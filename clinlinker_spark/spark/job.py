@@ -92,10 +92,6 @@ ROWS_PER_PREPARE_TASK = 50_000
 # ... unless the rows fit one such task per slot: then one task per slot (one wave), of at
 # least this many rows (10k rows in one task: 0.33 s; a slot idles meanwhile)
 MIN_ROWS_PER_PREPARE_TASK = 2_500
-# an input of at most this many rows is prepared on the driver (driver_prepare): collected as
-# Arrow, identified and normalised in one Python process, with Spark only scanning the table
-# and the form cache; the Spark plan of the same work runs ~10 dependent stages
-DRIVER_PREPARE_ROWS = 100_000
 GOLD_RENAMES = {"code": "gold_code", "codes": "gold_codes"}
 
 
@@ -670,13 +666,14 @@ class Prepared:
     on_driver: bool
 
 
-def prepares_on_driver(selected: DataFrame, input_rows: int | None) -> bool:
+def prepares_on_driver(selected: DataFrame, input_rows: int | None, most_rows: int) -> bool:
     """Whether an input of ``input_rows`` rows (an upper bound) is prepared on the driver
-    (:mod:`clinlinker_spark.spark.driver_prepare`): at most DRIVER_PREPARE_ROWS rows, and
-    only column types that go through Arrow and back unchanged."""
+    (:mod:`clinlinker_spark.spark.driver_prepare`): at most ``most_rows`` rows
+    (``spark.driver_prepare_rows``), and only column types that go through Arrow and back
+    unchanged."""
     from clinlinker_spark.spark.writer import plain_arrow_type
 
-    if input_rows is None or input_rows > DRIVER_PREPARE_ROWS:
+    if input_rows is None or input_rows > most_rows:
         return False
     return plain_arrow_type(selected.schema)
 
@@ -944,7 +941,7 @@ def run_link_job(
         slots = task_slots(spark, config.spark.task_cpus)
         dedupe = config.spark.dedupe_surface_forms
         cache_versions = {**art.versions, "linking_version": linking_version(config)}
-        if prepares_on_driver(selected, input_rows):
+        if prepares_on_driver(selected, input_rows, config.spark.driver_prepare_rows):
             from clinlinker_spark.spark.driver_prepare import prepare_on_driver
 
             prepare = prepare_on_driver
