@@ -167,7 +167,7 @@ class SparkConfig:
     # driver_prepare: collected as Arrow, one row per id kept and normalised in one process,
     # Spark only scanning the table and the form cache) instead of in ~10 dependent Spark
     # stages; the outcome is the same. 0: always Spark.
-    driver_prepare_rows: int = 100_000
+    driver_prepare_rows: int = 200_000
     # True: the index (and the encoder and re-ranker directories) reach executors once through
     # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
     # directly (shared storage such as /dbfs or NFS; use it for multi-GB indexes).
