@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     code = str(Path(args.code).resolve())
     sys.path[:0] = [code, code + "/benchmarks"]
     import clinlinker_spark
-    from bench_link import spark_job_config
+    from bench_link import spark_job_config, warm_up
     from clinlinker_spark.config import load_config
     from clinlinker_spark.spark.job import run_link_job
     from clinlinker_spark.spark.session import build_spark_session
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                  if args.profile else {})
         spark = build_spark_session(job.spark, extra)
         spark.sparkContext.setLogLevel("ERROR")
-        run_link_job(spark, spark_job_config(job, str(work / "warmup.parquet"),
-                                             str(scratch / "warm"), False, False))
+        warm_up(spark, job, work / "warmup.parquet", scratch)
         for _ in range(args.reps):
             for name in ("table", "cache"):
                 shutil.rmtree(scratch / name, ignore_errors=True)

@@ -14,7 +14,7 @@ Spark runs only what needs the data it holds:
    :func:`~clinlinker_spark.spark.job.identify_mentions`);
 3. incremental runs: one Spark job scans the table for the input's ids
    (:func:`~clinlinker_spark.spark.job.match_table`, the input's keys broadcast);
-4. :func:`~clinlinker_spark.spark.udfs.check_mention` (the normaliser's own rules) on every
+4. :func:`~clinlinker_spark.spark.udfs.check_mentions_batch` (the normaliser's own rules) on every
    row not skipped;
 5. with a form cache, one Spark job scans it for the distinct forms' keys (kept for the
    write: the hits' results are read from it once);
@@ -97,7 +97,7 @@ def prepare_on_driver(spark: SparkSession, selected: DataFrame, config: JobConfi
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from clinlinker_spark.spark.udfs import check_mention
+    from clinlinker_spark.spark.udfs import check_mentions_batch
     from clinlinker_spark.spark.writer import read_delta_snapshot
 
     identified_schema = J.identify_mentions(selected).schema  # analysis only, no job
@@ -131,21 +131,20 @@ def prepare_on_driver(spark: SparkSession, selected: DataFrame, config: JobConfi
 
     # 4. the normaliser on every row not skipped
     texts = ident.column("text").to_pylist()
-    max_length = config.linking.max_text_length
+    todo = [i for i in range(n) if not skip[i]]
+    all_norms, all_reasons = check_mentions_batch(
+        [texts[i] for i in todo], [rows_per_id[i] for i in todo], [null_ids[i] for i in todo],
+        config.linking.max_text_length)
     keep: list[int] = []
     norms: list[str | None] = []
     reasons: list[str | None] = []
-    unchanged = 0
-    for i in range(n):
-        if skip[i]:
-            continue
-        norm, reason = check_mention(texts[i], rows_per_id[i], null_ids[i], max_length)
+    for i, norm, reason in zip(todo, all_norms, all_reasons):
         if reason is not None and reason == was_invalid[i]:
-            unchanged += 1  # the table holds it as invalid for this reason: left alone
-            continue
+            continue  # the table holds it as invalid for this reason: left alone
         keep.append(i)
         norms.append(norm)
         reasons.append(reason)
+    unchanged = len(todo) - len(keep)
     counts = {"mentions": n, "in_table": in_table, "skipped": sum(skip),
               "invalid": sum(r is not None for r in reasons), "unchanged_invalid": unchanged}
     kept_columns = [c for c in identified_schema.fieldNames() if c not in HELPER_COLUMNS]

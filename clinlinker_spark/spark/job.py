@@ -17,10 +17,12 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
    alone too).
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
-   settings from it (:func:`split_by_cache`). Steps 3-5 are one Spark action (stage
-   ``prepare``): every count comes from one union of :func:`tally` rows. Then embed + FAISS
-   search the other forms (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank
-   when a re-ranker is set.
+   settings from it (:func:`split_by_cache`). Steps 3-5 are the stage ``prepare``: one Spark
+   action (:func:`prepare_in_spark`; every count comes from one union of :func:`tally` rows),
+   or for an input of at most ``spark.driver_prepare_rows`` rows the same work on the driver
+   (:mod:`clinlinker_spark.spark.driver_prepare`), Spark only scanning the table and the
+   cache. Then embed + FAISS search the other forms
+   (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set.
 6. join the results back to every mention, add lineage, MERGE into the Delta table on
    mention_id (:mod:`clinlinker_spark.spark.writer`); then MERGE the newly computed forms
    into the form cache.

@@ -15,7 +15,7 @@ path every executor can read (shared storage; the FAISS file can be memory-mappe
 Stages:
 
 - :func:`make_prepare_udf`: per row, the normalised text or the reason it cannot be linked
-  (:func:`check_mention`; no model needed).
+  (:func:`check_mentions_batch`; no model needed).
 - :func:`make_retrieve_fn`: bi-encoder embedding + FAISS search (``Linker.retrieve``).
 - :func:`make_rerank_fn`: cross-encoder re-ranking (``Linker.rerank``); not used without one.
 
@@ -346,38 +346,43 @@ def clear_cache() -> None:
 # Row checks
 
 
-def check_mention(text: Any, rows: int, null_id: bool, max_text_length: int,
-                  ) -> tuple[str | None, str | None]:
-    """(text_norm, reason) of one :func:`~clinlinker_spark.spark.job.identify_mentions` row:
-    ``rows`` input rows shared its id, ``null_id``: the id was null or blank. A null or
-    duplicated id is invalid whatever the text (``"null mention_id"``, ``"duplicate
-    mention_id (N rows)"``); otherwise ``linker.invalid_reason``. ``text_norm`` is
-    ``normalize_text(text)`` for a row that can be linked, else None. The one statement of
+def check_mentions_batch(texts: list[Any], rows: list[int], null_ids: list[bool],
+                         max_text_length: int) -> tuple[list[str | None], list[str | None]]:
+    """(text_norm, reason) lists of :func:`~clinlinker_spark.spark.job.identify_mentions`
+    rows: ``rows`` input rows shared each one's id, ``null_ids``: the id was null or blank.
+    A null or duplicated id is invalid whatever the text (``"null mention_id"``,
+    ``"duplicate mention_id (N rows)"``); otherwise ``linker.invalid_reason``. ``text_norm``
+    is ``normalize_text(text)`` for a row that can be linked, else None. The one statement of
     these rules: the job's Spark path runs it in :func:`make_prepare_udf`, its driver path
     directly."""
     from clinlinker_spark.linker import invalid_reason
     from clinlinker_spark.text import normalize_text
 
-    note = f" ({rows} rows)" if rows > 1 else ""
-    if null_id:
-        return None, "null mention_id" + note
-    if rows > 1:
-        return None, "duplicate mention_id" + note
-    reason = invalid_reason(text, max_text_length)
-    return (normalize_text(text) if reason is None else None), reason
+    norms: list[str | None] = []
+    reasons: list[str | None] = []
+    for text, n, null_id in zip(texts, rows, null_ids):
+        note = f" ({n} rows)" if n > 1 else ""
+        if null_id:
+            norm, reason = None, "null mention_id" + note
+        elif n > 1:
+            norm, reason = None, "duplicate mention_id" + note
+        else:
+            reason = invalid_reason(text, max_text_length)
+            norm = normalize_text(text) if reason is None else None
+        norms.append(norm)
+        reasons.append(reason)
+    return norms, reasons
 
 
 def make_prepare_udf(max_text_length: int) -> Any:
     """A pandas UDF: (text, rows sharing the id, null id) -> struct<text_norm, reason>, by
-    :func:`check_mention`."""
+    :func:`check_mentions_batch`."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(PREPARED_STRUCT)  # type: ignore[call-overload]
     def prepare(texts: pd.Series, rows: pd.Series, null_ids: pd.Series) -> pd.DataFrame:
-        checked = [check_mention(t, int(n), bool(z), max_text_length)
-                   for t, n, z in zip(texts.tolist(), rows.tolist(), null_ids.tolist())]
-        norms = [c[0] for c in checked]
-        reasons = [c[1] for c in checked]
+        norms, reasons = check_mentions_batch(texts.tolist(), rows.tolist(),
+                                              null_ids.tolist(), max_text_length)
         return pd.DataFrame({TEXT_NORM_COLUMN: norms, "reason": reasons})
 
     return prepare
