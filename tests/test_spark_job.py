@@ -359,6 +359,21 @@ def test_bad_rows_reach_the_table_as_invalid_input(
     assert sorted(again["mention_id"]) == sorted(table.index)
 
 
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
+def test_an_input_without_rows_writes_nothing(
+    spark, tmp_path, tiny_encoder_dir, sample_index, monkeypatch, prepare,
+):
+    use_prepare(monkeypatch, prepare)
+    cache = tmp_path / "form_cache"
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                        "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
+    empty = bad_rows(spark).limit(0)
+    summary = run_job(spark, config, mentions=empty)
+    check_prepared_on(summary, prepare)
+    assert summary["mentions"] == summary["rows_written"] == summary["surface_forms"] == 0
+    assert summary["table_version"] is None and not Path(config.output.path).exists()
+
+
 def _jobs_in_group(spark, group: str) -> list[int]:
     return list(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
 

@@ -675,7 +675,7 @@ def prepares_on_driver(selected: DataFrame, input_rows: int | None, most_rows: i
     unchanged."""
     from clinlinker_spark.spark.writer import plain_arrow_type
 
-    if input_rows is None or input_rows > most_rows:
+    if most_rows == 0 or input_rows is None or input_rows > most_rows:  # 0: never
         return False
     return plain_arrow_type(selected.schema)
 
