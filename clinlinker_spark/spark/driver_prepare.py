@@ -95,13 +95,16 @@ def prepare_on_driver(spark: SparkSession, selected: DataFrame, config: JobConfi
     input (see the module docstring); same arguments and result as
     :func:`~clinlinker_spark.spark.job.prepare_in_spark`."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType, StructField, StructType
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     from clinlinker_spark.spark.udfs import check_mentions_batch
     from clinlinker_spark.spark.writer import read_delta_snapshot
 
-    identified_schema = J.identify_mentions(selected).schema  # analysis only, no job
-    ident = identify_arrow(J.keyed_mentions(selected).toArrow())
+    keyed_rows = J.keyed_mentions(selected)
+    # identify_mentions's schema: the keyed columns and the row count
+    identified_schema = StructType([*keyed_rows.schema.fields,
+                                    StructField("_rows", LongType(), False)])
+    ident = identify_arrow(keyed_rows.toArrow())
     n = ident.num_rows
     ids = ident.column("mention_id").to_pylist()
     rows_per_id = ident.column("_rows").to_pylist()
@@ -166,6 +169,7 @@ def prepare_on_driver(spark: SparkSession, selected: DataFrame, config: JobConfi
         form_keys = [ids[keep[j]] for j in linkable]
 
     # 5. the forms the form cache holds
+    counts.update(forms=len(form_texts), cache_hits=0)
     hits: DataFrame | None = None
     cache_at: int | None = None
     cache_path = config.output.form_cache_path
@@ -185,13 +189,10 @@ def prepare_on_driver(spark: SparkSession, selected: DataFrame, config: JobConfi
                                        CACHE_KEY_COLUMN, "inner"))
             held = set(found.select(CACHE_KEY_COLUMN).toArrow().column(0).to_pylist())
             hits = found.select(*STAGE_SCHEMA.fieldNames())
-            counts.update(forms=len(form_texts), cache_hits=len(held))
+            counts["cache_hits"] = len(held)
             missing = [j for j, key in enumerate(cache_keys) if key not in held]
             form_keys = [form_keys[j] for j in missing]
             form_texts = [form_texts[j] for j in missing]
-    if "forms" not in counts:
-        counts["forms"] = len(form_texts)
-        counts["cache_hits"] = 0
     forms_rows = pa.table({LINK_KEY_COLUMN: pa.array(form_keys, pa.string()),
                            TEXT_NORM_COLUMN: pa.array(form_texts, pa.string())})
     tasks = J._form_tasks(len(form_texts), config.spark.shuffle_partitions, slots)

@@ -797,11 +797,11 @@ def assemble_output(
     outcome = ["status", "reason", "code", "term", "score"]
     valid = validated["reason"].isNull()
     mention = [validated[_quoted(c)] for c in mention_cols]
+    no_result = F.raise_error(F.lit("a mention to link has no result"))
     if results is None:
         out = validated.select(
             *mention,
-            F.when(valid, F.raise_error(F.lit("a mention to link has no result")))
-            .otherwise(F.lit(STATUS_INVALID)).alias("status"),
+            F.when(valid, no_result).otherwise(F.lit(STATUS_INVALID)).alias("status"),
             validated["reason"],
             F.lit(None).cast("string").alias("code"),
             F.lit(None).cast("string").alias("term"),
@@ -824,7 +824,7 @@ def assemble_output(
         out = joined.select(
             *mention,
             F.when(~valid, F.lit(STATUS_INVALID))
-            .when(missing, F.raise_error(F.lit("a mention to link has no result")))
+            .when(missing, no_result)
             .otherwise(res["_r_status"]).alias("status"),
             F.when(valid, res["_r_reason"]).otherwise(validated["reason"]).alias("reason"),
             *[F.when(valid, res[f"_r_{c}"]).alias(c) for c in ("code", "term", "score")],
