@@ -299,6 +299,11 @@ class TerminologyIndex:
         # the same rows with each position's codes in code order instead of prior order: the
         # "no prior" ranking, where codes sharing a text are not told apart by training counts
         self._code_order = np.lexsort((rows["code_key"].to_numpy(), positions))
+        # (code, code_key, term) per row, in both orders, sliced by position: building them
+        # here once takes the per-hit tuple building out of linking's inner loop
+        self._row_tuples = list(zip(self._codes, self._code_keys, self._terms))
+        self._row_tuples_code_order = [self._row_tuples[r] for r in self._code_order.tolist()]
+        self._start_list: list[int] = self._starts.tolist()
 
     @classmethod
     def load(
@@ -371,6 +376,12 @@ class TerminologyIndex:
     def rows_in_code_order(self, position: int) -> np.ndarray:
         """Row numbers of a position's codes, in code order (no training-frequency prior)."""
         return self._code_order[int(self._starts[position]):int(self._starts[position + 1])]
+
+    def code_rows(self, position: int, prior: bool = True) -> list[tuple[str, str, str]]:
+        """(code, code_key, term) of a position's rows: in prior order (most training mentions
+        first, :meth:`row_range`) or in code order (:meth:`rows_in_code_order`)."""
+        rows = self._row_tuples if prior else self._row_tuples_code_order
+        return rows[self._start_list[position]:self._start_list[position + 1]]
 
     def row(self, i: int) -> tuple[str, str, str, int]:
         """(code, code_key, term, mention_count) of row ``i``."""

@@ -20,9 +20,13 @@ sigmoid of the best candidate's rerank logit when a re-ranker ran, else its retr
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -73,6 +77,35 @@ def invalid_reason(text: Any, max_text_length: int) -> str | None:
     return None
 
 
+_GC_LOCK = threading.Lock()
+_GC_PAUSES = 0
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while building many small acyclic objects.
+
+    Candidate lists are freed by reference counting; the collector's passes over the
+    millions of objects a partition's linking holds cost more than building them (on 13k
+    forms: 171 -> 61 us per form for :func:`candidates_from_hits`). Pauses nest and may
+    overlap across threads: the collector runs again when the last one ends, if it ran
+    before the first.
+    """
+    global _GC_PAUSES
+    with _GC_LOCK:
+        if _GC_PAUSES == 0:
+            gc_paused.was_enabled = gc.isenabled()  # type: ignore[attr-defined]
+            gc.disable()
+        _GC_PAUSES += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_PAUSES -= 1
+            if _GC_PAUSES == 0 and gc_paused.was_enabled:  # type: ignore[attr-defined]
+                gc.enable()
+
+
 def candidates_from_hits(
     index: TerminologyIndex,
     texts_norm: Sequence[str],
@@ -90,34 +123,34 @@ def candidates_from_hits(
     to query ``i`` gets (1.0 for normalised embeddings); it scores exact matches that are not
     among the raw hits.
     """
-    rows_of = index.row_range if exact_match_prior else index.rows_in_code_order
+    code_rows = index.code_rows
     results: list[list[Candidate]] = []
-    for i, text in enumerate(texts_norm):
-        seen: set[str] = set()
-        out: list[Candidate] = []
-        exact_position = index.position_of(text) if exact_match_prior else -1
-        if exact_position >= 0:
-            found = np.nonzero(hits.positions[i] == exact_position)[0]
-            if len(found):
-                exact_score = float(hits.scores[i, found[0]])
-            else:
-                exact_score = float(self_scores[i]) if self_scores is not None else 1.0
-            for r in index.row_range(exact_position):
-                code, key, term, _ = index.row(r)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(Candidate(code, term, exact_score, None, True))
-        for score, position in zip(hits.scores[i], hits.positions[i]):
-            if len(out) >= top_k:
-                break
-            if position < 0 or position == exact_position:
-                continue
-            for r in rows_of(int(position)):
-                code, key, term, _ = index.row(r)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(Candidate(code, term, float(score), None, False))
-        results.append(out[:top_k])
+    with gc_paused():
+        for i, text in enumerate(texts_norm):
+            seen: set[str] = set()
+            out: list[Candidate] = []
+            scores = hits.scores[i].tolist()
+            positions = hits.positions[i].tolist()
+            exact_position = index.position_of(text) if exact_match_prior else -1
+            if exact_position >= 0:
+                if exact_position in positions:
+                    exact_score = scores[positions.index(exact_position)]
+                else:
+                    exact_score = float(self_scores[i]) if self_scores is not None else 1.0
+                for code, key, term in code_rows(exact_position):
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Candidate(code, term, exact_score, None, True))
+            for score, position in zip(scores, positions):
+                if len(out) >= top_k:
+                    break
+                if position < 0 or position == exact_position:
+                    continue
+                for code, key, term in code_rows(position, exact_match_prior):
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Candidate(code, term, score, None, False))
+            results.append(out[:top_k])
     return results
 
 
@@ -133,20 +166,25 @@ def score_candidates(
     """
     mentions: list[str] = []
     terms: list[str] = []
+    term_norms: dict[str, str] = {}  # the same terms come back for many mentions
     for text, cands in zip(texts_norm, candidates):
         for c in cands[:top_n]:
             mentions.append(text)
-            terms.append(normalize_text(c.term))
-    scores = score_pairs(mentions, terms) if mentions else np.zeros(0, np.float32)
+            norm = term_norms.get(c.term)
+            if norm is None:
+                norm = term_norms[c.term] = normalize_text(c.term)
+            terms.append(norm)
+    scores = (score_pairs(mentions, terms) if mentions else np.zeros(0, np.float32)).tolist()
     out: list[list[Candidate]] = []
     pos = 0
-    for cands in candidates:
-        head = cands[:top_n]
-        out.append([
-            Candidate(c.code, c.term, c.retrieval_score, float(scores[pos + j]), c.exact)
-            for j, c in enumerate(head)
-        ] + list(cands[top_n:]))
-        pos += len(head)
+    with gc_paused():
+        for cands in candidates:
+            head = cands[:top_n]
+            out.append([
+                Candidate(c.code, c.term, c.retrieval_score, scores[pos + j], c.exact)
+                for j, c in enumerate(head)
+            ] + list(cands[top_n:]))
+            pos += len(head)
     return out
 
 
@@ -198,7 +236,8 @@ def rerank_candidates(
     """Re-score the first ``top_n`` candidates of each mention with ``score_pairs`` and
     re-order them (:func:`order_candidates`)."""
     scored = score_candidates(texts_norm, candidates, score_pairs, top_n)
-    return order_candidates(scored, top_n, exact_first, fusion, rrf_k)
+    with gc_paused():
+        return order_candidates(scored, top_n, exact_first, fusion, rrf_k)
 
 
 def _sigmoid(x: float) -> float:

@@ -193,3 +193,92 @@ def test_stage_timers_accumulate_and_reset(toy_index):
     taken = linker.take_stage_seconds()
     assert taken["encode"] > 0 and taken["search"] > 0 and taken["rerank"] == 0
     assert all(v == 0 for v in linker.take_stage_seconds().values())
+
+
+def _reference_candidates(index, texts, hits, top_k, prior, self_scores):
+    """candidates_from_hits written plainly over the index's row accessors (the form it had
+    before its rows were pre-sliced per position)."""
+    rows_of = index.row_range if prior else index.rows_in_code_order
+    results = []
+    for i, text in enumerate(texts):
+        seen, out = set(), []
+        exact_position = index.position_of(text) if prior else -1
+        if exact_position >= 0:
+            found = np.nonzero(hits.positions[i] == exact_position)[0]
+            score = float(hits.scores[i, found[0]]) if len(found) else float(self_scores[i])
+            for r in index.row_range(exact_position):
+                code, key, term, _ = index.row(r)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Candidate(code, term, score, None, True))
+        for score, position in zip(hits.scores[i], hits.positions[i]):
+            if len(out) >= top_k:
+                break
+            if position < 0 or position == exact_position:
+                continue
+            for r in rows_of(int(position)):
+                code, key, term, _ = index.row(r)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Candidate(code, term, float(score), None, False))
+        results.append(out[:top_k])
+    return results
+
+
+@pytest.mark.parametrize("prior", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_candidates_from_hits_equal_a_plain_reading_of_the_hits(toy_index, prior, seed):
+    from clinlinker_spark.index import Hits
+    from clinlinker_spark.linker import candidates_from_hits
+
+    rng = np.random.default_rng(seed)
+    n, k = 40, 6
+    texts = [toy_index.texts[i] if i % 3 else f"texto {i}" for i in
+             rng.integers(0, len(toy_index), n)]  # two of three are exact index texts
+    positions = np.stack([rng.permutation(len(toy_index))[:k] for _ in range(n)])
+    positions[::5, -2:] = -1  # an index that found fewer than k
+    scores = -np.sort(-rng.random((n, k)).astype(np.float32), axis=1)
+    self_scores = rng.random(n).astype(np.float32)
+    hits = Hits(scores, positions)
+    for top_k in (1, 3, 8):
+        got = candidates_from_hits(toy_index, texts, hits, top_k, prior, self_scores)
+        want = _reference_candidates(toy_index, texts, hits, top_k, prior, self_scores)
+        assert got == want
+    assert any(c.exact for cs in got for c in cs) is prior
+
+
+def test_gc_paused_nests_across_threads_and_restores_the_collector():
+    import gc
+    import threading
+
+    from clinlinker_spark.linker import gc_paused
+
+    assert gc.isenabled()
+    inside = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def other():
+        with gc_paused():
+            inside.set()
+            release.wait(5)
+            seen.append(gc.isenabled())
+
+    t = threading.Thread(target=other)
+    with gc_paused():
+        t.start()
+        inside.wait(5)
+        with gc_paused():
+            seen.append(gc.isenabled())
+    seen.append(gc.isenabled())  # the other thread's pause still holds
+    release.set()
+    t.join(5)
+    assert seen == [False, False, False]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
