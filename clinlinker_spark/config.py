@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # or by reciprocal-rank fusion of the bi-encoder's and the cross-encoder's orders
 RERANK_FUSIONS = ("none", "rrf")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+SEARCH_DEVICES = ("auto", "cpu", "cuda")
 TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10")
 GOLD_FORMATS = ("distemist", "medprocner", "codiesp")
 INPUT_FORMATS = ("parquet", "delta") + GOLD_FORMATS
@@ -98,9 +99,15 @@ class IndexConfig:
     ivf_nprobe: int = 32
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
+    # where an exact (flat, fp32) index is searched: "auto" = on the bi-encoder's GPU when it
+    # runs on one (torch matrix product + top-k, the same scores as FAISS), else FAISS on the
+    # CPU; "cpu" = always FAISS; "cuda" = on the GPU or an error. Other index types always
+    # search with FAISS on the CPU.
+    search_device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("index.index_type", self.index_type, INDEX_TYPES)
+        _check_choice("index.search_device", self.search_device, SEARCH_DEVICES)
         if self.fp16 and self.sq8:
             raise ConfigError("index.fp16 and index.sq8 are two ways to store the vectors: "
                               "choose one")

@@ -52,6 +52,8 @@ NORMALISATION = "nfkc-lower-ws"
 # kernel: a night's task of 70 forms against 15k terms took 65 ms instead of 8.5 ms (1 thread;
 # benchmarks/bench_search_batch.py). One query alone is still faster without it.
 FAISS_BLAS_MIN_QUERIES = 4
+# a GPU search's score matrix per chunk of queries (1.5M terms: 178 queries a chunk)
+SCORE_CHUNK_BYTES = 1 << 30
 
 ROW_COLUMNS = [
     "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
@@ -167,6 +169,27 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
         params.update(hnsw_m=config.hnsw_m, ef_search=config.hnsw_ef_search)
     index.add(vectors)
     return index, params
+
+
+def torch_search(base: Any, queries: np.ndarray, k: int,
+                 score_bytes: int = SCORE_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` of ``queries`` [n, dim] against ``base`` (a torch tensor
+    [terms, dim], on a GPU in the linker): (scores float32 [n, k], positions int64 [n, k]),
+    best first, as FAISS's flat index gives them. Queries go in chunks whose score matrix
+    stays under ``score_bytes``."""
+    import torch
+
+    n_terms = int(base.shape[0])
+    chunk = max(1, min(len(queries), score_bytes // (4 * max(n_terms, 1))))
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(base.device)
+    scores, positions = [], []
+    with torch.inference_mode():
+        for start in range(0, len(q), chunk):
+            top = torch.topk(q[start:start + chunk] @ base.T, k, dim=1, sorted=True)
+            scores.append(top.values)
+            positions.append(top.indices)
+        return (torch.cat(scores).cpu().numpy(),
+                torch.cat(positions).cpu().numpy().astype(np.int64))
 
 
 def _apply_search_params(index: faiss.Index, params: dict) -> None:
@@ -304,6 +327,32 @@ class TerminologyIndex:
         self._row_tuples = list(zip(self._codes, self._code_keys, self._terms))
         self._row_tuples_code_order = [self._row_tuples[r] for r in self._code_order.tolist()]
         self._start_list: list[int] = self._starts.tolist()
+        self._device_vectors: Any = None  # a torch tensor where search runs (place_on)
+
+    @property
+    def is_exact_flat(self) -> bool:
+        """An exact fp32 index (IndexFlat), whose vectors can be searched anywhere alike."""
+        return isinstance(faiss.downcast_index(self.faiss_index), faiss.IndexFlat)
+
+    @property
+    def search_device(self) -> str:
+        """Where :meth:`search` runs: "faiss-cpu" or a torch device such as "cuda:0"."""
+        return "faiss-cpu" if self._device_vectors is None else str(self._device_vectors.device)
+
+    def place_on(self, device: Any) -> None:
+        """Search from now on with torch on ``device`` (an exact flat index only): its vectors
+        are copied there once (1.5M terms x 384 dims: 2.3 GB)."""
+        import torch
+
+        if not self.is_exact_flat:
+            raise ArtifactError(
+                f"index {self.path} is a {self.manifest['index'].get('type')} index"
+                f"{' with compressed vectors' if self.manifest['index'].get('type') == 'flat' else ''}"
+                ": only an exact flat (fp32) index can be searched on a GPU")
+        vectors = self.faiss_index.reconstruct_n(0, self.faiss_index.ntotal)
+        self._device_vectors = torch.from_numpy(vectors).to(device)
+        log.info("index %s: %d vectors placed on %s for search", self.path.name, len(vectors),
+                 self._device_vectors.device)
 
     @classmethod
     def load(
@@ -358,6 +407,8 @@ class TerminologyIndex:
         k = min(k, len(self.texts))
         if len(vectors) == 0:
             return Hits(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        if self._device_vectors is not None:
+            return Hits(*torch_search(self._device_vectors, vectors, k))
         # a process-wide FAISS setting: set here so that it holds in every worker
         if faiss.cvar.distance_compute_blas_threshold != FAISS_BLAS_MIN_QUERIES:
             faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_MIN_QUERIES

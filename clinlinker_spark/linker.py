@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from clinlinker_spark.config import RERANK_FUSIONS, JobConfig, LinkingConfig, RerankerConfig
-from clinlinker_spark.errors import InputDataError
+from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
 from clinlinker_spark.text import normalize_text
 
@@ -244,6 +244,23 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def search_device(setting: str, encoder_device: Any, index: TerminologyIndex) -> Any:
+    """The torch device to search ``index`` on, or None for FAISS on the CPU
+    (``index.search_device``: auto, cpu or cuda)."""
+    if setting == "cpu":
+        return None
+    on_gpu = getattr(encoder_device, "type", str(encoder_device)) == "cuda"
+    if setting == "auto":
+        return encoder_device if on_gpu and index.is_exact_flat else None
+    if setting != "cuda":
+        raise ConfigError(f"index.search_device must be auto, cpu or cuda; got {setting!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("index.search_device is cuda but torch sees no CUDA GPU")
+    return encoder_device if on_gpu else torch.device("cuda")
+
+
 class Linker:
     """Links batches of mentions with one bi-encoder, one index and an optional re-ranker."""
 
@@ -277,6 +294,9 @@ class Linker:
         encoder = BiEncoder.from_config(config.encoder)
         index = TerminologyIndex.load(index_path or config.index.path,
                                       expected_fingerprint=encoder.fingerprint(), mmap=mmap)
+        device = search_device(config.index.search_device, encoder.device, index)
+        if device is not None:
+            index.place_on(device)
         reranker = None
         if config.reranker.path:
             from clinlinker_spark.reranker import CrossEncoderReranker

@@ -144,3 +144,77 @@ def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, stora
     recall = np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)])
     assert recall >= 0.9, recall
     assert (b[:, 0] == np.arange(100)).mean() >= 0.95  # a term finds itself first
+
+
+# --------------------------------------------------------------------------------------------
+# search with torch (on the bi-encoder's GPU in the linker; on the CPU here)
+
+
+def test_torch_search_gives_faiss_flat_results_in_any_chunking():
+    import faiss
+    import torch
+
+    from clinlinker_spark.index import torch_search
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((700, 24)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = rng.standard_normal((53, 24)).astype(np.float32)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(base)
+    want_scores, want_positions = flat.search(queries, 30)
+    tensor = torch.from_numpy(base)
+    for score_bytes in (1 << 30, 4 * 700 * 7, 1):  # one chunk, chunks of 7, one query each
+        scores, positions = torch_search(tensor, queries, 30, score_bytes=score_bytes)
+        assert scores.dtype == np.float32 and positions.dtype == np.int64
+        assert np.array_equal(positions, want_positions)
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+
+
+def test_an_index_placed_on_a_torch_device_searches_like_faiss(tmp_path):
+    from fake_encoder import FakeEncoder
+
+    index = TerminologyIndex.load(build_index(terminology(), FakeEncoder(), IndexConfig(),
+                                              tmp_path / "idx"))
+    queries = FakeEncoder().encode(["apendicitis aguda", "diabetes", "insuficiencia"])
+    want = index.search(queries, 5)
+    assert index.search_device == "faiss-cpu" and index.is_exact_flat
+    index.place_on("cpu")
+    assert index.search_device == "cpu"
+    got = index.search(queries, 5)
+    assert np.array_equal(got.positions, want.positions)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+    empty = index.search(queries[:0], 5)
+    assert empty.positions.shape == (0, 5)
+
+
+def test_only_an_exact_flat_index_goes_to_a_gpu(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from fake_encoder import FakeEncoder
+
+    from clinlinker_spark.errors import ArtifactError, ConfigError
+    from clinlinker_spark.linker import search_device
+
+    flat = TerminologyIndex.load(build_index(terminology(), FakeEncoder(), IndexConfig(),
+                                             tmp_path / "flat"))
+    sq8 = TerminologyIndex.load(build_index(terminology(), FakeEncoder(),
+                                            IndexConfig(sq8=True), tmp_path / "sq8"))
+    hnsw = TerminologyIndex.load(build_index(terminology(), FakeEncoder(),
+                                             IndexConfig(index_type="hnsw"), tmp_path / "hnsw"))
+    gpu = SimpleNamespace(type="cuda")  # the encoder's device, as torch.device("cuda") reads
+    assert search_device("auto", gpu, flat) is gpu
+    assert search_device("auto", torch.device("cpu"), flat) is None
+    assert search_device("auto", gpu, sq8) is None and search_device("auto", gpu, hnsw) is None
+    assert search_device("cpu", gpu, flat) is None
+    assert not sq8.is_exact_flat and not hnsw.is_exact_flat
+    with pytest.raises(ArtifactError, match="compressed vectors"):
+        sq8.place_on("cpu")
+    with pytest.raises(ArtifactError, match="hnsw index"):
+        hnsw.place_on("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            search_device("cuda", torch.device("cpu"), flat)
+    with pytest.raises(Exception, match="search_device"):
+        IndexConfig(search_device="gpu")
