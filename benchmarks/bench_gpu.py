@@ -38,6 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --code DIR: clinlinker_spark from another checkout (an A/B in one GPU session); it must come
+# first on the path before benchlib imports the package
+if "--code" in sys.argv[:-1]:
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 
 from benchlib import bert_forward_flops, write_json  # noqa: E402
 
@@ -440,6 +444,32 @@ def linker_end_to_end(bi_dir: Path, ce_dir: Path, norms: list[str], work: Path,
             "linked_with_candidates": sum(1 for c in linked if c)}
 
 
+def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
+                   device: str, seed: int = 7) -> list[dict]:
+    """The linker's GPU search (index.torch_search: fp32, chunks of 1 GiB of scores), fed
+    numpy queries and returning numpy hits as the linker does, on the composed data."""
+    import torch
+
+    from clinlinker_spark.index import torch_search
+
+    rng = np.random.default_rng(seed)
+    base = real.astype(np.float32)
+    rows = []
+    for n in sizes:
+        vecs = base[rng.integers(0, len(base), n)] + (0.5 / base.shape[1] ** 0.5) * \
+            rng.standard_normal((n, base.shape[1]), dtype=np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        queries = vecs[rng.integers(0, n, n_queries)].copy()
+        tensor = torch.from_numpy(vecs).to(device)
+        torch_search(tensor, queries[:256], k)
+        seconds = _best(lambda: torch_search(tensor, queries, k), 3)
+        rows.append({"terms": n, "queries": n_queries, "k": k,
+                     "us_per_query": round(seconds / n_queries * 1e6, 3)})
+        log.info("product search %s", rows[-1])
+        del tensor
+    return rows
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
@@ -481,6 +511,10 @@ def run(args: argparse.Namespace) -> None:
             real, sizes, args.queries, texts["linking"]["search_k"], 25, args.search_chunk,
             device)
         save()
+    if "search_product" in steps and device == "cuda":
+        results["product_search"] = product_search(real, sizes, args.queries,
+                                                   texts["linking"]["search_k"], device)
+        save()
     if "faiss" in steps:
         results["faiss_cpu_exact"] = faiss_cpu_exact(real, sizes, args.faiss_queries,
                                                      texts["linking"]["search_k"])
@@ -488,6 +522,9 @@ def run(args: argparse.Namespace) -> None:
     if "link" in steps:
         bi_best = results.get("bi_encoder", {}).get("best", {}).get("batch_size", 1024)
         ce_best = results.get("cross_encoder", {}).get("best", {}).get("batch_size", 1024)
+        import clinlinker_spark
+
+        results["linker_code"] = str(Path(clinlinker_spark.__file__).parent)
         norms = texts["mention_norms"][: int(len(texts["mention_norms"]) * scale)]
         results["linker"] = linker_end_to_end(bi_dir, ce_dir, norms, work, bi_best, ce_best,
                                               Path(__file__).resolve().parent.parent, device)
@@ -512,11 +549,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--scale", type=float, default=1.0, help="fraction of forms/pairs to use")
     r.add_argument("--batch-sizes", default="128,256,512,1024,2048,4096")
     r.add_argument("--modes", default="autocast,cast")
-    r.add_argument("--steps", default="bi,ce,search,faiss,link")
+    r.add_argument("--steps", default="bi,ce,search,search_product,faiss,link")
     r.add_argument("--search-sizes", default="17417,100000,500000,1500000")
     r.add_argument("--queries", type=int, default=8192)
     r.add_argument("--search-chunk", type=int, default=2048)
     r.add_argument("--faiss-queries", type=int, default=1024)
+    r.add_argument("--code", default="", help="import clinlinker_spark from this checkout")
     args = ap.parse_args(argv)
     prepare(args) if args.cmd == "prepare" else run(args)
 

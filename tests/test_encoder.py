@@ -443,3 +443,14 @@ def test_token_ids_of_the_real_multilingual_tokenizer(tmp_path: Path) -> None:
     texts = ["query: " + t for t in FILLERS] + ["ÁCIDO ÚRICO  elevado\tﬁebre", "  x  "]
     _check_ids_match_the_wrapper(tok, texts, None, max_length=12)
     _check_ids_match_the_wrapper(tok, texts, list(reversed(texts)), max_length=12)
+
+
+def test_inference_casts_weights_on_a_gpu_and_autocasts_on_the_cpu() -> None:
+    from clinlinker_spark.modeling import inference_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert inference_precision(cuda, torch.bfloat16) == (torch.bfloat16, None)
+    assert inference_precision(cuda, torch.float16) == (torch.float16, None)
+    assert inference_precision(cuda, None) == (None, None)
+    assert inference_precision(cpu, torch.bfloat16) == (None, torch.bfloat16)
+    assert inference_precision(cpu, None) == (None, None)
