@@ -188,12 +188,16 @@ def _flops(model_config: Any, lengths: Any) -> float:
 
 
 def _set_mode(obj: Any, mode: str) -> None:
-    """autocast: the product's bf16 path (fp32 weights, autocast); cast: bf16 weights;
-    fp32: no autocast (TF32 off)."""
+    """autocast: fp32 weights under bf16 autocast (the linker's GPU path before 2026-11-26);
+    cast: bf16 weights, a cross-encoder's head in fp32 (the linker's GPU path now); fp32: no
+    autocast (TF32 off)."""
     import torch
 
-    if mode == "cast":
+    from clinlinker_spark.modeling import keep_head_fp32
+
+    if mode == "cast":  # what the linker does on a GPU (modeling.inference_precision)
         obj.model.to(torch.bfloat16)
+        keep_head_fp32(obj.model)  # a cross-encoder's head stays fp32
         obj._autocast_dtype = None
     elif mode == "fp32":
         obj.model.to(torch.float32)
@@ -287,7 +291,7 @@ def _legacy_encode_seconds(enc: Any, forms: list[str]) -> float:
         features = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
         out = np.empty((len(forms), enc.dim), dtype=np.float32)
         for idx in length_batches([len(x) for x in features["input_ids"]], enc.batch_size):
-            out[idx] = enc._embed_batch(pad_batch(features, idx, 1, 0))
+            out[idx] = enc._embed_batch(pad_batch(features, idx, 1, 0)).cpu().numpy()
 
     go()
     return _best(go, 3)
@@ -470,6 +474,55 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
     return rows
 
 
+def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[str]],
+               real: np.ndarray, enc_cfg: dict, ce_max_length: int, device: str) -> dict:
+    """The GPU paths' results against references, on the device: encode (vectors copied
+    back once at the end) against one batch at a time; rows in input order under a
+    permutation; the cross-encoder's scores under a permutation and their distinct values
+    (fp32 head); the GPU search against faiss-cpu on the real index vectors."""
+    import faiss
+    import torch
+
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import torch_search
+    from clinlinker_spark.reranker import CrossEncoderReranker
+
+    out: dict[str, Any] = {}
+    enc = BiEncoder(bi_dir, pooling=enc_cfg["pooling"], max_length=enc_cfg["max_length"],
+                    prefix=enc_cfg["prefix"], device=device, batch_size=1024)
+    out["bi_weights_dtype"] = str(next(enc.model.parameters()).dtype)
+    vecs = enc.encode(forms)
+    one = np.concatenate([enc.encode(forms[i:i + 1000]) for i in range(0, len(forms), 1000)])
+    perm = np.random.default_rng(0).permutation(len(forms))
+    permuted = enc.encode([forms[i] for i in perm])
+    out["bi_max_abs_diff_vs_chunks_of_1000"] = float(np.abs(vecs - one).max())
+    out["bi_max_abs_diff_permuted"] = float(np.abs(permuted - vecs[perm]).max())
+    ce = CrossEncoderReranker(ce_dir, max_length=ce_max_length, device=device, batch_size=1024)
+    out["ce_weights_dtype"] = str(next(ce.model.parameters()).dtype)
+    out["ce_head"] = type(ce.model.classifier).__name__
+    m, t = [p[0] for p in pairs[:20000]], [p[1] for p in pairs[:20000]]
+    scores = ce.score(m, t)
+    perm = np.random.default_rng(1).permutation(len(m))
+    scores_p = ce.score([m[i] for i in perm], [t[i] for i in perm])
+    out["ce_scores_dtype"] = str(scores.dtype)
+    out["ce_distinct_scores"] = int(len(np.unique(scores)))
+    out["ce_pairs"] = len(m)
+    out["ce_max_abs_diff_permuted"] = float(np.abs(scores_p - scores[perm]).max())
+    base = real.astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = vecs[:4096] if vecs.shape[1] == base.shape[1] else base[:4096]
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    want_s, want_p = flat.search(queries, 200)
+    got_s, got_p = torch_search(torch.from_numpy(base).to(device), queries, 200)
+    out["search_same_positions"] = float((got_p == want_p).mean())
+    out["search_same_top25_sets"] = float(np.mean([set(a[:25]) == set(b[:25])
+                                                   for a, b in zip(got_p, want_p)]))
+    out["search_max_abs_score_diff"] = float(np.abs(got_s - want_s).max())
+    log.info("checks %s", out)
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
@@ -495,21 +548,26 @@ def run(args: argparse.Namespace) -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     modes = args.modes.split(",")
     steps = args.steps.split(",")
+    real = np.load(data / "index_vectors_fp16.npy").astype(np.float32)
+    sizes = [int(s) for s in args.search_sizes.split(",")]
     if "bi" in steps:
         results["bi_encoder"] = bi_encoder_sweep(bi_dir, forms, texts["encoder"], batch_sizes,
                                                  modes, device, peak)
         save()
     if "ce" in steps:
-        pairs = texts["pairs"][: int(len(texts["pairs"]) * scale)]
+        pairs = texts["pairs"][: int(len(texts["pairs"]) * scale * args.pair_scale)]
         results["cross_encoder"] = cross_encoder_sweep(
             ce_dir, pairs, texts["reranker"]["max_length"], batch_sizes, modes, device, peak)
         save()
-    real = np.load(data / "index_vectors_fp16.npy").astype(np.float32)
-    sizes = [int(s) for s in args.search_sizes.split(",")]
     if "search" in steps and device == "cuda":
         results["gpu_exact_search"] = gpu_exact_search(
             real, sizes, args.queries, texts["linking"]["search_k"], 25, args.search_chunk,
             device)
+        save()
+    if "checks" in steps:
+        results["checks"] = gpu_checks(bi_dir, ce_dir, forms, texts["pairs"], real,
+                                       texts["encoder"], texts["reranker"]["max_length"],
+                                       device)
         save()
     if "search_product" in steps and device == "cuda":
         results["product_search"] = product_search(real, sizes, args.queries,
@@ -547,9 +605,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--work", default="/tmp/bench_gpu")
     r.add_argument("--out", default="artifacts/bench_gpu/gpu.json")
     r.add_argument("--scale", type=float, default=1.0, help="fraction of forms/pairs to use")
+    r.add_argument("--pair-scale", type=float, default=1.0,
+                   help="a further fraction of the cross-encoder's pairs")
     r.add_argument("--batch-sizes", default="128,256,512,1024,2048,4096")
     r.add_argument("--modes", default="autocast,cast")
-    r.add_argument("--steps", default="bi,ce,search,search_product,faiss,link")
+    r.add_argument("--steps", default="bi,ce,checks,search,search_product,faiss,link")
     r.add_argument("--search-sizes", default="17417,100000,500000,1500000")
     r.add_argument("--queries", type=int, default=8192)
     r.add_argument("--search-chunk", type=int, default=2048)

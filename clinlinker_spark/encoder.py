@@ -19,10 +19,12 @@ import torch
 from clinlinker_spark.config import POOLINGS, EncoderConfig
 from clinlinker_spark.modeling import (
     LoadedModel,
+    PendingRows,
     TokenIds,
     autocast_context,
     check_texts,
     length_batches,
+    to_device,
     tokenize_ids,
 )
 
@@ -130,17 +132,20 @@ class BiEncoder(LoadedModel):
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
         done = 0
+        pending = PendingRows(out)
         for b, idx in enumerate(batches):
             batch = ids.pad(idx, pad_id, pad_type)
-            out[idx] = self._embed_batch(batch)
+            pending.add(idx, self._embed_batch(batch))
             done += len(idx)
             if show_progress and ((b + 1) % report_every == 0 or b + 1 == n_batches):
                 log.info("encoded %d/%d texts (%d/%d batches)", done, n, b + 1, n_batches)
+        pending.collect()
         return out
 
-    def _embed_batch(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        """Pooled (and normalised) vectors of one padded batch: float32 [b, dim]."""
-        batch = {k: v.to(self._device) for k, v in batch.items()}
+    def _embed_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled (and normalised) vectors of one padded batch: float32 [b, dim], on the
+        model's device."""
+        batch = to_device(batch, self._device)
         with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):
             hidden = self.model(**batch).last_hidden_state  # [b, t, dim]
         hidden = hidden.float()
@@ -151,7 +156,7 @@ class BiEncoder(LoadedModel):
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-        return pooled.cpu().numpy()
+        return pooled
 
     def __repr__(self) -> str:
         return (f"BiEncoder(path={str(self.path)!r}, pooling={self.pooling!r}, "

@@ -22,6 +22,8 @@ from clinlinker_spark.modeling import (
     autocast_context,
     check_texts,
     length_batches,
+    PendingRows,
+    to_device,
     tokenize_ids,
 )
 
@@ -93,11 +95,13 @@ class CrossEncoderReranker(LoadedModel):
         ids = tokenize_ids(self.tokenizer, mentions, self.max_length, pairs=terms)
         pad_id = int(self.tokenizer.pad_token_id)
         pad_type = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
+        pending = PendingRows(out)
         for idx in length_batches(ids.lengths.tolist(), self.batch_size):
-            batch = {k: v.to(self._device) for k, v in ids.pad(idx, pad_id, pad_type).items()}
+            batch = to_device(ids.pad(idx, pad_id, pad_type), self._device)
             with torch.inference_mode(), autocast_context(self._device, self._autocast_dtype):
                 logits = self.model(**batch).logits  # [b, 1]
-            out[idx] = logits.float().reshape(-1).cpu().numpy()
+            pending.add(idx, logits.float().reshape(-1))
+        pending.collect()
         return out
 
     def __repr__(self) -> str:

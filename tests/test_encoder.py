@@ -454,3 +454,28 @@ def test_inference_casts_weights_on_a_gpu_and_autocasts_on_the_cpu() -> None:
     assert inference_precision(cuda, None) == (None, None)
     assert inference_precision(cpu, torch.bfloat16) == (None, torch.bfloat16)
     assert inference_precision(cpu, None) == (None, None)
+
+
+def test_a_cross_encoder_head_kept_in_fp32_does_not_round_scores(
+        tiny_cross_encoder_dir: Path) -> None:
+    from clinlinker_spark.modeling import keep_head_fp32
+
+    _, model = load_tokenizer_and_model(tiny_cross_encoder_dir, "sequence-classification")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (64, 7))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        model.to(torch.bfloat16)
+        rounded = model(input_ids=ids, attention_mask=mask).logits
+        assert keep_head_fp32(model) and keep_head_fp32(model)  # once; a second call is a no-op
+        kept = model(input_ids=ids, attention_mask=mask).logits
+    assert rounded.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    # bf16 logits are the fp32 ones rounded to 8 bits of mantissa: the head in fp32 gives
+    # more distinct values, within bf16's rounding of them
+    assert len(set(kept.flatten().tolist())) > len(set(rounded.flatten().tolist()))
+    torch.testing.assert_close(kept.to(torch.bfloat16), rounded, rtol=2 ** -7, atol=1e-3)
+    assert keep_head_fp32(torch.nn.Linear(2, 2)) is False  # no classifier: left as it is
+    model.to(torch.bfloat16)  # the whole model cast again: the head is made fp32 again
+    assert keep_head_fp32(model)
+    with torch.inference_mode():
+        assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float32
