@@ -325,7 +325,7 @@ class TerminologyIndex:
         # (code, code_key, term) per row, in both orders, sliced by position: building them
         # here once takes the per-hit tuple building out of linking's inner loop
         self._row_tuples = list(zip(self._codes, self._code_keys, self._terms))
-        self._row_tuples_code_order = [self._row_tuples[r] for r in self._code_order.tolist()]
+        self._row_tuples_code_order: list[tuple[str, str, str]] | None = None  # on first use
         self._start_list: list[int] = self._starts.tolist()
         self._device_vectors: Any = None  # a torch tensor where search runs (place_on)
 
@@ -431,7 +431,11 @@ class TerminologyIndex:
     def code_rows(self, position: int, prior: bool = True) -> list[tuple[str, str, str]]:
         """(code, code_key, term) of a position's rows: in prior order (most training mentions
         first, :meth:`row_range`) or in code order (:meth:`rows_in_code_order`)."""
-        rows = self._row_tuples if prior else self._row_tuples_code_order
+        rows = self._row_tuples
+        if not prior:
+            if self._row_tuples_code_order is None:
+                self._row_tuples_code_order = [rows[r] for r in self._code_order.tolist()]
+            rows = self._row_tuples_code_order
         return rows[self._start_list[position]:self._start_list[position + 1]]
 
     def row(self, i: int) -> tuple[str, str, str, int]:

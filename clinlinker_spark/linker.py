@@ -78,7 +78,8 @@ def invalid_reason(text: Any, max_text_length: int) -> str | None:
 
 
 _GC_LOCK = threading.Lock()
-_GC_PAUSES = 0
+_GC_PAUSES = 0  # pauses in force (gc_paused), across threads
+_GC_WAS_ENABLED = True  # the collector's state when the first of them began
 
 
 @contextlib.contextmanager
@@ -91,10 +92,10 @@ def gc_paused() -> Iterator[None]:
     overlap across threads: the collector runs again when the last one ends, if it ran
     before the first.
     """
-    global _GC_PAUSES
+    global _GC_PAUSES, _GC_WAS_ENABLED
     with _GC_LOCK:
         if _GC_PAUSES == 0:
-            gc_paused.was_enabled = gc.isenabled()  # type: ignore[attr-defined]
+            _GC_WAS_ENABLED = gc.isenabled()
             gc.disable()
         _GC_PAUSES += 1
     try:
@@ -102,7 +103,7 @@ def gc_paused() -> Iterator[None]:
     finally:
         with _GC_LOCK:
             _GC_PAUSES -= 1
-            if _GC_PAUSES == 0 and gc_paused.was_enabled:  # type: ignore[attr-defined]
+            if _GC_PAUSES == 0 and _GC_WAS_ENABLED:
                 gc.enable()
 
 
