@@ -386,19 +386,26 @@ def gpu_exact_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
     return rows
 
 
+def _composed(real: np.ndarray, n: int, n_queries: int, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors: real index vectors drawn with replacement plus noise, and
+    ``n_queries`` of them as queries."""
+    base = real.astype(np.float32)
+    vecs = base[rng.integers(0, len(base), n)] + (0.5 / base.shape[1] ** 0.5) * \
+        rng.standard_normal((n, base.shape[1]), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return vecs, vecs[rng.integers(0, n, n_queries)].copy()
+
+
 def faiss_cpu_exact(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
                     seed: int = 7) -> list[dict]:
     """faiss-cpu IndexFlatIP with every core of this machine, same composed data."""
     import faiss
 
     rng = np.random.default_rng(seed)
-    base = real.astype(np.float32)
     rows = []
     for n in sizes:
-        vecs = base[rng.integers(0, len(base), n)] + (0.5 / base.shape[1] ** 0.5) * \
-            rng.standard_normal((n, base.shape[1]), dtype=np.float32)
-        faiss.normalize_L2(vecs)
-        queries = vecs[rng.integers(0, n, n_queries)].copy()
+        vecs, queries = _composed(real, n, n_queries, rng)
         index = faiss.IndexFlatIP(vecs.shape[1])
         index.add(vecs)
         index.search(queries[:64], k)
@@ -457,13 +464,9 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
     from clinlinker_spark.index import torch_search
 
     rng = np.random.default_rng(seed)
-    base = real.astype(np.float32)
     rows = []
     for n in sizes:
-        vecs = base[rng.integers(0, len(base), n)] + (0.5 / base.shape[1] ** 0.5) * \
-            rng.standard_normal((n, base.shape[1]), dtype=np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        queries = vecs[rng.integers(0, n, n_queries)].copy()
+        vecs, queries = _composed(real, n, n_queries, rng)
         tensor = torch.from_numpy(vecs).to(device)
         torch_search(tensor, queries[:256], k)
         seconds = _best(lambda: torch_search(tensor, queries, k), 3)
