@@ -322,33 +322,17 @@ def pad_batch(
     pad_token_id: int,
     pad_token_type_id: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad the tokenised rows ``indices`` of ``features`` into int64 tensors [b, t].
+    """Right-pad the tokenised rows ``indices`` of ``features`` into int64 tensors [b, t]
+    (:meth:`TokenIds.pad`).
 
     ``features`` maps input names (input_ids, attention_mask, token_type_ids) to one list of
-    ids per text, as a tokenizer returns them without padding. Padding is always on the right
-    so that every text keeps positions 0..len-1 whatever the batch: with masked attention a
-    text's hidden states then do not depend on the other texts of its batch.
+    ids per text, as a tokenizer returns them without padding (training tokenises with the
+    transformers wrapper); the attention mask is made from the rows' lengths.
     """
-    width = max(len(features["input_ids"][i]) for i in indices)
-    pad_values = {
-        "input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": pad_token_type_id,
-    }
-    batch: dict[str, torch.Tensor] = {}
-    for name, rows in features.items():
-        if name not in pad_values:
-            continue
-        fill = pad_values[name]
-        out = torch.full((len(indices), width), fill, dtype=torch.long)
-        for r, i in enumerate(indices):
-            row = rows[i]
-            out[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        batch[name] = out
-    if "attention_mask" not in batch:
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for r, i in enumerate(indices):
-            mask[r, : len(features["input_ids"][i])] = 1
-        batch["attention_mask"] = mask
-    return batch
+    types = features.get("token_type_ids")
+    rows = TokenIds([features["input_ids"][i] for i in indices],
+                    None if types is None else [types[i] for i in indices])
+    return rows.pad(range(len(indices)), pad_token_id, pad_token_type_id)
 
 
 class TokenIds:
@@ -423,7 +407,6 @@ def tokenize_ids(tokenizer: Any, texts: Sequence[str], max_length: int,
     offsets), 2.5-3.5x faster than the transformers wrapper on this project's texts; a slow
     tokenizer goes through the wrapper.
     """
-    inputs: list[Any] = list(texts) if pairs is None else list(zip(texts, pairs))
     with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
         tokenizer, "is_fast", False) else None
@@ -433,6 +416,7 @@ def tokenize_ids(tokenizer: Any, texts: Sequence[str], max_length: int,
                             return_token_type_ids=with_types)
         return TokenIds(encoded["input_ids"],
                         encoded["token_type_ids"] if with_types else None)
+    inputs: list[Any] = list(texts) if pairs is None else list(zip(texts, pairs))
     with _BACKEND_LOCK:
         backend.enable_truncation(max_length, strategy="longest_first",
                                   direction=getattr(tokenizer, "truncation_side", "right"))
@@ -521,13 +505,12 @@ class LoadedModel:
         self.path = Path(path)
         self._device, self._autocast_dtype = resolve_device(device, precision)
         self.tokenizer, self.model = load_tokenizer_and_model(self.path, kind)
-        self.model.to(self._device)
         weights_dtype, self._autocast_dtype = inference_precision(self._device,
                                                                   self._autocast_dtype)
-        if weights_dtype is not None:
-            self.model.to(weights_dtype)
-            if kind == "sequence-classification":
-                keep_head_fp32(self.model)
+        # one copy to the device, already in the weights' dtype
+        self.model.to(device=self._device, dtype=weights_dtype)
+        if weights_dtype is not None and kind == "sequence-classification":
+            keep_head_fp32(self.model)
         self.model.eval()
         self.max_length = effective_max_length(self.tokenizer, self.model.config, max_length)
         self._model_hash: str | None = None

@@ -19,10 +19,10 @@ from clinlinker_spark.config import RerankerConfig
 from clinlinker_spark.errors import ModelLoadError
 from clinlinker_spark.modeling import (
     LoadedModel,
+    PendingRows,
     autocast_context,
     check_texts,
     length_batches,
-    PendingRows,
     to_device,
     tokenize_ids,
 )

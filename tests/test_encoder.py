@@ -371,6 +371,21 @@ def _wrapper_features(tokenizer, texts, pairs, max_length):
             if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def _padded_by_hand(features, indices, pad_id):
+    """Right padding written as plainly as it can be: a reference for TokenIds.pad."""
+    width = max(len(features["input_ids"][i]) for i in indices)
+    fills = {"input_ids": pad_id, "token_type_ids": 0}
+    out = {}
+    for name, fill in fills.items():
+        if name in features:
+            out[name] = torch.tensor([features[name][i] + [fill] * (width - len(
+                features[name][i])) for i in indices], dtype=torch.long)
+    out["attention_mask"] = torch.tensor(
+        [[1] * len(features["input_ids"][i]) + [0] * (width - len(features["input_ids"][i]))
+         for i in indices], dtype=torch.long)
+    return out
+
+
 def _check_ids_match_the_wrapper(tokenizer, texts, pairs, max_length) -> None:
     from clinlinker_spark.modeling import pad_batch, tokenize_ids
 
@@ -384,10 +399,15 @@ def _check_ids_match_the_wrapper(tokenizer, texts, pairs, max_length) -> None:
     for size in (1, 5, len(texts)):
         idx = rng.choice(len(texts), size=size, replace=False).tolist()
         ours = ids.pad(idx, pad_id, 0)
-        theirs = pad_batch(features, idx, pad_id, 0)
+        theirs = _padded_by_hand(features, idx, pad_id)
         assert sorted(ours) == sorted(theirs)
         for name in theirs:
             assert torch.equal(ours[name], theirs[name]), name
+        # the training path pads the wrapper's lists the same way
+        from_lists = pad_batch(features, idx, pad_id, 0)
+        assert sorted(from_lists) == sorted(theirs)
+        for name in theirs:
+            assert torch.equal(from_lists[name], theirs[name]), name
 
 
 @pytest.mark.parametrize("types", [False, True])
