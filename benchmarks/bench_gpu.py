@@ -281,8 +281,22 @@ def bi_encoder_sweep(bi_dir: Path, forms: list[str], enc_cfg: dict, batch_sizes:
                                     "mentions_per_s": round(len(forms) / legacy)}}
 
 
+def _pad_row_by_row(features: dict, indices: list[int]) -> dict:
+    """The per-row padding the project had before 2026-11-26 (pad id 1: XLM-R's)."""
+    import torch
+
+    width = max(len(features["input_ids"][i]) for i in indices)
+    batch = {}
+    for name, fill in (("input_ids", 1), ("attention_mask", 0)):
+        out = torch.full((len(indices), width), fill, dtype=torch.long)
+        for r, i in enumerate(indices):
+            out[r, : len(features[name][i])] = torch.as_tensor(features[name][i])
+        batch[name] = out
+    return batch
+
+
 def _legacy_encode_seconds(enc: Any, forms: list[str]) -> float:
-    from clinlinker_spark.modeling import length_batches, pad_batch
+    from clinlinker_spark.modeling import length_batches
 
     def go() -> None:
         encoded = enc.tokenizer([enc.prefix + t for t in forms], truncation=True,
@@ -291,7 +305,7 @@ def _legacy_encode_seconds(enc: Any, forms: list[str]) -> float:
         features = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
         out = np.empty((len(forms), enc.dim), dtype=np.float32)
         for idx in length_batches([len(x) for x in features["input_ids"]], enc.batch_size):
-            out[idx] = enc._embed_batch(pad_batch(features, idx, 1, 0)).cpu().numpy()
+            out[idx] = enc._embed_batch(_pad_row_by_row(features, idx)).cpu().numpy()
 
     go()
     return _best(go, 3)
@@ -457,21 +471,36 @@ def linker_end_to_end(bi_dir: Path, ce_dir: Path, norms: list[str], work: Path,
 
 def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
                    device: str, seed: int = 7) -> list[dict]:
-    """The linker's GPU search (index.torch_search: fp32, chunks of 1 GiB of scores), fed
-    numpy queries and returning numpy hits as the linker does, on the composed data."""
+    """The linker's GPU search, fed numpy queries and returning numpy hits as the linker does,
+    on the composed data: the top-k alone (index.torch_search: fp32, chunks of 1 GiB of
+    scores) and as TerminologyIndex.search runs it (index.search_in_order: 8 more hits, then
+    near-ties ordered by float64 scores on the GPU)."""
     import torch
 
-    from clinlinker_spark.index import torch_search
+    from clinlinker_spark.index import search_in_order, torch_exact_scores, torch_search
 
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
         vecs, queries = _composed(real, n, n_queries, rng)
         tensor = torch.from_numpy(vecs).to(device)
+
+        def raw(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+            return torch_search(tensor, q, kk)
+
+        def exact(q: np.ndarray, r: np.ndarray, p: np.ndarray) -> np.ndarray:
+            return torch_exact_scores(tensor, q, r, p)
+
+        def in_order() -> Any:
+            return search_in_order(queries, k, n, raw, exact)
+
         torch_search(tensor, queries[:256], k)
+        search_in_order(queries[:256], k, n, raw, exact)
         seconds = _best(lambda: torch_search(tensor, queries, k), 3)
+        ordered_seconds = _best(in_order, 3)
         rows.append({"terms": n, "queries": n_queries, "k": k,
-                     "us_per_query": round(seconds / n_queries * 1e6, 3)})
+                     "us_per_query": round(seconds / n_queries * 1e6, 3),
+                     "us_per_query_in_order": round(ordered_seconds / n_queries * 1e6, 3)})
         log.info("product search %s", rows[-1])
         del tensor
     return rows
@@ -487,7 +516,9 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
     import torch
 
     from clinlinker_spark.encoder import BiEncoder
-    from clinlinker_spark.index import torch_search
+    from clinlinker_spark.index import (
+        exact_scores, search_in_order, torch_exact_scores, torch_search,
+    )
     from clinlinker_spark.reranker import CrossEncoderReranker
 
     out: dict[str, Any] = {}
@@ -517,11 +548,21 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
     flat = faiss.IndexFlatIP(base.shape[1])
     flat.add(base)
     want_s, want_p = flat.search(queries, 200)
-    got_s, got_p = torch_search(torch.from_numpy(base).to(device), queries, 200)
+    tensor = torch.from_numpy(base).to(device)
+    got_s, got_p = torch_search(tensor, queries, 200)
     out["search_same_positions"] = float((got_p == want_p).mean())
     out["search_same_top25_sets"] = float(np.mean([set(a[:25]) == set(b[:25])
                                                    for a, b in zip(got_p, want_p)]))
     out["search_max_abs_score_diff"] = float(np.abs(got_s - want_s).max())
+    # as TerminologyIndex.search runs: near-ties in exact order, on either device
+    cpu_s, cpu_p = search_in_order(
+        queries, 200, len(base), flat.search,
+        lambda q, r, p: exact_scores(lambda i: base[i], q, r, p))
+    gpu_s, gpu_p = search_in_order(
+        queries, 200, len(base), lambda q, kk: torch_search(tensor, q, kk),
+        lambda q, r, p: torch_exact_scores(tensor, q, r, p))
+    out["in_order_same_positions"] = float((gpu_p == cpu_p).mean())
+    out["in_order_max_abs_score_diff"] = float(np.abs(gpu_s - cpu_s).max())
     log.info("checks %s", out)
     return out
 

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -54,6 +54,22 @@ NORMALISATION = "nfkc-lower-ws"
 FAISS_BLAS_MIN_QUERIES = 4
 # a GPU search's score matrix per chunk of queries (1.5M terms: 178 queries a chunk)
 SCORE_CHUNK_BYTES = 1 << 30
+# Near-ties. Two hits whose float32 scores are closer than TIE_TOLERANCE are ordered by their
+# inner product recomputed in float64, then by position (lowest first). The float32 scores of
+# one (query, term) pair differ by a few ulps (~1e-7) between FAISS's one-query and
+# matrix-multiply kernels, between block positions and between CPU and GPU, so without this
+# the order of (near-)equal hits, and which of them make the top k, would depend on which
+# other queries share the call: a mention's answer would change with the Spark batch it falls
+# in. Equal vectors (texts that tokenise alike, e.g. differing only in accents for an
+# accent-stripping tokenizer) give exactly equal float64 scores and are ordered by position.
+# The tolerance is over twice the largest float32 error measured against float64 (6.3e-7,
+# multilingual-e5-small, 384 dimensions, FAISS one-query and matrix-multiply kernels and torch).
+TIE_TOLERANCE = 4e-6
+# hits searched beyond k, so that a near-tie across the k-th hit is seen whole (searched
+# again with more hits where it is not)
+TIE_MARGIN = 8
+# near-tie hits re-scored per step (float64 products of this many vectors: 12 MB at 384 dims)
+EXACT_CHUNK = 4096
 
 ROW_COLUMNS = [
     "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
@@ -192,6 +208,105 @@ def torch_search(base: Any, queries: np.ndarray, k: int,
                 torch.cat(positions).cpu().numpy().astype(np.int64))
 
 
+def _tie_breaks(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[n, k - 1] booleans: whether hits j and j + 1 are not a near-tie (a gap of at least
+    :data:`TIE_TOLERANCE`, or either is no hit)."""
+    with np.errstate(invalid="ignore"):  # -inf - -inf where there are no more hits
+        gaps = scores[:, :-1].astype(np.float64) - scores[:, 1:]
+    return ~(gaps < TIE_TOLERANCE) | (positions[:, :-1] < 0) | (positions[:, 1:] < 0)
+
+
+def _widen(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
+    out = np.full((a.shape[0], width), fill, a.dtype)
+    out[:, :a.shape[1]] = a
+    return out
+
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+ExactFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def search_in_order(vectors: np.ndarray, k: int, n_vectors: int, raw_search: SearchFn,
+                    exact: ExactFn) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores float32 [n, k], positions int64 [n, k]) of each query, in an order
+    that does not depend on the other queries nor on the kernel: ``raw_search(queries, k)``
+    is a top-k search (FAISS, torch), ``exact(queries, rows, positions)`` scores pairs in
+    float64. Hits closer than :data:`TIE_TOLERANCE` to their neighbours are ordered by exact
+    score, then position; a near-tie across the k-th hit is searched until seen whole."""
+    k = min(k, n_vectors)
+    if len(vectors) == 0 or k == 0:
+        return np.zeros((len(vectors), k), np.float32), np.zeros((len(vectors), k), np.int64)
+    queries = np.ascontiguousarray(vectors, dtype=np.float32)
+    fetch = min(k + TIE_MARGIN, n_vectors)
+    scores, positions = raw_search(queries, fetch)
+    while fetch < n_vectors:
+        # rows whose near-tie group at the k-th hit may go on past the hits searched
+        open_rows = np.flatnonzero(~_tie_breaks(scores, positions)[:, k - 1:].any(axis=1))
+        if open_rows.size == 0:
+            break
+        fetch = min(2 * fetch, n_vectors)
+        more_scores, more_positions = raw_search(queries[open_rows], fetch)
+        scores = _widen(scores, fetch, -np.inf)
+        positions = _widen(positions, fetch, -1)
+        scores[open_rows], positions[open_rows] = more_scores, more_positions
+    scores, positions = _order_near_ties(queries, scores, positions, k, exact)
+    return np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(positions[:, :k])
+
+
+def _order_near_ties(queries: np.ndarray, scores: np.ndarray, positions: np.ndarray, k: int,
+                     exact: ExactFn) -> tuple[np.ndarray, np.ndarray]:
+    """Re-order each near-tie group that reaches into the first ``k`` hits by exact score,
+    then position; its members get their exact scores (as float32)."""
+    breaks = _tie_breaks(scores, positions)
+    group = np.zeros(scores.shape, np.int64)
+    np.cumsum(breaks, axis=1, out=group[:, 1:])
+    tied = np.zeros(scores.shape, bool)
+    tied[:, :-1] |= ~breaks
+    tied[:, 1:] |= ~breaks
+    tied &= group <= group[:, k - 1:k]
+    rows, cols = np.nonzero(tied)
+    if rows.size == 0:
+        return scores, positions
+    # (rows, cols) run row by row, left to right, so each group's members are one run of
+    # entries; sorting them by (group, -exact score, position) moves hits within groups
+    found = positions[rows, cols]
+    exact_found = exact(queries, rows, found)
+    order = np.lexsort((found, -exact_found, rows * scores.shape[1] + group[rows, cols]))
+    scores, positions = scores.copy(), positions.copy()
+    scores[rows, cols] = exact_found[order].astype(np.float32)
+    positions[rows, cols] = found[order]
+    return scores, positions
+
+
+def exact_scores(vectors_at: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+                 rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Inner products of ``queries[rows[j]]`` and stored vector ``positions[j]`` in float64
+    (``vectors_at`` gives stored vectors). Each is an element-wise product, then one reduction
+    per pair, so one pair of vectors gives one number whatever else is computed with it."""
+    q64 = queries.astype(np.float64)
+    out = np.empty(len(rows), np.float64)
+    for start in range(0, len(rows), EXACT_CHUNK):
+        stop = start + EXACT_CHUNK
+        product = vectors_at(positions[start:stop]).astype(np.float64)
+        product *= q64[rows[start:stop]]
+        out[start:stop] = product.sum(axis=1)
+    return out
+
+
+def torch_exact_scores(base: Any, queries: np.ndarray, rows: np.ndarray,
+                       positions: np.ndarray) -> np.ndarray:
+    """:func:`exact_scores` with torch where ``base`` (a tensor [terms, dim]) lives."""
+    import torch
+
+    q64 = torch.from_numpy(queries).to(base.device, torch.float64)
+    parts = []
+    for start in range(0, len(rows), EXACT_CHUNK):
+        r = torch.from_numpy(rows[start:start + EXACT_CHUNK]).to(base.device)
+        p = torch.from_numpy(positions[start:start + EXACT_CHUNK]).to(base.device)
+        parts.append((base[p].to(torch.float64) * q64[r]).sum(dim=1))
+    return torch.cat(parts).cpu().numpy()
+
+
 def _apply_search_params(index: faiss.Index, params: dict) -> None:
     if params.get("type") == "ivf":
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
@@ -328,6 +443,7 @@ class TerminologyIndex:
         self._row_tuples_code_order: list[tuple[str, str, str]] | None = None  # on first use
         self._start_list: list[int] = self._starts.tolist()
         self._device_vectors: Any = None  # a torch tensor where search runs (place_on)
+        self._flat_vectors: np.ndarray | None = None  # a flat index's storage (vectors_at)
 
     @property
     def is_exact_flat(self) -> bool:
@@ -403,18 +519,44 @@ class TerminologyIndex:
         return len(self.texts)
 
     def search(self, vectors: np.ndarray, k: int) -> Hits:
-        """Top-``k`` distinct texts for each query vector [n, dim] (inner product)."""
-        k = min(k, len(self.texts))
-        if len(vectors) == 0:
-            return Hits(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        """Top-``k`` distinct texts for each query vector [n, dim] (inner product), best first.
+
+        A query's hits do not depend on the other queries of the call nor on where the search
+        runs: near-ties are ordered by exact score, then position (:func:`search_in_order`).
+        """
+        return Hits(*search_in_order(vectors, k, len(self.texts), self._raw_search,
+                                     self._exact_scores))
+
+    def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._device_vectors is not None:
-            return Hits(*torch_search(self._device_vectors, vectors, k))
+            return torch_search(self._device_vectors, queries, k)
         # a process-wide FAISS setting: set here so that it holds in every worker
         if faiss.cvar.distance_compute_blas_threshold != FAISS_BLAS_MIN_QUERIES:
             faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_MIN_QUERIES
-        scores, positions = self.faiss_index.search(
-            np.ascontiguousarray(vectors, dtype=np.float32), k)
-        return Hits(scores, positions)
+        return self.faiss_index.search(queries, k)
+
+    def _exact_scores(self, queries: np.ndarray, rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        if self._device_vectors is not None:
+            return torch_exact_scores(self._device_vectors, queries, rows, positions)
+        return exact_scores(self.vectors_at, queries, rows, positions)
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""
+        if self._flat_vectors is None and self.is_exact_flat:
+            # a view of the flat index's own storage (no copy; works memory-mapped)
+            index = faiss.downcast_index(self.faiss_index)
+            self._flat_vectors = faiss.rev_swig_ptr(
+                index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        if self._flat_vectors is not None:
+            return self._flat_vectors[positions]
+        unique, inverse = np.unique(positions, return_inverse=True)
+        try:
+            found = self.faiss_index.reconstruct_batch(unique.astype(np.int64))
+        except RuntimeError:  # an IVF index reconstructs through its direct map
+            faiss.extract_index_ivf(self.faiss_index).make_direct_map()
+            found = self.faiss_index.reconstruct_batch(unique.astype(np.int64))
+        return found[inverse.reshape(-1)]
 
     def position_of(self, text_norm: str) -> int:
         """Vector position of an exact normalised text, or -1."""
