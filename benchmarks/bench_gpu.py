@@ -477,7 +477,9 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
     near-ties ordered by float64 scores on the GPU)."""
     import torch
 
-    from clinlinker_spark.index import search_in_order, torch_exact_scores, torch_search
+    from clinlinker_spark.index import (
+        search_in_order, torch_exact_scores, torch_search, torch_top_k,
+    )
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -485,10 +487,10 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
         vecs, queries = _composed(real, n, n_queries, rng)
         tensor = torch.from_numpy(vecs).to(device)
 
-        def raw(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-            return torch_search(tensor, q, kk)
+        def raw(q: np.ndarray, kk: int) -> tuple[Any, Any]:
+            return torch_top_k(tensor, q, kk)
 
-        def exact(q: np.ndarray, r: np.ndarray, p: np.ndarray) -> np.ndarray:
+        def exact(q: np.ndarray, r: Any, p: Any) -> Any:
             return torch_exact_scores(tensor, q, r, p)
 
         def in_order() -> Any:
@@ -517,7 +519,7 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
 
     from clinlinker_spark.encoder import BiEncoder
     from clinlinker_spark.index import (
-        exact_scores, search_in_order, torch_exact_scores, torch_search,
+        exact_scores, search_in_order, torch_exact_scores, torch_search, torch_top_k,
     )
     from clinlinker_spark.reranker import CrossEncoderReranker
 
@@ -556,10 +558,12 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
     out["search_max_abs_score_diff"] = float(np.abs(got_s - want_s).max())
     # as TerminologyIndex.search runs: near-ties in exact order, on either device
     cpu_s, cpu_p = search_in_order(
-        queries, 200, len(base), flat.search,
-        lambda q, r, p: exact_scores(lambda i: base[i], q, r, p))
+        queries, 200, len(base),
+        lambda q, kk: tuple(torch.from_numpy(a) for a in flat.search(q, kk)),
+        lambda q, r, p: torch.from_numpy(exact_scores(lambda i: base[i], q, r.numpy(),
+                                                      p.numpy())))
     gpu_s, gpu_p = search_in_order(
-        queries, 200, len(base), lambda q, kk: torch_search(tensor, q, kk),
+        queries, 200, len(base), lambda q, kk: torch_top_k(tensor, q, kk),
         lambda q, r, p: torch_exact_scores(tensor, q, r, p))
     out["in_order_same_positions"] = float((gpu_p == cpu_p).mean())
     out["in_order_max_abs_score_diff"] = float(np.abs(gpu_s - cpu_s).max())

@@ -68,8 +68,10 @@ TIE_TOLERANCE = 4e-6
 # hits searched beyond k, so that a near-tie across the k-th hit is seen whole (searched
 # again with more hits where it is not)
 TIE_MARGIN = 8
-# near-tie hits re-scored per step (float64 products of this many vectors: 12 MB at 384 dims)
+# near-tie hits re-scored per step (float64 products of this many vectors: 12 MB at 384 dims
+# on the CPU, 200 MB where torch searches: a GPU's kernels want large steps)
 EXACT_CHUNK = 4096
+EXACT_CHUNK_TORCH = 65536
 
 ROW_COLUMNS = [
     "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
@@ -187,12 +189,12 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
     return index, params
 
 
-def torch_search(base: Any, queries: np.ndarray, k: int,
-                 score_bytes: int = SCORE_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+def torch_top_k(base: Any, queries: np.ndarray, k: int,
+                score_bytes: int = SCORE_CHUNK_BYTES) -> tuple[Any, Any]:
     """Exact inner-product top-``k`` of ``queries`` [n, dim] against ``base`` (a torch tensor
-    [terms, dim], on a GPU in the linker): (scores float32 [n, k], positions int64 [n, k]),
-    best first, as FAISS's flat index gives them. Queries go in chunks whose score matrix
-    stays under ``score_bytes``."""
+    [terms, dim], on a GPU in the linker): (scores float32 [n, k], positions int64 [n, k]) as
+    tensors where ``base`` is, best first. Queries go in chunks whose score matrix stays
+    under ``score_bytes``."""
     import torch
 
     n_terms = int(base.shape[0])
@@ -204,76 +206,98 @@ def torch_search(base: Any, queries: np.ndarray, k: int,
             top = torch.topk(q[start:start + chunk] @ base.T, k, dim=1, sorted=True)
             scores.append(top.values)
             positions.append(top.indices)
-        return (torch.cat(scores).cpu().numpy(),
-                torch.cat(positions).cpu().numpy().astype(np.int64))
+        return torch.cat(scores), torch.cat(positions)
 
 
-def _tie_breaks(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """[n, k - 1] booleans: whether hits j and j + 1 are not a near-tie (a gap of at least
-    :data:`TIE_TOLERANCE`, or either is no hit)."""
-    with np.errstate(invalid="ignore"):  # -inf - -inf where there are no more hits
-        gaps = scores[:, :-1].astype(np.float64) - scores[:, 1:]
-    return ~(gaps < TIE_TOLERANCE) | (positions[:, :-1] < 0) | (positions[:, 1:] < 0)
+def torch_search(base: Any, queries: np.ndarray, k: int,
+                 score_bytes: int = SCORE_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`torch_top_k` as numpy arrays, as FAISS's flat index gives them."""
+    scores, positions = torch_top_k(base, queries, k, score_bytes)
+    return scores.cpu().numpy(), positions.cpu().numpy().astype(np.int64)
 
 
-def _widen(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
-    out = np.full((a.shape[0], width), fill, a.dtype)
-    out[:, :a.shape[1]] = a
-    return out
-
-
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-ExactFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# A top-k search: (queries float32 [n, dim], k) -> (scores [n, k], positions [n, k]), torch
+# tensors on one device, best first. An exact scorer: (queries, rows, positions) -> float64
+# inner products of queries[rows[j]] and stored vector positions[j], on that device.
+SearchFn = Callable[[np.ndarray, int], tuple[Any, Any]]
+ExactFn = Callable[[np.ndarray, Any, Any], Any]
 
 
 def search_in_order(vectors: np.ndarray, k: int, n_vectors: int, raw_search: SearchFn,
                     exact: ExactFn) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores float32 [n, k], positions int64 [n, k]) of each query, in an order
-    that does not depend on the other queries nor on the kernel: ``raw_search(queries, k)``
-    is a top-k search (FAISS, torch), ``exact(queries, rows, positions)`` scores pairs in
-    float64. Hits closer than :data:`TIE_TOLERANCE` to their neighbours are ordered by exact
-    score, then position; a near-tie across the k-th hit is searched until seen whole."""
+    """Top-``k`` (scores float32 [n, k], positions int64 [n, k], numpy) of each query, in an
+    order that does not depend on the other queries nor on the kernel or device that
+    ``raw_search`` runs: hits closer than :data:`TIE_TOLERANCE` to a neighbour are ordered by
+    ``exact`` score (float64), then position, and a near-tie across the k-th hit is searched
+    until seen whole. The work runs with torch where the hits are (the GPU's for a search on
+    the GPU)."""
+    import torch
+
     k = min(k, n_vectors)
     if len(vectors) == 0 or k == 0:
         return np.zeros((len(vectors), k), np.float32), np.zeros((len(vectors), k), np.int64)
     queries = np.ascontiguousarray(vectors, dtype=np.float32)
     fetch = min(k + TIE_MARGIN, n_vectors)
-    scores, positions = raw_search(queries, fetch)
-    while fetch < n_vectors:
-        # rows whose near-tie group at the k-th hit may go on past the hits searched
-        open_rows = np.flatnonzero(~_tie_breaks(scores, positions)[:, k - 1:].any(axis=1))
-        if open_rows.size == 0:
-            break
-        fetch = min(2 * fetch, n_vectors)
-        more_scores, more_positions = raw_search(queries[open_rows], fetch)
-        scores = _widen(scores, fetch, -np.inf)
-        positions = _widen(positions, fetch, -1)
-        scores[open_rows], positions[open_rows] = more_scores, more_positions
-    scores, positions = _order_near_ties(queries, scores, positions, k, exact)
-    return np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(positions[:, :k])
+    with torch.inference_mode():
+        scores, positions = raw_search(queries, fetch)
+        breaks = _tie_breaks(scores, positions)
+        while fetch < n_vectors:
+            # rows whose near-tie group at the k-th hit may go on past the hits searched
+            open_rows = torch.nonzero(~breaks[:, k - 1:].any(dim=1))
+            if open_rows.numel() == 0:
+                break
+            open_rows = open_rows.flatten()
+            fetch = min(2 * fetch, n_vectors)
+            more_scores, more_positions = raw_search(queries[open_rows.cpu().numpy()], fetch)
+            scores = _widen(scores, fetch, float("-inf"))
+            positions = _widen(positions, fetch, -1)
+            scores[open_rows], positions[open_rows] = more_scores, more_positions
+            breaks = _tie_breaks(scores, positions)
+        scores, positions = _order_near_ties(queries, scores, positions, breaks, k, exact)
+        return (scores[:, :k].cpu().numpy(),
+                np.ascontiguousarray(positions[:, :k].cpu().numpy(), dtype=np.int64))
 
 
-def _order_near_ties(queries: np.ndarray, scores: np.ndarray, positions: np.ndarray, k: int,
-                     exact: ExactFn) -> tuple[np.ndarray, np.ndarray]:
-    """Re-order each near-tie group that reaches into the first ``k`` hits by exact score,
-    then position; its members get their exact scores (as float32)."""
-    breaks = _tie_breaks(scores, positions)
-    group = np.zeros(scores.shape, np.int64)
-    np.cumsum(breaks, axis=1, out=group[:, 1:])
-    tied = np.zeros(scores.shape, bool)
+def _tie_breaks(scores: Any, positions: Any) -> Any:
+    """[n, k - 1] booleans: whether hits j and j + 1 are not a near-tie (a gap of at least
+    :data:`TIE_TOLERANCE`, or either is no hit)."""
+    gaps = scores[:, :-1].double() - scores[:, 1:].double()  # NaN (-inf - -inf): no hits
+    return ~(gaps < TIE_TOLERANCE) | (positions[:, :-1] < 0) | (positions[:, 1:] < 0)
+
+
+def _widen(a: Any, width: int, fill: Any) -> Any:
+    import torch
+
+    out = torch.full((a.shape[0], width), fill, dtype=a.dtype, device=a.device)
+    out[:, :a.shape[1]] = a
+    return out
+
+
+def _order_near_ties(queries: np.ndarray, scores: Any, positions: Any, breaks: Any, k: int,
+                     exact: ExactFn) -> tuple[Any, Any]:
+    """Re-order each near-tie group (between ``breaks``, :func:`_tie_breaks`) that reaches
+    into the first ``k`` hits by exact score, then position; its members get their exact
+    scores (as float32)."""
+    import torch
+
+    group = torch.zeros(scores.shape, dtype=torch.int64, device=scores.device)
+    group[:, 1:] = torch.cumsum(breaks, dim=1)
+    tied = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     tied[:, :-1] |= ~breaks
     tied[:, 1:] |= ~breaks
     tied &= group <= group[:, k - 1:k]
-    rows, cols = np.nonzero(tied)
-    if rows.size == 0:
+    rows, cols = torch.nonzero(tied, as_tuple=True)
+    if rows.numel() == 0:
         return scores, positions
     # (rows, cols) run row by row, left to right, so each group's members are one run of
     # entries; sorting them by (group, -exact score, position) moves hits within groups
     found = positions[rows, cols]
     exact_found = exact(queries, rows, found)
-    order = np.lexsort((found, -exact_found, rows * scores.shape[1] + group[rows, cols]))
-    scores, positions = scores.copy(), positions.copy()
-    scores[rows, cols] = exact_found[order].astype(np.float32)
+    order = torch.arange(len(found), device=found.device)
+    for key in (found, -exact_found, rows * scores.shape[1] + group[rows, cols]):
+        order = order[torch.sort(key[order], stable=True).indices]  # least significant first
+    scores, positions = scores.clone(), positions.clone()
+    scores[rows, cols] = exact_found[order].to(scores.dtype)
     positions[rows, cols] = found[order]
     return scores, positions
 
@@ -293,18 +317,18 @@ def exact_scores(vectors_at: Callable[[np.ndarray], np.ndarray], queries: np.nda
     return out
 
 
-def torch_exact_scores(base: Any, queries: np.ndarray, rows: np.ndarray,
-                       positions: np.ndarray) -> np.ndarray:
-    """:func:`exact_scores` with torch where ``base`` (a tensor [terms, dim]) lives."""
+def torch_exact_scores(base: Any, queries: np.ndarray, rows: Any, positions: Any) -> Any:
+    """:func:`exact_scores` with torch where ``base`` (a tensor [terms, dim]) lives; ``rows``
+    and ``positions`` are tensors there too."""
     import torch
 
-    q64 = torch.from_numpy(queries).to(base.device, torch.float64)
+    q64 = torch.from_numpy(queries).to(base.device).to(torch.float64)
     parts = []
-    for start in range(0, len(rows), EXACT_CHUNK):
-        r = torch.from_numpy(rows[start:start + EXACT_CHUNK]).to(base.device)
-        p = torch.from_numpy(positions[start:start + EXACT_CHUNK]).to(base.device)
-        parts.append((base[p].to(torch.float64) * q64[r]).sum(dim=1))
-    return torch.cat(parts).cpu().numpy()
+    for start in range(0, len(rows), EXACT_CHUNK_TORCH):
+        product = base[positions[start:start + EXACT_CHUNK_TORCH]].to(torch.float64)
+        product *= q64[rows[start:start + EXACT_CHUNK_TORCH]]
+        parts.append(product.sum(dim=1))
+    return torch.cat(parts)
 
 
 def _apply_search_params(index: faiss.Index, params: dict) -> None:
@@ -527,19 +551,24 @@ class TerminologyIndex:
         return Hits(*search_in_order(vectors, k, len(self.texts), self._raw_search,
                                      self._exact_scores))
 
-    def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _raw_search(self, queries: np.ndarray, k: int) -> tuple[Any, Any]:
+        import torch
+
         if self._device_vectors is not None:
-            return torch_search(self._device_vectors, queries, k)
+            return torch_top_k(self._device_vectors, queries, k)
         # a process-wide FAISS setting: set here so that it holds in every worker
         if faiss.cvar.distance_compute_blas_threshold != FAISS_BLAS_MIN_QUERIES:
             faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_MIN_QUERIES
-        return self.faiss_index.search(queries, k)
+        scores, positions = self.faiss_index.search(queries, k)
+        return torch.from_numpy(scores), torch.from_numpy(positions)
 
-    def _exact_scores(self, queries: np.ndarray, rows: np.ndarray,
-                      positions: np.ndarray) -> np.ndarray:
+    def _exact_scores(self, queries: np.ndarray, rows: Any, positions: Any) -> Any:
+        import torch
+
         if self._device_vectors is not None:
             return torch_exact_scores(self._device_vectors, queries, rows, positions)
-        return exact_scores(self.vectors_at, queries, rows, positions)
+        return torch.from_numpy(exact_scores(self.vectors_at, queries, rows.numpy(),
+                                             positions.numpy()))
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""
