@@ -261,7 +261,9 @@ def search_in_order(vectors: np.ndarray, k: int, n_vectors: int, raw_search: Sea
 def _tie_breaks(scores: Any, positions: Any) -> Any:
     """[n, k - 1] booleans: whether hits j and j + 1 are not a near-tie (a gap of at least
     :data:`TIE_TOLERANCE`, or either is no hit)."""
-    gaps = scores[:, :-1].double() - scores[:, 1:].double()  # NaN (-inf - -inf): no hits
+    # in float32: the difference of two close float32 numbers is exact (Sterbenz), and
+    # -inf - -inf (no more hits) is NaN, which is no near-tie
+    gaps = scores[:, :-1] - scores[:, 1:]
     return ~(gaps < TIE_TOLERANCE) | (positions[:, :-1] < 0) | (positions[:, 1:] < 0)
 
 
