@@ -1,6 +1,7 @@
 """GPU benchmark (issue 5): bi-encoder mentions/s and TFLOP/s against the GPU's bf16 matrix
-peak, cross-encoder pairs/s, batch size and length bucketing, exact search on the GPU, and
-the core linker end to end with its models on the GPU.
+peak, cross-encoder pairs/s, batch size and length bucketing, exact search on the GPU,
+whether a form's candidates depend on its batch (fp32 and bf16), and the core linker end to
+end with its models on the GPU.
 
 Two steps, because the GPU machine has no model hub, no network and no ../shared:
 
@@ -469,6 +470,49 @@ def linker_end_to_end(bi_dir: Path, ce_dir: Path, norms: list[str], work: Path,
             "linked_with_candidates": sum(1 for c in linked if c)}
 
 
+def batch_independence(bi_dir: Path, norms: list[str], work: Path, repo: Path, device: str,
+                       n_forms: int = 4000, chunk: int = 97) -> dict[str, Any]:
+    """Whether a form's candidates depend on the batch it is linked in: the core linker's
+    ``retrieve`` (bi-encoder + search, top 25 codes) over ``n_forms`` distinct forms in one
+    call against the same forms shuffled in calls of ``chunk``, with the encoder in fp32
+    and in the device's default precision (bf16 on a GPU); the default terminology, its
+    index built once."""
+    import dataclasses
+
+    from clinlinker_spark.config import load_config
+    from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import ensure_index
+    from clinlinker_spark.linker import Linker
+
+    os.chdir(repo)
+    config = load_config("conf/local.yaml", [
+        f"encoder.path={bi_dir}", "encoder.batch_size=1024", f"encoder.device={device}",
+        f"index.path={work / 'index-batch-independence'}"])
+    config = dataclasses.replace(config, build_missing=True)
+    ensure_index(config, BiEncoder.from_config(config.encoder))
+    forms = list(dict.fromkeys(norms))[:n_forms]
+    order = np.random.default_rng(3).permutation(len(forms))
+    out: dict[str, Any] = {"forms": len(forms), "chunk": chunk}
+    for precision in ("fp32", "auto"):
+        linker = Linker.from_config(dataclasses.replace(
+            config, encoder=dataclasses.replace(config.encoder, precision=precision)))
+        whole = linker.retrieve(forms)
+        shuffled: list[Any] = [None] * len(forms)
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            for i, cands in zip(part, linker.retrieve([forms[i] for i in part])):
+                shuffled[i] = cands
+        codes = [([c.code for c in a], [c.code for c in b]) for a, b in zip(whole, shuffled)]
+        out[precision] = {
+            "same_top_k_codes": round(float(np.mean([a == b for a, b in codes])), 4),
+            "same_best_code": round(float(np.mean([a[:1] == b[:1] for a, b in codes])), 4),
+            "max_abs_score_diff": float(max(
+                abs(x.retrieval_score - y.retrieval_score)
+                for a, b in zip(whole, shuffled) for x, y in zip(a, b)))}
+        log.info("batch independence %s %s", precision, out[precision])
+    return out
+
+
 def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
                    device: str, seed: int = 7) -> list[dict]:
     """The linker's GPU search, fed numpy queries and returning numpy hits as the linker does,
@@ -625,6 +669,11 @@ def run(args: argparse.Namespace) -> None:
         results["faiss_cpu_exact"] = faiss_cpu_exact(real, sizes, args.faiss_queries,
                                                      texts["linking"]["search_k"])
         save()
+    if "independence" in steps:
+        norms = texts["mention_norms"][: int(len(texts["mention_norms"]) * scale)]
+        results["batch_independence"] = batch_independence(
+            bi_dir, norms, work, Path(__file__).resolve().parent.parent, device)
+        save()
     if "link" in steps:
         bi_best = results.get("bi_encoder", {}).get("best", {}).get("batch_size", 1024)
         ce_best = results.get("cross_encoder", {}).get("best", {}).get("batch_size", 1024)
@@ -657,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a further fraction of the cross-encoder's pairs")
     r.add_argument("--batch-sizes", default="128,256,512,1024,2048,4096")
     r.add_argument("--modes", default="autocast,cast")
-    r.add_argument("--steps", default="bi,ce,checks,search,search_product,faiss,link")
+    r.add_argument("--steps",
+                   default="bi,ce,checks,search,search_product,faiss,independence,link")
     r.add_argument("--search-sizes", default="17417,100000,500000,1500000")
     r.add_argument("--queries", type=int, default=8192)
     r.add_argument("--search-chunk", type=int, default=2048)
