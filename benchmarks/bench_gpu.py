@@ -522,7 +522,7 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
     import torch
 
     from clinlinker_spark.index import (
-        search_in_order, torch_exact_scores, torch_search, torch_top_k,
+        exact_scores, search_in_order, torch_search, torch_top_k,
     )
 
     rng = np.random.default_rng(seed)
@@ -535,7 +535,7 @@ def product_search(real: np.ndarray, sizes: list[int], n_queries: int, k: int,
             return torch_top_k(tensor, q, kk)
 
         def exact(q: np.ndarray, r: Any, p: Any) -> Any:
-            return torch_exact_scores(tensor, q, r, p)
+            return exact_scores(lambda i: tensor[i], q, r, p)
 
         def in_order() -> Any:
             return search_in_order(queries, k, n, raw, exact)
@@ -563,7 +563,7 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
 
     from clinlinker_spark.encoder import BiEncoder
     from clinlinker_spark.index import (
-        exact_scores, search_in_order, torch_exact_scores, torch_search, torch_top_k,
+        exact_scores, search_in_order, torch_search, torch_top_k,
     )
     from clinlinker_spark.reranker import CrossEncoderReranker
 
@@ -604,11 +604,10 @@ def gpu_checks(bi_dir: Path, ce_dir: Path, forms: list[str], pairs: list[list[st
     cpu_s, cpu_p = search_in_order(
         queries, 200, len(base),
         lambda q, kk: tuple(torch.from_numpy(a) for a in flat.search(q, kk)),
-        lambda q, r, p: torch.from_numpy(exact_scores(lambda i: base[i], q, r.numpy(),
-                                                      p.numpy())))
+        lambda q, r, p: exact_scores(lambda i: torch.from_numpy(base[i.numpy()]), q, r, p))
     gpu_s, gpu_p = search_in_order(
         queries, 200, len(base), lambda q, kk: torch_top_k(tensor, q, kk),
-        lambda q, r, p: torch_exact_scores(tensor, q, r, p))
+        lambda q, r, p: exact_scores(lambda i: tensor[i], q, r, p))
     out["in_order_same_positions"] = float((gpu_p == cpu_p).mean())
     out["in_order_max_abs_score_diff"] = float(np.abs(gpu_s - cpu_s).max())
     log.info("checks %s", out)

@@ -69,7 +69,7 @@ TIE_TOLERANCE = 4e-6
 # again with more hits where it is not)
 TIE_MARGIN = 8
 # near-tie hits re-scored per step (float64 products of this many vectors: 12 MB at 384 dims
-# on the CPU, 200 MB where torch searches: a GPU's kernels want large steps)
+# on the CPU, 200 MB on a GPU, whose kernels want large steps)
 EXACT_CHUNK = 4096
 EXACT_CHUNK_TORCH = 65536
 
@@ -304,31 +304,21 @@ def _order_near_ties(queries: np.ndarray, scores: Any, positions: Any, breaks: A
     return scores, positions
 
 
-def exact_scores(vectors_at: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
-                 rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Inner products of ``queries[rows[j]]`` and stored vector ``positions[j]`` in float64
-    (``vectors_at`` gives stored vectors). Each is an element-wise product, then one reduction
-    per pair, so one pair of vectors gives one number whatever else is computed with it."""
-    q64 = queries.astype(np.float64)
-    out = np.empty(len(rows), np.float64)
-    for start in range(0, len(rows), EXACT_CHUNK):
-        stop = start + EXACT_CHUNK
-        product = vectors_at(positions[start:stop]).astype(np.float64)
-        product *= q64[rows[start:stop]]
-        out[start:stop] = product.sum(axis=1)
-    return out
-
-
-def torch_exact_scores(base: Any, queries: np.ndarray, rows: Any, positions: Any) -> Any:
-    """:func:`exact_scores` with torch where ``base`` (a tensor [terms, dim]) lives; ``rows``
-    and ``positions`` are tensors there too."""
+def exact_scores(vectors_at: Callable[[Any], Any], queries: np.ndarray, rows: Any,
+                 positions: Any) -> Any:
+    """Inner products of ``queries[rows[j]]`` and stored vector ``positions[j]`` in float64,
+    with torch where ``rows`` and ``positions`` (tensors) are; ``vectors_at`` gives the stored
+    vectors of a tensor of positions, there. Each is an element-wise product, then one
+    reduction per pair, so one pair of vectors gives one number whatever else is computed
+    with it."""
     import torch
 
-    q64 = torch.from_numpy(queries).to(base.device).to(torch.float64)
+    chunk = EXACT_CHUNK if rows.device.type == "cpu" else EXACT_CHUNK_TORCH
+    q64 = torch.from_numpy(queries).to(rows.device).to(torch.float64)
     parts = []
-    for start in range(0, len(rows), EXACT_CHUNK_TORCH):
-        product = base[positions[start:start + EXACT_CHUNK_TORCH]].to(torch.float64)
-        product *= q64[rows[start:start + EXACT_CHUNK_TORCH]]
+    for start in range(0, len(rows), chunk):
+        product = vectors_at(positions[start:start + chunk]).to(torch.float64)
+        product *= q64[rows[start:start + chunk]]
         parts.append(product.sum(dim=1))
     return torch.cat(parts)
 
@@ -567,10 +557,11 @@ class TerminologyIndex:
     def _exact_scores(self, queries: np.ndarray, rows: Any, positions: Any) -> Any:
         import torch
 
-        if self._device_vectors is not None:
-            return torch_exact_scores(self._device_vectors, queries, rows, positions)
-        return torch.from_numpy(exact_scores(self.vectors_at, queries, rows.numpy(),
-                                             positions.numpy()))
+        base = self._device_vectors
+        if base is not None:
+            return exact_scores(lambda p: base[p], queries, rows, positions)
+        return exact_scores(lambda p: torch.from_numpy(self.vectors_at(p.numpy())), queries,
+                            rows, positions)
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""

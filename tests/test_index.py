@@ -12,6 +12,7 @@ from clinlinker_spark.index import (
     FAISS_BLAS_MIN_QUERIES, INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex,
     build_index, prepare_rows,
 )
+from clinlinker_spark.text import normalize_text
 from fake_encoder import FakeEncoder
 
 
@@ -138,14 +139,9 @@ def test_equal_and_near_equal_hits_do_not_depend_on_the_batch(tmp_path, where):
         np.testing.assert_allclose(single.scores[0], batch.scores[i], rtol=0, atol=1e-6)
     # a group's query: its k lowest positions, all with one score
     first = batch.positions[0]
-    assert [index.texts[p].split(" variante ")[0] for p in first] == [normalize(names[0])] * k
+    assert [index.texts[p].split(" variante ")[0] for p in first] == \
+        [normalize_text(names[0])] * k
     assert len(set(batch.scores[0].tolist())) == 1
-
-
-def normalize(text: str) -> str:
-    from clinlinker_spark.text import normalize_text
-
-    return normalize_text(text)
 
 
 def test_index_is_immutable_and_build_is_atomic(tmp_path):
