@@ -704,8 +704,26 @@ def test_tallies_of_several_frames_are_counted_together(spark):
         tally(a, rows=F.lit(True), big=F.col("x") > 1, null_x=F.col("x").isNull()),
         tally(b, rows_b=F.lit(True), p=F.col("y") == "p"),
         tally(b.filter(F.lit(False)), none=F.lit(True)),  # an empty frame counts 0
+        tally(a, sums={"sum_x": F.col("x")}),  # nulls add nothing
+        tally(b.filter(F.lit(False)), sums={"sum_none": F.lit(5)}),  # no rows: 0, not null
     ])
-    assert counts == {"rows": 4, "big": 2, "null_x": 1, "rows_b": 2, "p": 1, "none": 0}
+    assert counts == {"rows": 4, "big": 2, "null_x": 1, "rows_b": 2, "p": 1, "none": 0,
+                      "sum_x": 6, "sum_none": 0}
+
+
+def test_counts_over_every_input_row_follow_from_the_rows_that_go_on():
+    from clinlinker_spark.spark.job import remaining_counts
+
+    # 10 input rows: ids a (3 rows), b, c, d, e, f, g, h; b-e are in the table, b-d skipped
+    tallies = {"_remaining": 5, "_remaining_in_table": 1, "_merged": 2, "invalid": 1,
+               "unchanged_invalid": 0, "forms": 3}
+    assert remaining_counts(tallies, 10) == {
+        "mentions": 8, "skipped": 3, "in_table": 4, "invalid": 1, "unchanged_invalid": 0,
+        "forms": 3}
+    with pytest.raises(RuntimeError, match="rewritten"):  # fewer rows than went on
+        remaining_counts(tallies, 6)
+    with pytest.raises(ValueError, match="row count"):
+        remaining_counts(tallies, None)
 
 
 def test_few_rows_run_in_one_wave_many_in_every_partition(spark):

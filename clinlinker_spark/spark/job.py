@@ -505,15 +505,20 @@ def mark_linked(identified: DataFrame, keys: DataFrame,
         *_marks(_single_id(), F.col("text_sha256"), F.col("_table_sha")))
 
 
-def tally(df: DataFrame, **conditions: Column) -> DataFrame:
-    """(name, n) rows, one per condition: how many rows of ``df`` satisfy it. Long format, so
-    that the tallies of several DataFrames union into one Spark action
+def tally(df: DataFrame, sums: dict[str, Column] | None = None,
+          **conditions: Column) -> DataFrame:
+    """(name, n) rows, one per condition: how many rows of ``df`` satisfy it, and one per
+    ``sums`` entry: the sum of its (integer) column over ``df`` (0 for no rows). Long format,
+    so that the tallies of several DataFrames union into one Spark action
     (:func:`collect_tallies`)."""
     from pyspark.sql import functions as F
 
-    counts = df.agg(*[F.count(F.when(cond, 1)).alias(name) for name, cond in conditions.items()])
+    sums = sums or {}
+    counts = df.agg(*[F.count(F.when(cond, 1)).alias(name) for name, cond in conditions.items()],
+                    *[F.coalesce(F.sum(col), F.lit(0)).alias(name)
+                      for name, col in sums.items()])
     pairs = [F.struct(F.lit(name).alias("name"), F.col(name).cast("long").alias("n"))
-             for name in conditions]
+             for name in [*conditions, *sums]]
     return counts.select(F.explode(F.array(*pairs)).alias("t")).select("t.name", "t.n")
 
 
@@ -680,12 +685,36 @@ def prepares_on_driver(selected: DataFrame, input_rows: int | None, most_rows: i
     return plain_arrow_type(selected.schema)
 
 
+def remaining_counts(counts: dict[str, int], input_rows: int | None) -> dict[str, int]:
+    """``counts`` with mentions, in_table and skipped, from the tallies of the rows left after
+    the skip (``_remaining``, ``_remaining_in_table``, and ``_merged``: the input rows their
+    ids merged beyond one each) and ``input_rows``, the input's exact row count. Every input
+    row is an id's row, and an id on several rows is never skipped (it is invalid), so
+    mentions = input_rows - _merged, skipped = mentions - _remaining, and in_table = skipped
+    + _remaining_in_table. The rows to link follow from the remaining rows alone, whatever
+    the input count."""
+    if input_rows is None:
+        raise ValueError("the Spark prepare needs the input's row count")
+    counts = dict(counts)
+    left, left_in_table = counts.pop("_remaining"), counts.pop("_remaining_in_table")
+    mentions = input_rows - counts.pop("_merged")
+    skipped = mentions - left
+    if skipped < 0:  # the input changed between its count and the prepare pass
+        raise RuntimeError(f"the input has {input_rows} rows by its count but more mentions "
+                           f"went on ({left}): was it rewritten during the run?")
+    return {**counts, "mentions": mentions, "skipped": skipped,
+            "in_table": skipped + left_in_table}
+
+
 def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig,
                      versions: dict[str, str], cache_versions: dict[str, str],
-                     input_rows: int | None, slots: int | None,
+                     input_rows: int, slots: int | None,
                      persist: Callable[[DataFrame], DataFrame]) -> Prepared:
     """The prepare stage as one Spark action: every count comes from one union of
-    :func:`tally` rows (``persist`` keeps the frames they and the later stages share)."""
+    :func:`tally` rows (``persist`` keeps the frames they and the later stages share).
+    ``input_rows``: the exact row count of ``selected`` (:func:`remaining_counts`). Of the
+    input's rows only those that go on after the skip are kept: a whole history whose rows
+    are mostly linked already is shuffled and joined once, never cached."""
     from pyspark.sql import functions as F
 
     from clinlinker_spark.spark.writer import read_delta_snapshot
@@ -699,13 +728,16 @@ def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig
         table, table_at = read_delta_snapshot(spark, config.output.path)
         keys = table_keys(table, versions)
         if keys is not None:
-            marked = persist(mark_linked(identified, keys, input_rows))
+            marked = mark_linked(identified, keys, input_rows)
     if marked is None:
         table_at = None  # the table was not searched
-        marked = persist(identified.withColumn("_in_table", F.lit(False))
-                         .withColumn("_skip", F.lit(False))
-                         .withColumn("_was_invalid", F.lit(None).cast("string")))
-    remaining = marked.filter(~F.col("_skip")).drop("_in_table", "_skip")
+        marked = (identified.withColumn("_in_table", F.lit(False))
+                  .withColumn("_skip", F.lit(False))
+                  .withColumn("_was_invalid", F.lit(None).cast("string")))
+    # only the rows that go on are kept (persisted below), not every input row: the counts
+    # over all of them follow from these rows and the input's row count (remaining_counts)
+    remaining = (marked.filter(~F.col("_skip")).drop("_skip")
+                 .withColumn("_merged", F.col("_rows") - 1))
     # the Python normaliser in tasks of at least ROWS_PER_PREPARE_TASK rows: a small
     # night's few thousand rows cost one task's start, not one per shuffle partition
     remaining = remaining.coalesce(_prepare_tasks(input_rows, partitions, slots))
@@ -716,13 +748,24 @@ def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig
         .withColumn("_unchanged", F.coalesce(F.col("reason") == F.col("_was_invalid"),
                                              F.lit(False)))
         .drop("_was_invalid"))
-    validated = checked.filter(~F.col("_unchanged")).drop("_unchanged")
+    validated = checked.filter(~F.col("_unchanged")).drop("_unchanged", "_in_table", "_merged")
     to_link = validated.filter(F.col("reason").isNull())
-    tallies = [tally(marked, mentions=F.lit(True), in_table=F.col("_in_table"),
-                     skipped=F.col("_skip")),
-               tally(checked, invalid=F.col("reason").isNotNull() & ~F.col("_unchanged"),
+    tallies = [tally(checked, sums={"_merged": F.col("_merged")},
+                     _remaining=F.lit(True), _remaining_in_table=F.col("_in_table"),
+                     invalid=F.col("reason").isNotNull() & ~F.col("_unchanged"),
                      unchanged_invalid=F.col("_unchanged"))]
 
+    # a large input's rows to link are counted first (a second action): most rows of a
+    # whole history are skipped, and their few forms are then looked up in a scan of the
+    # cache (split_by_cache's small path) instead of a join that broadcasts or shuffles the
+    # whole cache, which grows every night (1M-row history, 50k rows to link, a 20k-form
+    # cache: the same prepare time either way, 4.2 s)
+    first: dict[str, int] = {}
+    max_forms = input_rows
+    if cache_path and not _small_input(input_rows):
+        first = collect_tallies(tallies)
+        tallies = []
+        max_forms = first["_remaining"] - first["invalid"] - first["unchanged_invalid"]
     # with a cache the forms left to compute are repartitioned after the split
     forms = surface_forms(to_link, config.spark.dedupe_surface_forms,
                           None if cache_path else partitions)
@@ -731,13 +774,14 @@ def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig
     if cache_path:
         cache, cache_at = read_delta_snapshot(spark, cache_path)
         hits, forms, cache_tally = split_by_cache(forms, cache, cache_versions, persist,
-                                                  max_forms=input_rows)
+                                                  max_forms=max_forms)
         if cache_tally is None:
             cache_at = None  # not read: the forms were not checked against it
             forms = forms.repartition(partitions)
         else:
             tallies.append(cache_tally)
-    counts = collect_tallies(tallies)
+    counts = remaining_counts({**first, **(collect_tallies(tallies) if tallies else {})},
+                              input_rows)
     if hits is not None:
         # the join's output is sized by bytes: spread the model work again, over tasks
         # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms use
