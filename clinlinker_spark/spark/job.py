@@ -700,8 +700,11 @@ def remaining_counts(counts: dict[str, int], input_rows: int | None) -> dict[str
     mentions = input_rows - counts.pop("_merged")
     skipped = mentions - left
     if skipped < 0:  # the input changed between its count and the prepare pass
-        raise RuntimeError(f"the input has {input_rows} rows by its count but more mentions "
-                           f"went on ({left}): was it rewritten during the run?")
+        raise InputDataError(
+            f"the input gave {input_rows} rows to its count and more to the prepare pass "
+            f"({left} mentions to write or link): an input that changes between two reads (a "
+            "table rewritten during the run, a DataFrame computed nondeterministically) "
+            "cannot be linked; pass a stable one (e.g. persisted)")
     return {**counts, "mentions": mentions, "skipped": skipped,
             "in_table": skipped + left_in_table}
 
@@ -935,7 +938,10 @@ def run_link_job(
     candidates, rerank) summed over tasks (``udf_task_seconds``).
 
     The input is read twice: a row count first (from file footers for Parquet and Delta; a
-    ``mentions`` DataFrame is evaluated for it), then the one pass of the prepare stage.
+    ``mentions`` DataFrame is evaluated for it), then the one pass of the prepare stage. Both
+    must see the same rows: the Spark prepare derives the counts of mentions and skipped rows
+    from the count (:func:`remaining_counts`), so pass a ``mentions`` DataFrame that gives the
+    same rows each time it is evaluated (persist a sampled or otherwise nondeterministic one).
     """
     from pyspark import StorageLevel
 
