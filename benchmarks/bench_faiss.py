@@ -27,8 +27,9 @@ Exact search time does not depend on the values; ANN recall does.
 
 For every size: exact inner-product search (IndexFlatIP, what ``index_type: flat`` builds),
 ``k`` = linking.search_k hits per query. At ``ann_sizes``: IVF (nlist = 4*sqrt(n) unless
-set, k-means on ``ivf_train_per_list * nlist`` vectors; vectors stored flat or as 8-bit codes,
-``ivf_storage``) at several nprobe, and HNSW-Flat (M,
+set, k-means on ``ivf_train_per_list * nlist`` vectors; vectors stored flat, as 8-bit codes
+or as 4-bit fast-scan PQ codes re-scored with the exact vectors, ``ivf_storage``) at several
+nprobe, and HNSW-Flat (M,
 efConstruction 40) at several efSearch up to ``hnsw_max_size``; recall@``recall_k`` = share of
 the exact top-``recall_k`` positions found in the approximate top-``recall_k``, build and
 search seconds. Results: ``<work_dir>/faiss/results.json`` and a Markdown summary on stdout.
@@ -268,7 +269,11 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
         nlist = min(n, nlist_cfg or max(1, int(4 * math.sqrt(n))))
         t = time.perf_counter()
         quantizer = faiss.IndexFlatIP(vectors.shape[1])
-        if storage == "sq8":
+        if storage == "pq":  # what index.pq builds (clinlinker_spark.index)
+            ivf = faiss.index_factory(vectors.shape[1],
+                                      f"IVF{nlist},PQ{vectors.shape[1] // 2}x4fs,RFlat",
+                                      faiss.METRIC_INNER_PRODUCT)
+        elif storage == "sq8":
             ivf = faiss.IndexIVFScalarQuantizer(quantizer, vectors.shape[1], nlist,
                                                 faiss.ScalarQuantizer.QT_8bit,
                                                 faiss.METRIC_INNER_PRODUCT)
@@ -281,12 +286,17 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
         ivf.train(sample)
         ivf.add(vectors)
         build_s = time.perf_counter() - t
-        for nprobe in fc.ivf_nprobe:
-            ivf.nprobe = min(nprobe, nlist)
+        lists = faiss.extract_index_ivf(ivf)
+        for nprobe, refine in ((p, r) for p in fc.ivf_nprobe
+                               for r in (fc.pq_refine_factor if storage == "pq" else (0,))):
+            lists.nprobe = min(nprobe, nlist)
+            label = f"ivf-{storage} nlist={nlist} nprobe={lists.nprobe}"
+            if refine:
+                faiss.downcast_index(ivf).k_factor = refine
+                label += f" refine={refine}"
             s, approx = timed_search(ivf, queries, fc.k)
             row["variants"].append({
-                "index": f"ivf-{storage} nlist={nlist} nprobe={ivf.nprobe}",
-                "build_s": round(build_s, 1),
+                "index": label, "build_s": round(build_s, 1),
                 "train_vectors": n_train, "search_s": round(s, 3),
                 "ratio_to_bi_encoder": round(s / encode_s, 4),
                 "recall": round(recall(approx, exact, fc.recall_k), 4)})

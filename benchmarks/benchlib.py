@@ -101,7 +101,10 @@ class FaissBenchConfig:
     ann_sizes: tuple[int, ...] = (17_417, 500_000, 1_500_000)  # where IVF / HNSW are measured
     ivf_nlist: tuple[int, ...] = (0,)  # 0: the project's default, 4 * sqrt(n)
     ivf_nprobe: tuple[int, ...] = (8, 32, 128)
-    ivf_storage: tuple[str, ...] = ("flat", "sq8")  # IVF-Flat, IVF with 8-bit codes
+    # IVF-Flat, IVF with 8-bit codes (index.sq8), IVF with 4-bit fast-scan PQ codes whose
+    # hits are re-scored with the exact vectors (index.pq)
+    ivf_storage: tuple[str, ...] = ("flat", "sq8")
+    pq_refine_factor: tuple[int, ...] = (4,)  # index.refine_factor values for "pq"
     ivf_train_per_list: int = 64  # k-means training sample = this * nlist (capped at n)
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40

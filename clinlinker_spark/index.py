@@ -34,7 +34,12 @@ import pandas as pd
 
 from clinlinker_spark import __version__
 from clinlinker_spark.config import IndexConfig
-from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
+from clinlinker_spark.errors import (
+    ArtifactError,
+    ConfigError,
+    EncoderMismatchError,
+    InputDataError,
+)
 from clinlinker_spark.fsutil import publish_directory
 from clinlinker_spark.text import normalize_code, normalize_text
 
@@ -157,7 +162,8 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
     n, dim = vectors.shape
     metric = faiss.METRIC_INNER_PRODUCT
     params: dict[str, Any] = {"type": config.index_type, "fp16": config.fp16,
-                              "sq8": config.sq8, "metric": "inner_product", "dim": dim}
+                              "sq8": config.sq8, "pq": config.pq, "metric": "inner_product",
+                              "dim": dim}
     sq = faiss.ScalarQuantizer
     qtype = sq.QT_fp16 if config.fp16 else sq.QT_8bit if config.sq8 else None
     if config.index_type == "flat":
@@ -167,16 +173,24 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
     elif config.index_type == "ivf":
         nlist = config.ivf_nlist or max(1, int(4 * math.sqrt(n)))
         nlist = min(nlist, n)
-        quantizer = faiss.IndexFlatIP(dim)
-        if qtype is not None:
-            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, metric)
+        if config.pq:
+            pq_m = config.pq_m or dim // 2
+            if dim % pq_m:
+                raise ConfigError(f"index.pq_m ({pq_m}) must divide the dimension ({dim})")
+            # the factory owns the quantiser and the refine copy (no Python-side lifetimes)
+            index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", metric)
+            params.update(pq_m=pq_m, refine_factor=config.refine_factor)
         else:
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+            quantizer = faiss.IndexFlatIP(dim)
+            if qtype is not None:
+                index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, metric)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
         rng = np.random.default_rng(0)
         sample = vectors if n <= 256 * nlist else vectors[rng.choice(n, 256 * nlist, False)]
         index.train(sample)
-        index.nprobe = min(config.ivf_nprobe, nlist)
-        params.update(nlist=nlist, nprobe=index.nprobe)
+        params.update(nlist=nlist, nprobe=min(config.ivf_nprobe, nlist))
+        _apply_search_params(index, params)
     else:  # hnsw
         if qtype is not None:
             index = faiss.IndexHNSWSQ(dim, qtype, config.hnsw_m, metric)
@@ -326,6 +340,8 @@ def exact_scores(vectors_at: Callable[[Any], Any], queries: np.ndarray, rows: An
 def _apply_search_params(index: faiss.Index, params: dict) -> None:
     if params.get("type") == "ivf":
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+        if params.get("pq"):
+            faiss.downcast_index(index).k_factor = float(params["refine_factor"])
     elif params.get("type") == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
 
@@ -565,11 +581,14 @@ class TerminologyIndex:
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""
-        if self._flat_vectors is None and self.is_exact_flat:
-            # a view of the flat index's own storage (no copy; works memory-mapped)
+        if self._flat_vectors is None:
             index = faiss.downcast_index(self.faiss_index)
-            self._flat_vectors = faiss.rev_swig_ptr(
-                index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+            if isinstance(index, faiss.IndexRefine):  # the exact copy beside the codes
+                index = faiss.downcast_index(index.refine_index)
+            if isinstance(index, faiss.IndexFlat):
+                # a view of the flat index's own storage (no copy; works memory-mapped)
+                self._flat_vectors = faiss.rev_swig_ptr(
+                    index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
         if self._flat_vectors is not None:
             return self._flat_vectors[positions]
         unique, inverse = np.unique(positions, return_inverse=True)

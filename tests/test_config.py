@@ -42,7 +42,8 @@ spark: {conf: {spark.executor.memory: 8g}}
     ("linking: {top_k: many}", "linking.top_k must be an integer"),
     ("linking: {top_k: 300}", "top_k must be <= linking.search_k"),
     ("index: {fp16: 1}", "index.fp16 must be true or false"),
-    ("index: {fp16: true, sq8: true}", "index.fp16 and index.sq8 .* choose one"),
+    ("index: {fp16: true, sq8: true}", "index.fp16, index.sq8 and index.pq .* choose one"),
+    ("index: {pq: true}", "index.pq needs index.index_type: ivf"),
     ("terminology: {sources: [{format: cie10}]}", "path"),
     ("- a\n- b", "mapping at the top level"),
 ])

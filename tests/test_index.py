@@ -175,7 +175,7 @@ def test_load_refuses_other_encoder_and_broken_dirs(tmp_path):
 
 @pytest.mark.parametrize("index_type,storage", [
     ("flat", "fp16"), ("flat", "sq8"), ("ivf", ""), ("ivf", "fp16"), ("ivf", "sq8"),
-    ("hnsw", ""), ("hnsw", "fp16"), ("hnsw", "sq8")])
+    ("ivf", "pq"), ("hnsw", ""), ("hnsw", "fp16"), ("hnsw", "sq8")])
 def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, storage):
     rng = np.random.default_rng(0)
     words = ["dolor", "fiebre", "tos", "cefalea", "anemia", "fractura", "hepatitis", "renal",
@@ -186,9 +186,10 @@ def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, stora
     exact = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "exact"))
     approx = TerminologyIndex.load(build_index(
         df, enc, IndexConfig(index_type=index_type, fp16=storage == "fp16",
-                             sq8=storage == "sq8", ivf_nprobe=64),
+                             sq8=storage == "sq8", pq=storage == "pq", ivf_nprobe=64),
         tmp_path / f"{index_type}{storage}"))
     assert approx.manifest["index"]["sq8"] == (storage == "sq8")
+    assert approx.manifest["index"]["pq"] == (storage == "pq")
     queries = enc.encode(terms[:100])
     k = 10
     a = exact.search(queries, k).positions
@@ -199,6 +200,43 @@ def test_approximate_indexes_agree_with_exact_search(tmp_path, index_type, stora
     # stored vectors (decoded; an IVF index through its direct map) order near-ties
     some = np.array([5, 0, 5, 17])
     np.testing.assert_allclose(approx.vectors_at(some), exact.vectors_at(some), atol=0.02)
+
+
+def test_pq_index_rescores_its_hits_with_the_exact_vectors(tmp_path):
+    import faiss
+
+    from clinlinker_spark.errors import ConfigError
+
+    rng = np.random.default_rng(3)
+    terms = [f"termino {i} {w}" for i, w in enumerate(rng.choice(["a", "b", "c"], 800))]
+    df = pd.DataFrame({"code": [f"C{i}" for i in range(len(terms))], "term": terms})
+    enc = FakeEncoder(dim=32)
+    exact = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "exact"))
+    config = IndexConfig(index_type="ivf", pq=True, pq_m=8, refine_factor=3, ivf_nprobe=7)
+    pq = TerminologyIndex.load(build_index(df, enc, config, tmp_path / "pq"))
+    params = pq.manifest["index"]
+    assert (params["pq_m"], params["refine_factor"], params["nprobe"]) == (8, 3, 7)
+    # the search settings come back from the manifest on load
+    assert faiss.downcast_index(pq.faiss_index).k_factor == 3
+    assert faiss.extract_index_ivf(pq.faiss_index).nprobe == 7
+    # hits carry exact scores (4-bit codes alone are off by far more than 1e-5)
+    queries = enc.encode(terms[:50])
+    hits = pq.search(queries, 10)
+    want = np.einsum("qd,qkd->qk", queries, exact.vectors_at(hits.positions))
+    np.testing.assert_allclose(hits.scores, want, atol=1e-5)
+    codes_only = faiss.extract_index_ivf(pq.faiss_index).search(queries, 10)[0]
+    assert np.abs(codes_only - hits.scores).max() > 1e-3
+    some = np.array([3, 0, 3, 640])
+    np.testing.assert_array_equal(pq.vectors_at(some), exact.vectors_at(some))
+    mapped = TerminologyIndex.load(tmp_path / "pq", mmap=True)  # as Spark executors load it
+    np.testing.assert_array_equal(mapped.search(queries, 10).positions, hits.positions)
+    for bad, match in ((dict(pq=True), "needs index.index_type: ivf"),
+                       (dict(index_type="ivf", pq=True, sq8=True), "choose one"),
+                       (dict(index_type="ivf", pq=True, refine_factor=0), "refine_factor")):
+        with pytest.raises(ConfigError, match=match):
+            IndexConfig(**bad)
+    with pytest.raises(ConfigError, match="must divide"):
+        build_index(df, enc, IndexConfig(index_type="ivf", pq=True, pq_m=5), tmp_path / "bad")
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true", help="store vectors as fp16")
     p.add_argument("--sq8", action="store_true",
                    help="store vectors as 8-bit scalar-quantised codes")
+    p.add_argument("--pq", action="store_true",
+                   help="IVF only: scan 4-bit product-quantiser codes, re-score the best hits "
+                        "with the exact vectors (index.pq, index.refine_factor)")
     p.add_argument("--name", default="", help="terminology name recorded in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.set_defaults(func=run)
@@ -55,6 +58,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         sets.append("index.fp16=true")
     if args.sq8:
         sets.append("index.sq8=true")
+    if args.pq:
+        sets.append("index.pq=true")
     return sets
 
 
