@@ -18,7 +18,8 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
    settings from it (:func:`split_by_cache`). Steps 3-5 are the stage ``prepare``: one Spark
-   action (:func:`prepare_in_spark`; every count comes from one union of :func:`tally` rows),
+   action, two for a large input with a form cache (:func:`prepare_in_spark`; the counts come
+   from unions of :func:`tally` rows),
    or for an input of at most ``spark.driver_prepare_rows`` rows the same work on the driver
    (:mod:`clinlinker_spark.spark.driver_prepare`), Spark only scanning the table and the
    cache. Then embed + FAISS search the other forms
@@ -713,8 +714,10 @@ def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig
                      versions: dict[str, str], cache_versions: dict[str, str],
                      input_rows: int, slots: int | None,
                      persist: Callable[[DataFrame], DataFrame]) -> Prepared:
-    """The prepare stage as one Spark action: every count comes from one union of
-    :func:`tally` rows (``persist`` keeps the frames they and the later stages share).
+    """The prepare stage in one Spark action (two for an input over BROADCAST_INPUT_ROWS rows
+    with a form cache, whose rows to link are counted before the cache is searched): the
+    counts come from unions of :func:`tally` rows (``persist`` keeps the frames they and the
+    later stages share).
     ``input_rows``: the exact row count of ``selected`` (:func:`remaining_counts`). Of the
     input's rows only those that go on after the skip are kept: a whole history whose rows
     are mostly linked already is shuffled and joined once, never cached."""
