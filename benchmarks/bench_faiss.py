@@ -241,6 +241,8 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
                  encode_s: float, threads: int) -> dict[str, Any]:
     import faiss
 
+    from clinlinker_spark.index import ivf_pq_factory
+
     fc = cfg.faiss
     real = n == len(base)
     t = time.perf_counter()
@@ -269,9 +271,9 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
         nlist = min(n, nlist_cfg or max(1, int(4 * math.sqrt(n))))
         t = time.perf_counter()
         quantizer = faiss.IndexFlatIP(vectors.shape[1])
-        if storage == "pq":  # what index.pq builds (clinlinker_spark.index)
+        if storage == "pq":  # what index.pq builds, with its default pq_m (dim / 2)
             ivf = faiss.index_factory(vectors.shape[1],
-                                      f"IVF{nlist},PQ{vectors.shape[1] // 2}x4fs,RFlat",
+                                      ivf_pq_factory(nlist, vectors.shape[1] // 2),
                                       faiss.METRIC_INNER_PRODUCT)
         elif storage == "sq8":
             ivf = faiss.IndexIVFScalarQuantizer(quantizer, vectors.shape[1], nlist,

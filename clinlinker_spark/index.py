@@ -158,6 +158,12 @@ def prepare_rows(terminology: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return rows[ROW_COLUMNS].reset_index(drop=True), texts
 
 
+def ivf_pq_factory(nlist: int, pq_m: int) -> str:
+    """The FAISS factory string of ``index.pq``: IVF over ``nlist`` lists, 4-bit fast-scan
+    codes of ``pq_m`` sub-quantisers, hits re-scored with a flat copy of the vectors."""
+    return f"IVF{nlist},PQ{pq_m}x4fs,RFlat"
+
+
 def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, dict]:
     n, dim = vectors.shape
     metric = faiss.METRIC_INNER_PRODUCT
@@ -178,7 +184,7 @@ def _make_faiss_index(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.I
             if dim % pq_m:
                 raise ConfigError(f"index.pq_m ({pq_m}) must divide the dimension ({dim})")
             # the factory owns the quantiser and the refine copy (no Python-side lifetimes)
-            index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", metric)
+            index = faiss.index_factory(dim, ivf_pq_factory(nlist, pq_m), metric)
             params.update(pq_m=pq_m, refine_factor=config.refine_factor)
         else:
             quantizer = faiss.IndexFlatIP(dim)

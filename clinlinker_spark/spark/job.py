@@ -524,7 +524,10 @@ def tally(df: DataFrame, sums: dict[str, Column] | None = None,
 
 
 def collect_tallies(parts: list[DataFrame]) -> dict[str, int]:
-    """Every :func:`tally` of ``parts`` in one Spark action, as {name: count}."""
+    """Every :func:`tally` of ``parts`` in one Spark action, as {name: count} (no action and
+    {} for no parts)."""
+    if not parts:
+        return {}
     union = parts[0]
     for part in parts[1:]:
         union = union.unionByName(part)
@@ -786,8 +789,7 @@ def prepare_in_spark(spark: SparkSession, selected: DataFrame, config: JobConfig
             forms = forms.repartition(partitions)
         else:
             tallies.append(cache_tally)
-    counts = remaining_counts({**first, **(collect_tallies(tallies) if tallies else {})},
-                              input_rows)
+    counts = remaining_counts({**first, **collect_tallies(tallies)}, input_rows)
     if hits is not None:
         # the join's output is sized by bytes: spread the model work again, over tasks
         # of at least MIN_FORMS_PER_TASK forms (a small night's few hundred forms use
