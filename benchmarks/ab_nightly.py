@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="new",
                         help="new | night2 (night 2 from the night-1 snapshot) | night1 (the "
                              "de-duplicated full run into a fresh table and cache: run b') | "
+                             "night1-cached (run b' into a fresh table, every form from "
+                             "night 1's cache: its prepare and write without the models) | "
                              "plain (the first 10k mentions, no de-duplication: run b)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--job-config", default="conf/local.yaml")
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             night = args.input in ("new", "night2")
             if night:
                 shutil.copytree(work / "night1-snapshot" / "table", scratch / "table")
+            if night or args.input == "night1-cached":
                 shutil.copytree(work / "night1-snapshot" / "form-cache", scratch / "cache")
             dedupe = args.input != "plain"
-            config = spark_job_config(job, str(work / f"{args.input}.parquet"),
+            source = "night1" if args.input == "night1-cached" else args.input
+            config = spark_job_config(job, str(work / f"{source}.parquet"),
                                       str(scratch / "table"), dedupe, night,
                                       str(scratch / "cache") if dedupe else "")
             t = time.perf_counter()
