@@ -107,6 +107,15 @@ class IndexConfig:
     ivf_nprobe: int = 32
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
+    # recall@recall_k against exact search, measured when the index is built: the forms of
+    # up to recall_queries distinct mention texts (column ``text`` of a Parquet, CSV or TSV
+    # file; a sample of last night's input, say) searched with linking.search_k hits, as the
+    # job searches. Recorded in the manifest (``recall``). With target_recall > 0 (ivf, hnsw)
+    # the build takes the least nprobe (efSearch) on a doubling ladder that reaches it
+    recall_mentions: str = ""
+    recall_queries: int = 1000
+    recall_k: int = 25
+    target_recall: float = 0.0
     # where an exact (flat, fp32) index is searched: "auto" = on the bi-encoder's GPU when it
     # runs on one (torch matrix product + top-k, the same scores as FAISS), else FAISS on the
     # CPU; "cpu" = always FAISS; "cuda" = on the GPU or an error. Other index types always
@@ -124,6 +133,17 @@ class IndexConfig:
         if self.pq_m < 0:
             raise ConfigError(f"index.pq_m must be 0 (dim / 2) or positive, got {self.pq_m}")
         _check_positive("index.refine_factor", self.refine_factor)
+        _check_positive("index.recall_queries", self.recall_queries)
+        _check_positive("index.recall_k", self.recall_k)
+        if not 0.0 <= self.target_recall <= 1.0:
+            raise ConfigError(f"index.target_recall must be in [0, 1]; got {self.target_recall}")
+        if self.target_recall and self.index_type == "flat":
+            raise ConfigError("index.target_recall tunes nprobe (ivf) or efSearch (hnsw); a "
+                              "flat index has nothing to tune")
+        if self.target_recall and not self.recall_mentions:
+            raise ConfigError("index.target_recall needs index.recall_mentions: recall is "
+                              "measured with real mention texts (term texts as queries find "
+                              "their own neighbourhood and overstate it)")
 
 
 @dataclass(frozen=True)

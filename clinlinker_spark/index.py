@@ -352,6 +352,83 @@ def _apply_search_params(index: faiss.Index, params: dict) -> None:
         faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
 
 
+def read_mention_texts(path: str | Path, column: str = "text") -> list[str]:
+    """The normalised, distinct, non-empty forms of the ``column`` of a Parquet, CSV or TSV
+    file (by its suffix), in first-seen order."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if not (suffix in (".parquet", ".csv", ".tsv") or p.is_dir()):
+        raise ConfigError(f"mention texts {p}: expected a .parquet, .csv or .tsv file")
+    try:
+        if suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", usecols=[column],
+                                dtype=str, keep_default_na=False)
+        else:  # a Parquet file or a folder of them
+            frame = pd.read_parquet(p, columns=[column])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read column {column!r} of mention texts {p}: {exc}") from exc
+    forms = (normalize_text(str(t)) for t in frame[column] if isinstance(t, str))
+    return [f for f in dict.fromkeys(forms) if f]
+
+
+def _recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean share of each query's exact top-``k`` positions found in its approximate top-k."""
+    found = sum(len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx, exact))
+    return found / (k * len(exact))
+
+
+def _ladder(params: dict, search_k: int) -> tuple[str, list[int]]:
+    """The search setting an index type tunes and the values tried, cheapest first: nprobe
+    doubling up to nlist (IVF), efSearch doubling from search_k up to 16 x search_k (HNSW;
+    FAISS searches with at least k)."""
+    if params["type"] == "ivf":
+        nlist = int(params["nlist"])
+        steps = [1 << i for i in range(nlist.bit_length()) if 1 << i < nlist]
+        return "nprobe", steps + [nlist]
+    return "ef_search", [search_k << i for i in range(5)]
+
+
+def measure_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
+                   queries: np.ndarray, search_k: int, recall_k: int,
+                   target: float = 0.0) -> dict[str, Any]:
+    """Recall@``recall_k`` of ``index`` (built over ``vectors``) against exact inner-product
+    search over ``vectors``, for ``queries`` searched with ``search_k`` hits, as the linker
+    searches. ``target`` > 0: the settings of :func:`_ladder` are tried cheapest first until
+    one reaches it (the last one tried when none does), and ``params`` and the index are left
+    at it; otherwise only the index's own setting is measured. Returns the manifest's
+    ``recall`` block: each setting tried with its recall and search milliseconds per query."""
+    k = min(search_k, len(vectors))
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    exact = flat.search(queries, k)[1]
+    del flat
+    if params["type"] == "flat":
+        name, values = "", [0]
+    elif target:
+        name, values = _ladder(params, search_k)
+    else:
+        name = "nprobe" if params["type"] == "ivf" else "ef_search"
+        values = [int(params[name])]
+    tried: list[dict[str, Any]] = []
+    for value in values:
+        if name:
+            params[name] = value
+            _apply_search_params(index, params)
+        started = time.perf_counter()
+        approx = index.search(queries, k)[1]
+        ms = 1000 * (time.perf_counter() - started) / len(queries)
+        tried.append({**({name: value} if name else {}),
+                      "recall": round(_recall_at(approx, exact, recall_k), 4),
+                      "ms_per_query": round(ms, 4)})
+        if target and tried[-1]["recall"] >= target:
+            break
+    block: dict[str, Any] = {"k": recall_k, "search_k": k, "queries": len(queries),
+                             "recall": tried[-1]["recall"], "tried": tried}
+    if target:
+        block.update(target=target, met=tried[-1]["recall"] >= target, setting=name)
+    return block
+
+
 def build_index(
     terminology: pd.DataFrame,
     encoder: Any,
@@ -360,12 +437,18 @@ def build_index(
     name: str = "terminology",
     version: str = "",
     overwrite: bool = False,
+    search_k: int = 200,
 ) -> Path:
     """Embed a terminology with ``encoder`` (a BiEncoder) and write an index directory.
 
     The directory is written under a temporary name beside ``out_dir`` and renamed into place,
     so a crash never leaves a half-written index where a job would find it. An existing index
     is never modified; ``overwrite=True`` replaces it as a whole.
+
+    With ``config.recall_mentions``, the index's recall@``config.recall_k`` against exact
+    search is measured with those mention texts (``search_k`` hits a query, the job's
+    linking.search_k) and written to the manifest; ``config.target_recall`` picks the least
+    nprobe / efSearch that reaches it (:func:`measure_recall`).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -379,6 +462,9 @@ def build_index(
     embed_s = time.perf_counter() - started
     index, params = _make_faiss_index(vectors, config)
     params["ntotal"] = int(index.ntotal)
+    recall = None
+    if config.recall_mentions:
+        recall = _measure_build_recall(index, params, vectors, encoder, config, search_k)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -401,6 +487,7 @@ def build_index(
                 "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
             },
             "build": {"embed_seconds": round(embed_s, 3)},
+            **({"recall": recall} if recall is not None else {}),
             "libraries": library_versions(),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -411,6 +498,37 @@ def build_index(
     log.info("index written to %s: %d vectors, dim %d, %s, embedding took %.1f s",
              out, index.ntotal, vectors.shape[1], params["type"], embed_s)
     return out
+
+
+def _measure_build_recall(index: faiss.Index, params: dict, vectors: np.ndarray, encoder: Any,
+                          config: IndexConfig, search_k: int) -> dict[str, Any]:
+    """:func:`measure_recall` with a sample of ``config.recall_mentions``' forms, embedded by
+    the index's encoder; logged with counts and numbers only."""
+    if config.recall_k > search_k:
+        raise ConfigError(f"index.recall_k ({config.recall_k}) must be <= linking.search_k "
+                          f"({search_k})")
+    forms = read_mention_texts(config.recall_mentions)
+    if not forms:
+        raise ConfigError(f"mention texts {config.recall_mentions}: no non-empty text")
+    if len(forms) > config.recall_queries:
+        rng = np.random.default_rng(0)
+        picked = np.sort(rng.choice(len(forms), config.recall_queries, replace=False))
+        forms = [forms[i] for i in picked]
+    queries = np.ascontiguousarray(encoder.encode(forms), dtype=np.float32)
+    started = time.perf_counter()
+    block = measure_recall(index, params, vectors, queries, search_k, config.recall_k,
+                           config.target_recall)
+    block["source"] = Path(config.recall_mentions).name
+    last = block["tried"][-1]
+    log.info("index recall@%d against exact search, %d mention forms, %d hits each: %.4f%s "
+             "(%.3f ms a query; %d setting(s) tried in %.1f s)", block["k"], block["queries"],
+             block["search_k"], block["recall"],
+             "".join(f", {k} {v}" for k, v in last.items() if k in ("nprobe", "ef_search")),
+             last["ms_per_query"], len(block["tried"]), time.perf_counter() - started)
+    if config.target_recall and not block["met"]:
+        log.warning("index recall target %.3f not reached: %.4f at the most costly setting "
+                    "tried (%s)", config.target_recall, block["recall"], last)
+    return block
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -652,4 +770,5 @@ def ensure_index(config: Any, encoder: Any) -> Path:
              path, len(config.terminology.sources))
     terminology = load_terminology(config.terminology)
     return build_index(terminology, encoder, config.index, path,
-                       name=config.terminology.name, version=config.terminology.version)
+                       name=config.terminology.name, version=config.terminology.version,
+                       search_k=config.linking.search_k)

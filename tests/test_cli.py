@@ -99,3 +99,32 @@ def test_python_dash_m_entry_point_lists_commands():
                          capture_output=True, text=True, check=True).stdout
     for command in ("base-encoder", "build-index", "link", "evaluate"):
         assert command in out
+
+
+def test_build_index_tunes_nprobe_with_mention_texts_and_logs_no_text(tiny_encoder_dir,
+                                                                      tmp_path, caplog):
+    import logging
+
+    import pandas as pd
+
+    dev = pd.read_csv(sample_path("codiesp_dev_sample.tsv"), sep="\t", header=None,
+                      names=["doc", "label", "code", "text", "span"])
+    mentions = tmp_path / "night.parquet"
+    dev[["doc", "text"]].to_parquet(mentions)
+    out = tmp_path / "ivf"
+    with caplog.at_level(logging.INFO):
+        rc = main([
+            "build-index", "--encoder", str(tiny_encoder_dir), "--out", str(out),
+            "--source", f"codiesp={sample_path('codiesp_train_sample.tsv')}",
+            "--index-type", "ivf", "--recall-mentions", str(mentions),
+            "--target-recall", "0.9", "--set", "linking.search_k=50",
+        ])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    recall = manifest["recall"]
+    assert recall["met"] and recall["recall"] >= 0.9 and recall["search_k"] == 50
+    assert len(recall["tried"]) > 1 and recall["tried"][0]["recall"] < 0.9
+    assert manifest["index"]["nprobe"] == recall["tried"][-1]["nprobe"]
+    assert any("index recall@25" in r.getMessage() for r in caplog.records)
+    logged = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    assert not [t for t in dev["text"] if t.lower() in logged.lower()]

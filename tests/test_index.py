@@ -239,6 +239,76 @@ def test_pq_index_rescores_its_hits_with_the_exact_vectors(tmp_path):
         build_index(df, enc, IndexConfig(index_type="ivf", pq=True, pq_m=5), tmp_path / "bad")
 
 
+def test_build_measures_recall_against_exact_search_and_tunes_nprobe_to_a_target(tmp_path):
+    import faiss
+
+    from clinlinker_spark.errors import ConfigError
+
+    rng = np.random.default_rng(11)
+    words = ["dolor", "fiebre", "tos", "cefalea", "disnea", "edema", "lesion", "fractura"]
+    terms = [f"{a} {b} {i}" for i, (a, b) in enumerate(rng.choice(words, (900, 2)))]
+    df = pd.DataFrame({"code": [f"C{i}" for i in range(len(terms))], "term": terms})
+    # mention-like queries: terms with a word changed, some repeated, empty and blank rows
+    mentions = [f"{t.rsplit(' ', 1)[0]} {w}" for t, w in
+                zip(terms[::3], rng.choice(words, len(terms[::3])))]
+    texts = mentions + mentions[:20] + ["", "  "]
+    path = tmp_path / "mentions.tsv"
+    pd.DataFrame({"doc": "d", "text": texts}).to_csv(path, sep="\t", index=False)
+    forms = list(dict.fromkeys(normalize_text(t) for t in mentions))
+    enc = FakeEncoder(dim=32)
+    config = IndexConfig(index_type="ivf", recall_mentions=str(path), recall_k=10,
+                         target_recall=0.97)
+    tuned = TerminologyIndex.load(build_index(df, enc, config, tmp_path / "tuned", search_k=40))
+    block = tuned.manifest["recall"]
+    nprobes = [t["nprobe"] for t in block["tried"]]
+    nlist = tuned.manifest["index"]["nlist"]
+    ladder = [1 << i for i in range(nlist.bit_length()) if 1 << i < nlist] + [nlist]
+    assert nprobes == ladder[:len(nprobes)]
+    assert block["met"] and block["recall"] >= 0.97 and block["queries"] == len(forms)
+    # the least setting that reaches the target: every cheaper one fell short
+    assert len(nprobes) > 1 and all(t["recall"] < 0.97 for t in block["tried"][:-1])
+    assert tuned.manifest["index"]["nprobe"] == nprobes[-1]
+    assert faiss.extract_index_ivf(tuned.faiss_index).nprobe == nprobes[-1]
+    # the recorded recall is what the loaded index gives against exact search
+    exact = TerminologyIndex.load(build_index(df, enc, IndexConfig(), tmp_path / "exact"))
+    queries = enc.encode(forms)
+    got = tuned.faiss_index.search(queries, 40)[1]
+    want = exact.faiss_index.search(queries, 40)[1]
+    found = np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)])
+    assert found == pytest.approx(block["recall"], abs=1e-4)
+    # without a target only the configured setting is measured; nprobe is in the index file,
+    # so an index tuned to another nprobe has another content hash (and form cache key)
+    plain = TerminologyIndex.load(build_index(
+        df, enc, IndexConfig(index_type="ivf", ivf_nprobe=1, recall_mentions=str(path),
+                             recall_k=10, recall_queries=50), tmp_path / "plain", search_k=40))
+    assert [t["nprobe"] for t in plain.manifest["recall"]["tried"]] == [1]
+    assert plain.manifest["recall"]["queries"] == 50
+    assert plain.manifest["recall"]["recall"] < 0.97 and "met" not in plain.manifest["recall"]
+    assert plain.content_hash != tuned.content_hash
+    hnsw = TerminologyIndex.load(build_index(
+        df, enc, IndexConfig(index_type="hnsw", hnsw_m=4, recall_mentions=str(path),
+                             recall_k=10, target_recall=0.99), tmp_path / "hnsw", search_k=12))
+    ef = [t["ef_search"] for t in hnsw.manifest["recall"]["tried"]]
+    assert ef == [12 << i for i in range(len(ef))]
+    assert hnsw.manifest["index"]["ef_search"] == ef[-1] == hnsw.faiss_index.hnsw.efSearch
+    assert hnsw.manifest["recall"]["met"] == (hnsw.manifest["recall"]["recall"] >= 0.99)
+    for bad, match in ((dict(index_type="ivf", target_recall=0.9), "needs index.recall_mentions"),
+                       (dict(target_recall=0.9, recall_mentions="m.tsv"), "nothing to tune"),
+                       (dict(target_recall=1.5), r"\[0, 1\]")):
+        with pytest.raises(ConfigError, match=match):
+            IndexConfig(**bad)
+    for cfg, match in ((dict(recall_k=50), "must be <= linking.search_k"),
+                       (dict(recall_mentions=str(tmp_path / "m.json")), "expected a .parquet"),
+                       (dict(recall_mentions=str(tmp_path / "none.tsv")), "cannot read")):
+        cfg = {"index_type": "ivf", "recall_mentions": str(path), **cfg}
+        with pytest.raises(ConfigError, match=match):
+            build_index(df, enc, IndexConfig(**cfg), tmp_path / "bad", search_k=40)
+    (tmp_path / "other.csv").write_text("id,mention\n1,dolor\n")
+    with pytest.raises(ConfigError, match="column 'text'"):
+        build_index(df, enc, IndexConfig(recall_mentions=str(tmp_path / "other.csv")),
+                    tmp_path / "bad", search_k=40)
+
+
 # --------------------------------------------------------------------------------------------
 # search with torch (on the bi-encoder's GPU in the linker; on the CPU here)
 

@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pq", action="store_true",
                    help="IVF only: scan 4-bit product-quantiser codes, re-score the best hits "
                         "with the exact vectors (index.pq, index.refine_factor)")
+    p.add_argument("--recall-mentions", default="", metavar="PATH",
+                   help="mention texts (column 'text' of a Parquet, CSV or TSV file): measure "
+                        "the index's recall@k against exact search with them "
+                        "(index.recall_mentions)")
+    p.add_argument("--target-recall", type=float, default=0.0,
+                   help="ivf / hnsw: the least nprobe / efSearch whose measured recall@k "
+                        "reaches this (index.target_recall; needs --recall-mentions)")
     p.add_argument("--name", default="", help="terminology name recorded in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.set_defaults(func=run)
@@ -51,7 +58,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
     for flag, key in ((args.encoder, "encoder.path"), (args.pooling, "encoder.pooling"),
                       (args.max_length, "encoder.max_length"), (args.out, "index.path"),
-                      (args.index_type, "index.index_type"), (args.name, "terminology.name")):
+                      (args.index_type, "index.index_type"), (args.name, "terminology.name"),
+                      (args.recall_mentions, "index.recall_mentions"),
+                      (args.target_recall, "index.target_recall")):
         if flag:
             sets.append(f"{key}={flag}")
     if args.fp16:
@@ -91,6 +100,6 @@ def run(args: argparse.Namespace) -> int:
     encoder = BiEncoder.from_config(config.encoder)
     out = build_index(terminology, encoder, config.index, config.index.path,
                       name=terminology_config.name, version=terminology_config.version,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, search_k=config.linking.search_k)
     print(out)
     return 0
