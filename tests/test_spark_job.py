@@ -191,6 +191,8 @@ def test_job_matches_core_linker_on_package_samples(
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, reranker=reranker)
     summary = run_job(spark, config, run_id="run-a")
     check_prepared_on(summary, prepare)
+    # the driver joins few results to the rows it prepared; Spark joins the others
+    assert summary["output_assembled_on"] == ("driver" if prepare == "driver" else "spark")
 
     table = read_table(config.output.path)
     assert len(table) == len(dev_mentions) == table["mention_id"].nunique()
@@ -691,6 +693,62 @@ def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
         assemble_output(validated, other, config, versions, "r", now, dedupe=True).collect()
     with pytest.raises(Exception, match="has no result"):
         assemble_output(validated, None, config, versions, "r", now, dedupe=True).collect()
+
+
+def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
+    spark, tmp_path, tiny_encoder_dir, sample_index,
+):
+    from datetime import datetime, timezone
+
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.errors import ClinLinkerError
+    from clinlinker_spark.spark import schemas
+    from clinlinker_spark.spark.driver_prepare import assemble_output_on_driver
+    from clinlinker_spark.spark.job import assemble_output
+
+    validated = spark.createDataFrame(
+        [("a", "d", 0, 3, "Tos", "h1", "DX", "w1", None, "tos"),
+         ("b", "d", 4, 7, "tos", "h2", "DX", None, None, "tos"),
+         ("c", "d", 8, 9, "", "h3", "DX", "w2", "empty text", None),
+         ("e", None, None, None, "zzz", "h4", None, "w3", None, "zzz")],
+        "mention_id string, doc_id string, start long, end long, text string, "
+        "text_sha256 string, label string, ward string, reason string, text_norm string")
+    candidate = {"code": "R05", "term": "tos", "retrieval_score": 0.9, "rerank_score": 0.7,
+                 "exact": True}
+    found = spark.createDataFrame(
+        [("tos", "tos", "linked", None, "R05", "tos", 0.9, [candidate, {**candidate,
+                                                                      "code": "R06"}]),
+         ("zzz", "zzz", "no_candidate", "no hit", None, None, None, [])],
+        schemas.STAGE_SCHEMA)
+    by_id = found.withColumn("link_key", F.when(F.col("link_key") == "tos", "a")
+                             .otherwise("e")).unionByName(found.filter("link_key = 'tos'")
+                                                          .withColumn("link_key", F.lit("b")))
+    versions = {"model_version": "m", "index_version": "i", "reranker_version": ""}
+    now = datetime(2026, 11, 27, 8, 30, 1, 123456, tzinfo=timezone.utc)
+    for store_text, dedupe in ((True, True), (False, True), (True, False)):
+        config = job_config(tmp_path, tiny_encoder_dir, sample_index,
+                            "input.passthrough_columns=[ward]",
+                            f"output.store_text={str(store_text).lower()}")
+        results = found if dedupe else by_id
+        out = assemble_output(validated, results, config, versions, "r", now, dedupe=dedupe)
+        want = out.toArrow().sort_by("mention_id")
+        got = assemble_output_on_driver(spark, out, validated.toArrow(), results, versions,
+                                        "r", now, dedupe).sort_by("mention_id")
+        assert got.schema == want.schema and got.equals(want)
+        assert got.column("status").to_pylist() == [
+            "linked", "linked", "invalid_input", "no_candidate"]
+        assert [len(c) for c in got.column("candidates").to_pylist()] == [2, 2, 0, 0]
+    # every row invalid: no results at all
+    invalid = validated.filter("reason is not null")
+    out = assemble_output(invalid, None, config, versions, "r", now, dedupe=True)
+    got = assemble_output_on_driver(spark, out, invalid.toArrow(), None, versions, "r", now, True)
+    assert got.equals(out.toArrow())
+    # a row to link whose form has no result fails, as the Spark plan does
+    out = assemble_output(validated, found, config, versions, "r", now, dedupe=True)
+    with pytest.raises(ClinLinkerError, match="has no result"):
+        assemble_output_on_driver(spark, out, validated.toArrow(),
+                                  found.filter("link_key = 'tos'"), versions, "r", now, True)
 
 
 def test_tallies_of_several_frames_are_counted_together(spark):

@@ -258,6 +258,35 @@ def test_a_small_write_is_staged_by_the_driver_as_spark_would_stage_it(spark, tm
     assert DeltaTable(paths["empty"]).file_uris() == []
 
 
+def test_rows_the_caller_holds_as_arrow_are_staged_without_evaluating_the_dataframe(
+    spark, tmp_path,
+):
+    # arrow_rows: the writer stages them as they are (any number, no JVM collection) and never
+    # evaluates df, which here would fail; the table holds exactly what a Spark-staged MERGE of
+    # the same rows gives, also into a table whose columns are in another order
+    path, reference = str(tmp_path / "t"), str(tmp_path / "ref")
+    first, update = make_df(spark, list(range(1, 41)), "r1"), make_df(spark, [5, 50], "r2")
+    reordered = first.select(*reversed(first.columns))
+    for target, df in ((path, reordered), (reference, reordered)):
+        merge_into_delta(spark, df, target, writer="deltalake")
+    poisoned = update.withColumn("code", F.when(F.col("start") >= 0, F.raise_error(
+        F.lit("df was evaluated"))).otherwise(F.col("code")))
+    with pytest.raises(Exception, match="df was evaluated"):
+        poisoned.collect()
+    result = merge_into_delta(spark, poisoned, path, writer="deltalake",
+                              arrow_rows=update.toArrow())
+    assert result == WriteResult("deltalake", 1, 2, 1)
+    merge_into_delta(spark, update, reference, writer="deltalake")
+    assert by_key(read_delta(spark, path)) == by_key(read_delta(spark, reference))
+    assert by_key(read_delta(spark, path))["m005"]["run_id"] == "r2"
+    # the staged rows come from pyarrow (the survivors of a rewritten file from Spark)
+    written_by = [pq.read_metadata(str(tmp_path / "t" / a["path"])) for a in _added_files(path, 1)]
+    assert [m.num_rows for m in written_by if m.created_by.startswith("parquet-cpp-arrow")] == [2]
+    with pytest.raises(SchemaMismatchError, match="arrow_rows"):
+        merge_into_delta(spark, update, path, writer="deltalake",
+                         arrow_rows=update.select(*reversed(update.columns)).toArrow())
+
+
 def test_only_typesplain_arrow_type_are_staged_by_the_driver(spark, tmp_path):
     from pyspark.sql.types import DayTimeIntervalType, MapType, VariantType
 

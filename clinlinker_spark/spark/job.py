@@ -69,6 +69,7 @@ from clinlinker_spark.spark.schemas import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame, SparkSession
 
     from clinlinker_spark.spark.udfs import LinkerSpec
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 STATUS_LINKED = "linked"
 STATUS_NO_CANDIDATE = "no_candidate"
 STATUS_INVALID = "invalid_input"
+# the error of a row to link without a result in assemble_output (a broken invariant)
+NO_RESULT = "a mention to link has no result"
 FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
 # an input of at most this many mentions is broadcast when matched against the output table
 BROADCAST_INPUT_ROWS = 200_000
@@ -666,7 +669,8 @@ class Prepared:
     results (STAGE_SCHEMA) or None; ``counts``: mentions, in_table, skipped, invalid,
     unchanged_invalid, and with a form cache forms and cache_hits; ``table_at``/``cache_at``:
     the versions of the table and cache searched (None: not searched); ``on_driver``: which
-    path prepared them."""
+    path prepared them; ``validated_rows``: the driver's path also gives ``validated``'s rows
+    as Arrow (the Spark path: None)."""
 
     validated: DataFrame
     forms: DataFrame
@@ -675,6 +679,7 @@ class Prepared:
     table_at: int | None
     cache_at: int | None
     on_driver: bool
+    validated_rows: pa.Table | None = None
 
 
 def prepares_on_driver(selected: DataFrame, input_rows: int | None, most_rows: int) -> bool:
@@ -849,7 +854,7 @@ def assemble_output(
     outcome = ["status", "reason", "code", "term", "score"]
     valid = validated["reason"].isNull()
     mention = [validated[_quoted(c)] for c in mention_cols]
-    no_result = F.raise_error(F.lit("a mention to link has no result"))
+    no_result = F.raise_error(F.lit(NO_RESULT))
     if results is None:
         out = validated.select(
             *mention,
@@ -956,7 +961,7 @@ def run_link_job(
         make_retrieve_fn,
         stage_seconds_accumulator,
     )
-    from clinlinker_spark.spark.writer import merge_into_delta
+    from clinlinker_spark.spark.writer import merge_into_delta, writes_with_delta_spark
 
     run_id = run_id or uuid.uuid4().hex
     cache_path = config.output.form_cache_path
@@ -1054,14 +1059,24 @@ def run_link_job(
         n_out = n_invalid + n_to_link
         # n_out bounds the rows: the writer sizes the files by it (one per ROWS_PER_FILE
         # rows) and collects a small night to the driver instead of a Spark write job
+        few_results = n_cached + n_forms <= BROADCAST_RESULT_FORMS
         out = assemble_output(validated, results, config, art.versions, run_id, run_ts,
-                              dedupe,
-                              dedupe and n_cached + n_forms <= BROADCAST_RESULT_FORMS)
+                              dedupe, dedupe and few_results)
+        # prepared on the driver with few results (a de-duplicated run's forms): the driver
+        # joins them to the rows it holds and the deltalake writer stages them with pyarrow
+        arrow_rows = None
+        if (n_out and prep.validated_rows is not None and few_results
+                and not writes_with_delta_spark(spark, config.output.writer)):
+            from clinlinker_spark.spark.driver_prepare import assemble_output_on_driver
+
+            arrow_rows = assemble_output_on_driver(spark, out, prep.validated_rows, results,
+                                                   art.versions, run_id, run_ts, dedupe)
         by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
         if n_out:
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
                                        writer=config.output.writer, count_by="status",
-                                       new_keys_at=new_keys_at, max_rows=n_out)
+                                       new_keys_at=new_keys_at, max_rows=n_out,
+                                       arrow_rows=arrow_rows)
             by_status.update(written.counts)
             write_info = {"writer": written.writer, "table_version": written.table_version,
                           "rows_written": written.rows_written,
@@ -1101,6 +1116,8 @@ def run_link_job(
         "form_cache": cache_info,
         "dedupe_surface_forms": dedupe,
         "prepared_on": "driver" if prep.on_driver else "spark",
+        # where the output rows were joined with their results (assemble_output_on_driver)
+        "output_assembled_on": "driver" if arrow_rows is not None else "spark",
         **art.versions,
         "linking_version": cache_versions["linking_version"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -24,7 +24,8 @@ the same rows and adds one Delta version. Two writers implement it:
        ``<table>/_clinlinker_staging/<write id>/`` (``df`` is evaluated exactly once; the key
        check and everything after it read those Parquet files, not ``df``). With a row bound
        ``max_rows`` of at most DRIVER_WRITE_ROWS, the driver collects ``df`` as Arrow and
-       writes the one staged file with pyarrow instead (:func:`_stage`).
+       writes the one staged file with pyarrow instead (:func:`_stage`); with ``arrow_rows``
+       (``df``'s rows, which the caller already holds as Arrow) it writes those.
     2. The key check (pyarrow on the driver up to DRIVER_KEY_CHECK_ROWS staged rows, one
        Spark aggregate above) refuses null or duplicate keys.
     3. Spark reads the current snapshot's files (listed by ``DeltaTable.get_add_actions`` /
@@ -195,6 +196,7 @@ def merge_into_delta(
     count_by: str | None = None,
     new_keys_at: int | None = None,
     max_rows: int | None = None,
+    arrow_rows: pa.Table | None = None,
 ) -> WriteResult:
     """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
 
@@ -214,6 +216,10 @@ def merge_into_delta(
     is then written in :func:`_file_count` files; the deltalake writer collects a ``df`` of at
     most DRIVER_WRITE_ROWS rows to the driver as Arrow and stages its one file with pyarrow
     (:func:`_stage`).
+
+    ``arrow_rows``: ``df``'s rows, already on the driver as the Arrow table ``df.toArrow()``
+    would give (same schema). The deltalake writer then stages them with pyarrow and never
+    evaluates ``df``, whatever their number (the caller bounds it); delta-spark ignores them.
     """
     if writer not in _WRITER_CHOICES:
         raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
@@ -224,7 +230,9 @@ def merge_into_delta(
     if count_by is not None and count_by not in df.columns:
         raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
     available = writer != WRITER_DELTALAKE and delta_spark_available(spark)
-    use_delta_spark = available and writer in ("auto", WRITER_DELTA_SPARK)
+    use_delta_spark = writes_with_delta_spark(spark, writer)
+    if arrow_rows is not None and arrow_rows.schema.names != df.columns:
+        raise SchemaMismatchError("arrow_rows must have the DataFrame's columns, in its order")
     if writer == WRITER_DELTA_SPARK and not available:
         raise ConfigError(
             "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
@@ -232,8 +240,9 @@ def merge_into_delta(
             f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
         )
     started = time.monotonic()
-    on_driver = (not use_delta_spark and max_rows is not None and max_rows <= DRIVER_WRITE_ROWS
-                 and plain_arrow_type(df.schema))
+    on_driver = not use_delta_spark and (
+        arrow_rows is not None
+        or (max_rows is not None and max_rows <= DRIVER_WRITE_ROWS and plain_arrow_type(df.schema)))
     if max_rows is not None and not on_driver:
         from clinlinker_spark.spark.session import task_slots
 
@@ -242,7 +251,7 @@ def merge_into_delta(
         result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
     else:
         result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at,
-                                  on_driver)
+                                  on_driver, arrow_rows)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -250,6 +259,11 @@ def merge_into_delta(
         time.monotonic() - started,
     )
     return result
+
+
+def writes_with_delta_spark(spark: SparkSession, writer: str) -> bool:
+    """Whether :func:`merge_into_delta` with ``writer`` uses delta-spark in this session."""
+    return writer in ("auto", WRITER_DELTA_SPARK) and delta_spark_available(spark)
 
 
 def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
@@ -513,7 +527,7 @@ def plain_arrow_type(data_type: DataType) -> bool:
 
 
 def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
-           on_driver: bool) -> tuple[list[str], pa.Table | None]:
+           on_driver: bool, rows: pa.Table | None = None) -> tuple[list[str], pa.Table | None]:
     """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
     ``spark_folder``: the same for Spark); the files written, and the rows as Arrow when the
     driver wrote them (None when Spark did).
@@ -523,14 +537,15 @@ def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spar
     parallel) and the driver writes one file with pyarrow (none without rows), with the
     Parquet schema a Spark write gives under :data:`_PARQUET_WRITE_CONF` (the DataFrame's
     nullability, microsecond UTC timestamps, standard 3-level lists, snappy). Otherwise Spark
-    writes it."""
+    writes it. ``rows``: ``df``'s rows as Arrow already (with ``on_driver``): written as
+    they are, ``df`` is not evaluated."""
     import pyarrow.parquet as pq
 
     if not on_driver:
         with _parquet_write_conf(spark):
             df.write.mode("errorifexists").parquet(spark_folder)
         return _list_parquet(loc, folder), None
-    table = df.toArrow()
+    table = df.toArrow() if rows is None else rows
     loc.fs.create_dir(folder, recursive=True)
     if table.num_rows == 0:
         return [], table
@@ -967,6 +982,7 @@ def _merge_deltalake(
     count_by: str | None = None,
     new_keys_at: int | None = None,
     on_driver: bool = False,
+    arrow_rows: pa.Table | None = None,
 ) -> WriteResult:
     from pyspark.sql import functions as F
 
@@ -982,8 +998,9 @@ def _merge_deltalake(
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
     moved: list[str] = []
     try:
-        staged_new, staged_rows = _stage(spark, _conform(df, merged), loc, staging + "/new",
-                                         spark_staging + "/new", on_driver)
+        staged_new, staged_rows = _stage(
+            spark, _conform(df, merged), loc, staging + "/new", spark_staging + "/new",
+            on_driver, None if arrow_rows is None else arrow_rows.select(merged.names))
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
