@@ -206,7 +206,9 @@ class SparkConfig:
     # An input of at most this many rows is prepared on the driver (clinlinker_spark.spark.
     # driver_prepare: collected as Arrow, one row per id kept and normalised in one process,
     # Spark only scanning the table and the form cache) instead of in ~10 dependent Spark
-    # stages; the outcome is the same. 0: always Spark.
+    # stages; the outcome is the same. With few distinct forms the driver also joins their
+    # results to these rows and stages the output with pyarrow (~1.7 KB a row with 25
+    # candidates, in the driver's Python). 0: always Spark.
     driver_prepare_rows: int = 200_000
     # True: the index (and the encoder and re-ranker directories) reach executors once through
     # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
