@@ -19,7 +19,7 @@ from clinlinker_spark.config import (
 from clinlinker_spark.corpora import read_gold
 from clinlinker_spark.encoder import BiEncoder
 from clinlinker_spark.errors import ConfigError, EncoderMismatchError, InputDataError
-from clinlinker_spark.index import build_index
+from clinlinker_spark.index import build_index, read_manifest
 from clinlinker_spark.linker import Linker
 from clinlinker_spark.samples import sample_path
 from clinlinker_spark.text import normalize_text
@@ -470,10 +470,14 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     assert third["to_link"] == 0 and third["surface_forms"] == 0
     assert third["rows_written"] == 0 and table_version(config.output.path) == version
 
-    # a new index version relinks everything
+    # a new index version relinks everything; this one (IVF) had its recall measured at build,
+    # which the run reports
     encoder = BiEncoder(tiny_encoder_dir, device="cpu")
-    new_index = build_index(sample_terminology.iloc[:-50], encoder, IndexConfig(),
-                            tmp_path / "index-v2")
+    texts = tmp_path / "night-mentions.parquet"
+    both[["mention_id", "text"]].to_parquet(texts)
+    new_index = build_index(sample_terminology.iloc[:-50], encoder,
+                            IndexConfig(index_type="ivf", recall_mentions=str(texts),
+                                        target_recall=0.9), tmp_path / "index-v2", search_k=50)
     config2 = dataclasses.replace(config, index=dataclasses.replace(config.index,
                                                                     path=str(new_index)))
     fourth = run_job(spark, config2, run_id="night-4", mentions=spark.createDataFrame(both))
@@ -481,6 +485,10 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     table = read_table(config.output.path)
     assert len(table) == len(both) and set(table["run_id"]) == {"night-4"}
     assert set(table["index_version"]) == {fourth["index_version"]} != {first["index_version"]}
+    measured = read_manifest(new_index)["recall"]
+    assert first["index_recall"] is None and fourth["index_recall"] == {
+        "k": 25, "recall": measured["recall"], "queries": measured["queries"]}
+    assert measured["recall"] >= 0.9
 
 
 @pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])

@@ -285,11 +285,21 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         reranker_version=reranker_version,
         index_manifest=manifest,
     )
-    log.info("artifacts: model %s, index %s (%s rows), re-ranker %s",
+    log.info("artifacts: model %s, index %s (%s rows, %s, recall@k %s), re-ranker %s",
              resolved.model_version[:12], resolved.index_version[:12],
              manifest.get("terminology", {}).get("rows", "?"),
+             manifest.get("index", {}).get("type", "?"), index_recall(manifest) or "not measured",
              resolved.reranker_version[:12] or "none")
     return resolved
+
+
+def index_recall(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The index's recall@k against exact search as measured when it was built
+    (``index.recall_mentions``): k, recall, the queries; None when it was not measured."""
+    block = manifest.get("recall")
+    if not block:
+        return None
+    return {"k": block["k"], "recall": block["recall"], "queries": block["queries"]}
 
 
 def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) -> LinkerSpec:
@@ -1116,6 +1126,8 @@ def run_link_job(
         "form_cache": cache_info,
         "dedupe_surface_forms": dedupe,
         "prepared_on": "driver" if prep.on_driver else "spark",
+        # the index's recall@k against exact search, measured at build (None: not measured)
+        "index_recall": index_recall(art.index_manifest),
         # where the output rows were joined with their results (assemble_output_on_driver)
         "output_assembled_on": "driver" if arrow_rows is not None else "spark",
         **art.versions,
