@@ -207,11 +207,6 @@ def timed_search(index: Any, queries: np.ndarray, k: int,
     return best, positions
 
 
-def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    hits = sum(len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx, exact))
-    return hits / (len(exact) * k)
-
-
 def run(cfg: BenchConfig) -> dict[str, Any]:
     import faiss
 
@@ -247,7 +242,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
                  encode_s: float, threads: int) -> dict[str, Any]:
     import faiss
 
-    from clinlinker_spark.index import ivf_pq_factory
+    from clinlinker_spark.index import ivf_pq_factory, recall_at
 
     fc = cfg.faiss
     real = n == len(base)
@@ -307,7 +302,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
                 "index": label, "build_s": round(build_s, 1),
                 "train_vectors": n_train, "search_s": round(s, 3),
                 "ratio_to_bi_encoder": round(s / encode_s, 4),
-                "recall": round(recall(approx, exact, fc.recall_k), 4)})
+                "recall": round(recall_at(approx, exact, fc.recall_k), 4)})
         del ivf, quantizer
     # HNSW-Flat
     if n <= fc.hnsw_max_size:
@@ -322,7 +317,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
             row["variants"].append({
                 "index": f"hnsw M={fc.hnsw_m} efSearch={ef}", "build_s": round(build_s, 1),
                 "search_s": round(s, 3), "ratio_to_bi_encoder": round(s / encode_s, 4),
-                "recall": round(recall(approx, exact, fc.recall_k), 4)})
+                "recall": round(recall_at(approx, exact, fc.recall_k), 4)})
         del hnsw
     return row
 

@@ -371,21 +371,24 @@ def read_mention_texts(path: str | Path, column: str = "text") -> list[str]:
     return [f for f in dict.fromkeys(forms) if f]
 
 
-def _recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean share of each query's exact top-``k`` positions found in its approximate top-k."""
     found = sum(len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx, exact))
     return found / (k * len(exact))
 
 
-def _ladder(params: dict, search_k: int) -> tuple[str, list[int]]:
-    """The search setting an index type tunes and the values tried, cheapest first: nprobe
-    doubling up to nlist (IVF), efSearch doubling from search_k up to 16 x search_k (HNSW;
-    FAISS searches with at least k)."""
+# the search setting each approximate index type tunes (its key in the manifest's params)
+_SEARCH_SETTING = {"ivf": "nprobe", "hnsw": "ef_search"}
+
+
+def _ladder(params: dict, search_k: int) -> list[int]:
+    """The values of the index type's search setting tried, cheapest first: nprobe doubling
+    up to nlist (IVF), efSearch doubling from search_k up to 16 x search_k (HNSW; FAISS
+    searches with at least k)."""
     if params["type"] == "ivf":
         nlist = int(params["nlist"])
-        steps = [1 << i for i in range(nlist.bit_length()) if 1 << i < nlist]
-        return "nprobe", steps + [nlist]
-    return "ef_search", [search_k << i for i in range(5)]
+        return [1 << i for i in range(nlist.bit_length()) if 1 << i < nlist] + [nlist]
+    return [search_k << i for i in range(5)]
 
 
 def measure_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
@@ -402,13 +405,8 @@ def measure_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
     flat.add(vectors)
     exact = flat.search(queries, k)[1]
     del flat
-    if params["type"] == "flat":
-        name, values = "", [0]
-    elif target:
-        name, values = _ladder(params, search_k)
-    else:
-        name = "nprobe" if params["type"] == "ivf" else "ef_search"
-        values = [int(params[name])]
+    name = _SEARCH_SETTING.get(params["type"], "")  # flat: nothing to set
+    values = (_ladder(params, search_k) if target else [int(params[name])]) if name else [0]
     tried: list[dict[str, Any]] = []
     for value in values:
         if name:
@@ -418,7 +416,7 @@ def measure_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
         approx = index.search(queries, k)[1]
         ms = 1000 * (time.perf_counter() - started) / len(queries)
         tried.append({**({name: value} if name else {}),
-                      "recall": round(_recall_at(approx, exact, recall_k), 4),
+                      "recall": round(recall_at(approx, exact, recall_k), 4),
                       "ms_per_query": round(ms, 4)})
         if target and tried[-1]["recall"] >= target:
             break

@@ -229,11 +229,10 @@ def merge_into_delta(
         raise SchemaMismatchError(f"replace_keys_df has no key column {key!r}")
     if count_by is not None and count_by not in df.columns:
         raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
-    available = writer != WRITER_DELTALAKE and delta_spark_available(spark)
     use_delta_spark = writes_with_delta_spark(spark, writer)
     if arrow_rows is not None and arrow_rows.schema.names != df.columns:
         raise SchemaMismatchError("arrow_rows must have the DataFrame's columns, in its order")
-    if writer == WRITER_DELTA_SPARK and not available:
+    if writer == WRITER_DELTA_SPARK and not use_delta_spark:
         raise ConfigError(
             "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
             "start it with the io.delta:delta-spark jars and "
