@@ -175,6 +175,11 @@ class LinkingConfig:
     exact_match_prior: bool = True  # codes whose term equals the mention come first
     max_text_length: int = 256  # characters; longer mentions get status invalid_input
     min_score: float = -1.0  # best score below this: status no_candidate
+    # A mention whose normalised text is a term of the index takes the term's stored vector
+    # instead of being encoded again, where that vector is what encoding gives (an index of
+    # float32 vectors built in the encoder's precision: TerminologyIndex.holds_vectors_of).
+    # False: every text is encoded (for benchmarks and comparisons).
+    reuse_index_vectors: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("linking.search_k", self.search_k)

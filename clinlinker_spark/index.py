@@ -484,7 +484,9 @@ def build_index(
                 "codes": int(rows["code_key"].nunique()), "distinct_terms": len(texts),
                 "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
             },
-            "build": {"embed_seconds": round(embed_s, 3)},
+            # what the vectors were computed in: a job whose encoder computes in the same
+            # precision takes an exact term's stored vector instead of encoding it again
+            "build": {"embed_seconds": round(embed_s, 3), "precision": encoder.precision},
             **({"recall": recall} if recall is not None else {}),
             "libraries": library_versions(),
         }
@@ -700,6 +702,17 @@ class TerminologyIndex:
             return exact_scores(lambda p: base[p], queries, rows, positions)
         return exact_scores(lambda p: torch.from_numpy(self.vectors_at(p.numpy())), queries,
                             rows, positions)
+
+    def holds_vectors_of(self, precision: str) -> bool:
+        """Whether a term's stored vector is the one an encoder with the index's contract
+        (:func:`check_encoder`) computing in ``precision`` gives the term's text: the index
+        keeps its vectors in float32 (not fp16 or 8-bit codes; ``index.pq`` keeps a float32
+        copy beside its codes) and the manifest says they were computed in that precision.
+        Indexes built before the precision was recorded say nothing: False."""
+        params = self.manifest.get("index", {})
+        built = self.manifest.get("build", {}).get("precision")
+        return (built is not None and built == precision
+                and not params.get("fp16") and not params.get("sq8"))
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""

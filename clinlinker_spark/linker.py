@@ -48,6 +48,9 @@ RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term",
 # Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
 # search, hits -> per-code candidates, cross-encoder re-ranking.
 STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
+# Texts a Linker embedded with the bi-encoder, and texts that took an index term's stored
+# vector instead (Linker.take_counts; LinkingConfig.reuse_index_vectors).
+VECTOR_COUNTS = ("texts_encoded", "vectors_reused")
 # Cross-encoder scores are compared at this many decimals: scores that equal at this precision
 # are ties and keep the retrieval order. The same pair scored in batches of other shapes (one
 # Spark partitioning or another) differs in the last float bits; without this, such near-ties
@@ -280,6 +283,18 @@ class Linker:
         self.reranker = reranker
         self.reranker_config = reranker_config or RerankerConfig()
         self.stage_seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
+        self.counts: dict[str, int] = dict.fromkeys(VECTOR_COUNTS, 0)
+        self.reuses_index_vectors = (self.linking.reuse_index_vectors
+                                     and index.holds_vectors_of(encoder.precision))
+        log.debug("index term vectors reused for exact texts: %s (setting %s, index built in "
+                  "%s, encoder in %s)", self.reuses_index_vectors,
+                  self.linking.reuse_index_vectors,
+                  index.manifest.get("build", {}).get("precision"), encoder.precision)
+
+    def take_counts(self) -> dict[str, int]:
+        """VECTOR_COUNTS since the last call, and reset them."""
+        taken, self.counts = self.counts, dict.fromkeys(VECTOR_COUNTS, 0)
+        return taken
 
     def take_stage_seconds(self) -> dict[str, float]:
         """Wall seconds per stage (STAGE_TIMERS) since the last call, and reset the counters."""
@@ -319,7 +334,7 @@ class Linker:
         if not texts_norm:
             return []
         t0 = time.perf_counter()
-        vectors = self.encoder.encode(texts_norm)
+        vectors = self.embed(texts_norm)
         t1 = time.perf_counter()
         hits = self.index.search(vectors, self.linking.search_k)
         t2 = time.perf_counter()
@@ -331,6 +346,26 @@ class Linker:
         seconds["search"] += t2 - t1
         seconds["candidates"] += time.perf_counter() - t2
         return candidates
+
+    def embed(self, texts_norm: list[str]) -> np.ndarray:
+        """The bi-encoder's vectors of ``texts_norm`` (float32 [n, dim]). With
+        ``reuses_index_vectors``, a text that is a term of the index takes the term's stored
+        vector, which is what encoding it gives; the others are encoded in one call."""
+        positions = (np.fromiter((self.index.position_of(t) for t in texts_norm), np.int64,
+                                 len(texts_norm))
+                     if self.reuses_index_vectors else np.full(len(texts_norm), -1))
+        known = positions >= 0
+        n_known = int(known.sum())
+        self.counts["vectors_reused"] += n_known
+        self.counts["texts_encoded"] += len(texts_norm) - n_known
+        if n_known == 0:
+            return self.encoder.encode(texts_norm)
+        vectors = np.empty((len(texts_norm), self.index.faiss_index.d), np.float32)
+        vectors[known] = self.index.vectors_at(positions[known])
+        todo = np.flatnonzero(~known)
+        if len(todo):
+            vectors[todo] = self.encoder.encode([texts_norm[i] for i in todo])
+        return vectors
 
     def rerank(self, texts_norm: Sequence[str],
                candidates: list[list[Candidate]]) -> list[list[Candidate]]:

@@ -54,6 +54,9 @@ _HASH_CACHE: dict[tuple[Any, ...], str] = {}
 _HASH_LOCK = threading.Lock()
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
     """Pick the torch device and the autocast dtype (None: plain fp32).
 
@@ -507,6 +510,7 @@ class LoadedModel:
         self.tokenizer, self.model = load_tokenizer_and_model(self.path, kind)
         weights_dtype, self._autocast_dtype = inference_precision(self._device,
                                                                   self._autocast_dtype)
+        self._precision = PRECISION_NAMES[weights_dtype or self._autocast_dtype]
         # one copy to the device, already in the weights' dtype
         self.model.to(device=self._device, dtype=weights_dtype)
         if weights_dtype is not None and kind == "sequence-classification":
@@ -518,6 +522,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in: "fp32", "bf16" or "fp16" (weights cast or autocast)."""
+        return self._precision
 
     @property
     def model_hash(self) -> str:

@@ -11,6 +11,8 @@ import numpy as np
 
 
 class FakeEncoder:
+    precision = "fp32"  # what BiEncoder.precision says: the vectors are exact float32
+
     def __init__(self, dim: int = 64, salt: str = ""):
         self.dim = dim
         self.salt = salt

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tiny_models import CORPUS
@@ -326,15 +327,37 @@ def test_set_torch_threads() -> None:
 
 
 def test_bf16_on_cpu_autocasts_and_stays_close_to_fp32(tiny_encoder_dir: Path) -> None:
-    fp32 = BiEncoder(tiny_encoder_dir, device="cpu", precision="fp32").encode(CORPUS)
-    bf16 = BiEncoder(tiny_encoder_dir, device="cpu", precision="bf16").encode(CORPUS)
+    encoders = {p: BiEncoder(tiny_encoder_dir, device="cpu", precision=p)
+                for p in ("fp32", "bf16", "auto")}
+    assert {p: e.precision for p, e in encoders.items()} == {
+        "fp32": "fp32", "bf16": "bf16", "auto": "fp32"}
+    fp32 = encoders["fp32"].encode(CORPUS)
+    bf16 = encoders["bf16"].encode(CORPUS)
     assert bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)  # the bf16 path really ran
     cosines = np.einsum("ij,ij->i", fp32, bf16)
     assert cosines.min() > 0.99
     # auto stays exact fp32 on cpu
-    auto = BiEncoder(tiny_encoder_dir, device="cpu", precision="auto").encode(CORPUS)
+    auto = encoders["auto"].encode(CORPUS)
     np.testing.assert_array_equal(auto, fp32)
+
+
+def test_a_terms_stored_vector_is_what_encoding_its_text_alone_gives(tiny_encoder_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    # what lets the linker take an exact term's vector from the index instead of encoding
+    # the mention (LinkingConfig.reuse_index_vectors): the build encoded the terms in
+    # batches of other lengths, the linker would encode the text alone
+    from clinlinker_spark.config import IndexConfig
+    from clinlinker_spark.index import TerminologyIndex, build_index
+
+    terms = pd.DataFrame({"code": [f"C{i}" for i in range(len(CORPUS))], "term": CORPUS})
+    encoder = BiEncoder(tiny_encoder_dir, device="cpu", batch_size=4)
+    index = TerminologyIndex.load(build_index(terms, encoder, IndexConfig(), tmp_path / "idx"))
+    assert index.manifest["build"]["precision"] == "fp32" and index.holds_vectors_of("fp32")
+    for text in index.texts:
+        alone = encoder.encode([text])[0]
+        stored = index.vectors_at(np.array([index.position_of(text)]))[0]
+        np.testing.assert_allclose(stored, alone, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -282,3 +282,69 @@ def test_gc_paused_nests_across_threads_and_restores_the_collector():
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
         gc.enable()
+
+
+class TextRecordingEncoder(FakeEncoder):
+    """A FakeEncoder that records every text it is asked to encode."""
+
+    def __init__(self, precision: str = "fp32"):
+        super().__init__()
+        self.precision = precision
+        self.texts: list[str] = []
+
+    def encode(self, texts, show_progress: bool = False):
+        self.texts.extend(texts)
+        return super().encode(texts, show_progress)
+
+
+@pytest.mark.parametrize("settings,reused", [
+    ({}, True), ({"index_type": "ivf", "ivf_nprobe": 8}, True), ({"index_type": "hnsw"}, True),
+    ({"sq8": True}, False), ({"fp16": True}, False),
+], ids=["flat", "ivf-flat", "hnsw-flat", "flat-sq8", "flat-fp16"])
+def test_a_text_the_index_holds_takes_the_terms_stored_vector_instead_of_being_encoded(
+        tmp_path, settings, reused):
+    index = TerminologyIndex.load(build_index(terminology(), FakeEncoder(),
+                                              IndexConfig(**settings), tmp_path / "idx"))
+    assert index.manifest["build"]["precision"] == "fp32"
+    texts = ["apendicitis", "neumonía bilateral", "diabetes tipo 2", "apendicitis"]
+    encoder = TextRecordingEncoder()
+    linker = Linker(encoder, index, LinkingConfig(search_k=8, top_k=5))
+    got = linker.retrieve(texts)
+    # only a text no term has is encoded where the index keeps float32 vectors; 8-bit and
+    # fp16 codes are not what encoding gives, so there every text is encoded
+    encoded = ["neumonía bilateral"] if reused else texts
+    assert encoder.texts == encoded
+    assert linker.take_counts() == {"texts_encoded": len(encoded),
+                                    "vectors_reused": len(texts) - len(encoded)}
+    assert linker.take_counts() == {"texts_encoded": 0, "vectors_reused": 0}
+    # the same candidates, scores included, as encoding every text
+    every = TextRecordingEncoder()
+    plain = Linker(every, index, LinkingConfig(search_k=8, top_k=5, reuse_index_vectors=False))
+    assert plain.retrieve(texts) == got
+    assert every.texts == texts
+    assert got[0][0].code == "K37"
+    if reused:  # the term's own vector against itself (8-bit codes decode to another one)
+        assert got[0][0].retrieval_score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_vectors_are_not_reused_from_an_index_built_in_another_precision_or_not_saying(tmp_path):
+    import json
+
+    built = build_index(terminology(), FakeEncoder(), IndexConfig(), tmp_path / "idx")
+    index = TerminologyIndex.load(built)
+    assert index.holds_vectors_of("fp32") and not index.holds_vectors_of("bf16")
+    bf16 = TextRecordingEncoder(precision="bf16")
+    linker = Linker(bf16, index, LinkingConfig(search_k=8, top_k=5))
+    assert not linker.reuses_index_vectors
+    linker.retrieve(["apendicitis"])
+    assert bf16.texts == ["apendicitis"]
+    # an index built before the build's precision was recorded
+    manifest_path = built / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["build"]["precision"]
+    manifest_path.write_text(json.dumps(manifest))
+    old = TerminologyIndex.load(built)
+    assert not old.holds_vectors_of("fp32")
+    fp32 = TextRecordingEncoder()
+    Linker(fp32, old, LinkingConfig(search_k=8, top_k=5)).retrieve(["apendicitis"])
+    assert fp32.texts == ["apendicitis"]

@@ -19,7 +19,7 @@ from clinlinker_spark.config import (
 from clinlinker_spark.corpora import read_gold
 from clinlinker_spark.encoder import BiEncoder
 from clinlinker_spark.errors import ConfigError, EncoderMismatchError, InputDataError
-from clinlinker_spark.index import build_index, read_manifest
+from clinlinker_spark.index import TerminologyIndex, build_index, read_manifest
 from clinlinker_spark.linker import Linker
 from clinlinker_spark.samples import sample_path
 from clinlinker_spark.text import normalize_text
@@ -204,6 +204,14 @@ def test_job_matches_core_linker_on_package_samples(
 
     expected = Linker.from_config(config).link(dev_mentions)
     assert_matches_core(table, expected)
+    # a form that is a term of the index (built in fp32, as the job encodes) took the term's
+    # vector; the others were encoded
+    index = TerminologyIndex.load(sample_index)
+    forms = set(expected.loc[expected["status"] != "invalid_input", "text_norm"])
+    reused = sum(index.position_of(f) >= 0 for f in forms)
+    assert 0 < reused < len(forms) == summary["surface_forms"]
+    assert summary["vectors"] == {"texts_encoded": len(forms) - reused,
+                                  "vectors_reused": reused}
     # lineage and pass-through columns
     linker_versions = Linker.from_config(config).versions
     for name, value in linker_versions.items():

@@ -285,11 +285,14 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         reranker_version=reranker_version,
         index_manifest=manifest,
     )
-    log.info("artifacts: model %s, index %s (%s rows, %s, recall@k %s), re-ranker %s",
-             resolved.model_version[:12], resolved.index_version[:12],
+    # linking.reuse_index_vectors needs the precision the terms were embedded in: an index
+    # built before it was recorded encodes every form (rebuild it to reuse term vectors)
+    built_in = manifest.get("build", {}).get("precision") or "not recorded"
+    log.info("artifacts: model %s, index %s (%s rows, %s, recall@k %s, vectors computed in "
+             "%s), re-ranker %s", resolved.model_version[:12], resolved.index_version[:12],
              manifest.get("terminology", {}).get("rows", "?"),
              manifest.get("index", {}).get("type", "?"), index_recall(manifest) or "not measured",
-             resolved.reranker_version[:12] or "none")
+             built_in, resolved.reranker_version[:12] or "none")
     return resolved
 
 
@@ -595,8 +598,12 @@ def linking_version(config: JobConfig) -> str:
     """Hash of the settings besides the artifacts that decide a form's outcome (linking, the
     encoder's input contract and precision, the re-ranker's ordering), for the form cache."""
     enc, rr = config.encoder, config.reranker
+    linking = to_dict(config.linking)
+    # a reused term vector is what encoding the text gives (up to the last bits, as a text's
+    # vector moves with the batch it is encoded in): outcomes do not depend on the setting
+    linking.pop("reuse_index_vectors")
     payload = {
-        "linking": to_dict(config.linking),
+        "linking": linking,
         "encoder": [enc.pooling, enc.max_length, enc.prefix, enc.normalize, enc.precision],
         "reranker": [rr.top_n, rr.max_length, rr.fusion, rr.rrf_k, rr.precision]
         if rr.path else [],
@@ -965,6 +972,7 @@ def run_link_job(
     """
     from pyspark import StorageLevel
 
+    from clinlinker_spark.linker import VECTOR_COUNTS
     from clinlinker_spark.spark.session import task_slots
     from clinlinker_spark.spark.udfs import (
         make_rerank_fn,
@@ -1111,6 +1119,7 @@ def run_link_job(
         for df in cached:
             df.unpersist()
     timings["total"] = time.perf_counter() - t_start
+    udf_totals = stage_seconds.value if stage_seconds is not None else {}
     summary: dict[str, Any] = {
         "run_id": run_id,
         "run_ts": run_ts.isoformat(),
@@ -1134,8 +1143,13 @@ def run_link_job(
         "linking_version": cache_versions["linking_version"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         # seconds per linking stage inside the UDFs, summed over tasks (not wall time)
-        "udf_task_seconds": {k: round(v, 3) for k, v in
-                             (stage_seconds.value if stage_seconds is not None else {}).items()},
+        "udf_task_seconds": {k: round(v, 3) for k, v in udf_totals.items()
+                             if k not in VECTOR_COUNTS},
+        # forms embedded by the bi-encoder, and forms that took an index term's vector
+        # (linking.reuse_index_vectors); summed over task attempts, so a retried task counts
+        # twice (None: no accumulator, e.g. Spark Connect)
+        "vectors": ({k: int(udf_totals.get(k, 0)) for k in VECTOR_COUNTS}
+                    if stage_seconds is not None else None),
     }
     log.info("link job %s done: %s rows written (table version %s), status counts %s, "
              "%.1f s", run_id, write_info["rows_written"], write_info["table_version"],

@@ -26,7 +26,8 @@ FAISS use ``TaskContext.cpus()`` threads (``spark.task.cpus``).
 Stage timings: given a :func:`stage_seconds_accumulator`, the linking stages add the worker
 Linker's seconds per stage (``Linker.take_stage_seconds``: encode, search, candidates,
 rerank) to it after every batch, so the driver can split the UDF time; these are task
-seconds summed over tasks, not wall time.
+seconds summed over tasks, not wall time. The same accumulator sums the Linker's counts of
+texts encoded and of index vectors reused (``Linker.take_counts``).
 
 Test hook: when the Spark local property :data:`FAIL_ONCE_PROPERTY` names a file path, the
 first retrieval task attempt that finds the file missing creates it and fails after emitting
@@ -458,7 +459,7 @@ def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
             texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
             ranked = step(linker, texts, batch)
             if stage_seconds is not None:
-                stage_seconds.add(linker.take_stage_seconds())
+                stage_seconds.add({**linker.take_stage_seconds(), **linker.take_counts()})
             yield _to_batch(keys, texts, ranked, linker if finalize else None)
             n_rows += len(keys)
             if marker and _claim_marker(marker):
