@@ -291,6 +291,11 @@ class Linker:
                   self.linking.reuse_index_vectors,
                   index.manifest.get("build", {}).get("precision"), encoder.precision)
 
+    def with_linking(self, linking: LinkingConfig) -> Linker:
+        """A Linker with ``linking`` around this one's encoder, index and re-ranker (nothing
+        is loaded again; counters start at zero)."""
+        return Linker(self.encoder, self.index, linking, self.reranker, self.reranker_config)
+
     def take_counts(self) -> dict[str, int]:
         """VECTOR_COUNTS since the last call, and reset them."""
         taken, self.counts = self.counts, dict.fromkeys(VECTOR_COUNTS, 0)

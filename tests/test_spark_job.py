@@ -308,6 +308,40 @@ def test_a_failed_task_is_retried_and_each_mention_written_once(
     assert_matches_core(table, Linker.from_config(config).link(dev_mentions))
 
 
+def test_a_worker_keeps_its_models_when_only_the_linking_settings_change(
+        spark, tmp_path, tiny_encoder_dir, sample_index):
+    # a worker's Linker cache (udfs.get_linker, run here in the driver's process): another
+    # linking section builds a Linker around the models the worker holds; another encoder
+    # section loads them again
+    import torch
+
+    from clinlinker_spark.spark import udfs
+    from clinlinker_spark.spark.job import linker_spec, resolve_artifacts
+
+    def spec_of(*overrides):
+        config = job_config(tmp_path, tiny_encoder_dir, sample_index, *overrides)
+        config = dataclasses.replace(config, spark=dataclasses.replace(
+            config.spark, ship_artifacts=False))
+        return linker_spec(spark, config, resolve_artifacts(config))
+
+    threads = torch.get_num_threads()
+    udfs.clear_cache()
+    try:
+        first = udfs.get_linker(spec_of())
+        assert udfs.get_linker(spec_of()) is first
+        second = udfs.get_linker(spec_of("linking.top_k=3", "linking.reuse_index_vectors=false"))
+        assert second is not first
+        assert second.encoder is first.encoder and second.index is first.index
+        assert (second.linking.top_k, first.linking.top_k) == (3, 10)
+        assert first.reuses_index_vectors and not second.reuses_index_vectors
+        assert [len(c) for c in second.retrieve(["fiebre", "dolor abdominal"])] == [3, 3]
+        third = udfs.get_linker(spec_of("encoder.batch_size=7"))
+        assert third.encoder is not first.encoder and third.encoder.batch_size == 7
+    finally:
+        udfs.clear_cache()
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # (e) bad rows, (f) failures before any work
 

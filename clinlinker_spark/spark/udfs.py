@@ -73,7 +73,11 @@ log = logging.getLogger(__name__)
 FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
 MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
 # The JobConfig sections a worker's Linker depends on (its cache key; see LinkerSpec).
-LINKER_CONFIG_SECTIONS = ("encoder", "index", "linking", "reranker")
+# The config sections the models a Linker holds are loaded from, and the section it applies
+# to them: another ``linking`` (top_k, search_k, reuse_index_vectors, ...) builds a Linker
+# around the encoder, index and re-ranker the worker holds instead of loading them again.
+MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker")
+LINKING_SECTION = "linking"
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
@@ -145,21 +149,19 @@ class LinkerSpec:
     def has_reranker(self) -> bool:
         return self.reranker is not None
 
-    def cache_key(self, device: str) -> tuple[str, ...]:
-        """What makes two specs' Linkers the same: artifact versions, the config sections a
-        Linker is built from (LINKER_CONFIG_SECTIONS), how the index is opened, the device.
+    def cache_key(self, device: str) -> tuple[tuple[str, ...], str]:
+        """What makes two specs' Linkers the same: (what their loaded models are: artifact
+        versions, the MODEL_CONFIG_SECTIONS, how the index is opened, the device; the
+        LINKING_SECTION). Specs that differ only in the second share the models.
 
         Input, output and Spark settings change from run to run (another input path, another
         table) and must not make a worker load the models again.
         """
-        linker_config = {k: self.config.get(k) for k in LINKER_CONFIG_SECTIONS}
+        models = {k: self.config.get(k) for k in MODEL_CONFIG_SECTIONS}
         return (
-            self.index_version,
-            self.model_version,
-            self.reranker_version,
-            json.dumps(linker_config, sort_keys=True, default=str),
-            str(self.mmap_index),
-            device,
+            (self.index_version, self.model_version, self.reranker_version,
+             json.dumps(models, sort_keys=True, default=str), str(self.mmap_index), device),
+            json.dumps(self.config.get(LINKING_SECTION), sort_keys=True, default=str),
         )
 
 
@@ -297,7 +299,15 @@ def get_linker(spec: LinkerSpec) -> Linker:
         if linker is not None:
             _LINKERS.move_to_end(key)
             return linker
-        linker = _build_linker(spec, device, cpus)
+        loaded = next((other for (models, _), other in reversed(_LINKERS.items())
+                       if models == key[0]), None)
+        if loaded is not None:  # the same models, other linking settings
+            from clinlinker_spark.config import LinkingConfig, from_dict
+
+            linker = loaded.with_linking(from_dict(LinkingConfig, spec.config[LINKING_SECTION],
+                                                   LINKING_SECTION))
+        else:
+            linker = _build_linker(spec, device, cpus)
         _LINKERS[key] = linker
         while len(_LINKERS) > MAX_CACHED_LINKERS:
             _LINKERS.popitem(last=False)
