@@ -12,14 +12,19 @@ Steps (conf/bench.yaml, section ``link``, says which runs):
    own), torch and FAISS with the same number of threads as the Spark master has cores:
    every valid mention embedded and searched in batches of ``core_batch_size`` (the work
    the Spark job does without de-duplication); ``core_1thread``: the same with one thread
-   (the per-core baseline). ``core_dedupe``: one ``Linker.link`` call
+   (the per-core baseline). Both encode every mention, even one whose text is a term of the
+   index (``linking.reuse_index_vectors`` off): "linking every mention separately".
+   ``core_dedupe``: one ``Linker.link`` call
    over all mentions (each distinct normalised form linked once). ``core`` and ``spark``
    link the first ``link.plain_mentions`` mentions of night 1 (their cost per mention does
    not depend on N); the de-duplicating runs link all of night 1.
 4. Spark on the job config's master (local[*]): a small warm-up run per prepare path (JVM
    start, models loaded in the Python workers, both paths' plans compiled), a plain scan of the input (the "read" time), then ``spark``
-   (no de-duplication), ``spark_dedupe`` (night 1 into a fresh table, filling a fresh
-   surface-form cache), ``incremental`` (night 2 = night 1 + the new mentions into that
+   (no de-duplication, every mention encoded), ``spark_reuse`` (no de-duplication, a mention
+   whose text is an index term takes the term's vector), ``spark_dedupe`` (the shipped
+   settings: night 1 into a fresh table, filling a fresh surface-form cache, term vectors
+   reused), ``spark_dedupe_encode_all`` (the same with every distinct form encoded),
+   ``incremental`` (night 2 = night 1 + the new mentions into that
    table: mentions already linked are skipped, forms in the cache are not computed) and
    ``nightly_new`` (only the new mentions as input, the way a nightly extract arrives; the
    cache warm). Each night-2 run is repeated ``link.night_repeats`` times from a fresh copy
@@ -182,6 +187,7 @@ def core_run(job: dict[str, Any], corpus_path: str, out_path: str, mode: str,
     timings["total"] = time.perf_counter() - t_run
     cpu_s = time.process_time() - cpu_run
     stages = linker.take_stage_seconds()
+    vectors = linker.take_counts()
     counts: dict[str, int] = {}
     for s in status:
         counts[str(s)] = counts.get(str(s), 0) + 1
@@ -190,7 +196,10 @@ def core_run(job: dict[str, Any], corpus_path: str, out_path: str, mode: str,
         "mode": mode,
         "threads": threads,
         "mentions": len(ids),
-        "texts_embedded": len(embedded),
+        "forms": len(embedded),  # texts linked (distinct ones for mode "dedupe")
+        # of those, encoded by the bi-encoder / given an index term's stored vector
+        "texts_embedded": vectors["texts_encoded"],
+        "vectors_reused": vectors["vectors_reused"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "cpu_s": round(cpu_s, 3),  # CPU seconds of the process from read to write (no load)
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
@@ -201,12 +210,15 @@ def core_run(job: dict[str, Any], corpus_path: str, out_path: str, mode: str,
     }
 
 
-def token_lengths(job: dict[str, Any], corpus_path: str) -> dict[str, int]:
-    """Tokens (prefix and special tokens included, truncated) of every distinct valid form."""
+def token_lengths(job: dict[str, Any], corpus_path: str) -> dict[str, Any]:
+    """Tokens (prefix and special tokens included, truncated) of every distinct valid form
+    (``lengths``), and the forms that are terms of the index whose stored vectors the linker
+    takes instead of encoding them (``in_index``; empty where the index cannot give them)."""
     setup_logging("WARNING")
     import pyarrow.parquet as pq
 
     from clinlinker_spark.encoder import BiEncoder
+    from clinlinker_spark.index import TerminologyIndex
     from clinlinker_spark.linker import invalid_reason
     from clinlinker_spark.text import normalize_text
 
@@ -216,7 +228,10 @@ def token_lengths(job: dict[str, Any], corpus_path: str) -> dict[str, int]:
                     if invalid_reason(t, config.linking.max_text_length) is None})
     encoder = BiEncoder.from_config(config.encoder)
     ids = encoder.tokenize(forms)["input_ids"]
-    return {f: len(x) for f, x in zip(forms, ids)}
+    index = TerminologyIndex.load(config.index.path)
+    held = index.holds_vectors_of(encoder.precision)
+    return {"lengths": {f: len(x) for f, x in zip(forms, ids)},
+            "in_index": [f for f in forms if held and index.position_of(f) >= 0]}
 
 
 def precision_run(job: dict[str, Any], corpus_path: str, n_forms: int,
@@ -316,9 +331,12 @@ def rerank_run(job: dict[str, Any], corpus_path: str, model_dir: str, n_forms: i
 
 
 def spark_job_config(base: JobConfig, input_path: str, output_path: str, dedupe: bool,
-                     incremental: bool, form_cache: str = "") -> JobConfig:
+                     incremental: bool, form_cache: str = "", reuse: bool = True) -> JobConfig:
+    """``base`` with its input and output replaced; ``dedupe``: surface-form
+    de-duplication; ``reuse``: linking.reuse_index_vectors."""
     return dataclasses.replace(
         base,
+        linking=dataclasses.replace(base.linking, reuse_index_vectors=reuse),
         input=dataclasses.replace(base.input, path=input_path, format="parquet",
                                   passthrough_columns=()),
         output=dataclasses.replace(base.output, path=output_path, incremental=incremental,
@@ -392,14 +410,18 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     phases: dict[str, Any] = {}
     results["phases"] = phases
-    for mode, name, source, n_threads in (("all", "core", plain, threads),
-                                          ("all", "core_1thread", plain, 1),
-                                          ("dedupe", "core_dedupe", night1, threads)):
+    # linking every mention separately: each one encoded, a term's text too
+    encode_all = to_dict(dataclasses.replace(job, linking=dataclasses.replace(
+        job.linking, reuse_index_vectors=False)))
+    for mode, name, source, n_threads, config in (
+            ("all", "core", plain, threads, encode_all),
+            ("all", "core_1thread", plain, 1, encode_all),
+            ("dedupe", "core_dedupe", night1, threads, job_dict)):
         if name not in runs:
             continue
         log.info("run %s", name)
         with ProcessSampler(cfg.link.sample_interval_s) as sampler:
-            res = _child(core_run, job_dict, str(source), str(work / f"{name}.parquet"), mode,
+            res = _child(core_run, config, str(source), str(work / f"{name}.parquet"), mode,
                          cfg.link.core_batch_size, n_threads)
         phases[name] = {**res, "resources": sampler.result}
 
@@ -429,7 +451,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-SPARK_RUNS = ("spark", "spark_dedupe", "incremental", "nightly_new")
+SPARK_RUNS = ("spark", "spark_reuse", "spark_dedupe", "spark_dedupe_encode_all", "incremental",
+              "nightly_new")
 
 
 def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str, Any],
@@ -451,20 +474,25 @@ def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str
                 "overwrite").save()
             read_s = time.perf_counter() - t
         phases["spark_read"] = {"seconds": round(read_s, 3), "resources": sampler.result}
-        # run: (input, table, dedupe, incremental, form cache, start): start "fresh" = new
-        # table and cache; "night1" = a copy of the table and cache as spark_dedupe left them
-        # (incremental and nightly_new each start from night 1, whichever runs first)
+        # run: (input, table, dedupe, incremental, form cache, start, reuse term vectors):
+        # start "fresh" = new table and cache; "night1" = a copy of the table and cache as
+        # spark_dedupe left them (incremental and nightly_new each start from night 1,
+        # whichever runs first)
         snapshot = work / "night1-snapshot"
         plan = {
-            "spark": ("plain", "table-plain", False, False, "", "fresh"),
-            "spark_dedupe": ("night1", "table-dedupe", True, False, "form-cache", "fresh"),
+            "spark": ("plain", "table-plain", False, False, "", "fresh", False),
+            "spark_reuse": ("plain", "table-plain-reuse", False, False, "", "fresh", True),
+            "spark_dedupe": ("night1", "table-dedupe", True, False, "form-cache", "fresh",
+                             True),
+            "spark_dedupe_encode_all": ("night1", "table-dedupe-encode-all", True, False,
+                                        "form-cache-encode-all", "fresh", False),
             "incremental": ("night2", "table-incremental", True, True, "form-cache-incremental",
-                            "night1"),
+                            "night1", True),
             "nightly_new": ("new", "table-nightly-new", True, True, "form-cache-nightly-new",
-                            "night1"),
+                            "night1", True),
         }
         for name in spark_runs:
-            source, table_name, dedupe, incremental, cache_name, start = plan[name]
+            source, table_name, dedupe, incremental, cache_name, start, reuse = plan[name]
             table = work / table_name
             form_cache = str(work / cache_name) if cache_name else ""
             if start == "night1" and not snapshot.exists():
@@ -483,7 +511,7 @@ def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str
                     shutil.copytree(snapshot / "form-cache", form_cache)
                 log.info("run %s (repetition %d)", name, rep + 1)
                 config = spark_job_config(job, str(inputs[source]), str(table), dedupe,
-                                          incremental, form_cache)
+                                          incremental, form_cache, reuse)
                 with ProcessSampler(cfg.link.sample_interval_s) as sampler:
                     t = time.perf_counter()
                     summary = run_link_job(spark, config)
@@ -512,12 +540,15 @@ def _our_cpu_s(phase: dict[str, Any]) -> float:
     return sum(cpu.get(r, 0.0) for r in ("driver_python", "driver_jvm", "python_workers"))
 
 
-def derive(results: dict[str, Any], lengths: dict[str, int], threads: int,
+def derive(results: dict[str, Any], forms: dict[str, Any], threads: int,
            plain_texts: Any, night1_texts: Any) -> dict[str, Any]:
     """Mentions/s, ratios against the targets of issue 5, GFLOP/s.
 
-    ``plain_texts``: the mentions the runs without de-duplication link (each one embedded);
-    ``night1_texts``: the mentions the de-duplicating runs link (each distinct form embedded).
+    ``forms``: :func:`token_lengths` of night 2's forms. ``plain_texts``: the mentions the
+    runs without de-duplication link (each one embedded, or given its index term's vector);
+    ``night1_texts``: the mentions the de-duplicating runs link (each distinct form once).
+    A run's encoder FLOPs count the texts it encoded: those ``in_index`` are left out of a
+    run that reused term vectors.
     Besides wall-clock rates, every run gets mentions per CPU-second of our own processes:
     on a machine shared with other work the cores a run actually got vary, CPU seconds do not.
     """
@@ -526,21 +557,32 @@ def derive(results: dict[str, Any], lengths: dict[str, int], threads: int,
     phases = results["phases"]
     model = next((p["model"] for p in phases.values() if "model" in p),
                  {"layers": 12, "hidden": 384, "intermediate": 1536})
-    all_lengths = [lengths[n] for n in map(normalize_text, plain_texts) if n in lengths]
-    distinct1 = {normalize_text(t) for t in night1_texts}
-    flops_all = bert_forward_flops(model["layers"], model["hidden"], model["intermediate"],
-                                   all_lengths)
-    flops_dedupe = bert_forward_flops(model["layers"], model["hidden"], model["intermediate"],
-                                      [lengths[n] for n in distinct1 if n in lengths])
+    lengths = forms["lengths"]
+    in_index = set(forms["in_index"])
+    plain_forms = [n for n in map(normalize_text, plain_texts) if n in lengths]
+    distinct1 = [n for n in {normalize_text(t) for t in night1_texts} if n in lengths]
+
+    def flops(texts: list[str], reused: bool) -> float:
+        return bert_forward_flops(model["layers"], model["hidden"], model["intermediate"],
+                                  [lengths[n] for n in texts if not (reused and n in in_index)])
+
+    flops_all, flops_dedupe = flops(plain_forms, False), flops(distinct1, False)
+    all_lengths = [lengths[n] for n in plain_forms]
     matmul = results["matmul_gflops"]
     out: dict[str, Any] = {
         "flops": {"all_mentions": flops_all, "distinct_forms": flops_dedupe,
+                  "all_mentions_reusing_term_vectors": flops(plain_forms, True),
+                  "distinct_forms_reusing_term_vectors": flops(distinct1, True),
                   "mean_tokens_per_mention": round(sum(all_lengths) / max(1, len(all_lengths)),
                                                    2)},
         "runs": {},
     }
-    flops_of = {"core": flops_all, "core_1thread": flops_all, "core_dedupe": flops_dedupe,
-                "spark": flops_all, "spark_dedupe": flops_dedupe}
+    flops_of = {"core": flops_all, "core_1thread": flops_all, "spark": flops_all,
+                "spark_dedupe_encode_all": flops_dedupe,
+                "core_dedupe": out["flops"]["distinct_forms_reusing_term_vectors"],
+                "spark_dedupe": out["flops"]["distinct_forms_reusing_term_vectors"],
+                "spark_reuse": out["flops"]["all_mentions_reusing_term_vectors"]}
+
     for name in ("core", "core_1thread", "core_dedupe"):
         p = phases.get(name)
         if p is None:
@@ -550,6 +592,7 @@ def derive(results: dict[str, Any], lengths: dict[str, int], threads: int,
         flops = flops_of[name]
         out["runs"][name] = {
             "mentions": p["mentions"], "texts_embedded": p["texts_embedded"],
+            "vectors_reused": p["vectors_reused"],
             "wall_s": wall, "mentions_per_s": round(p["mentions"] / wall, 1),
             "cores": p["threads"], "cpu_s": round(cpu, 1),
             "mentions_per_cpu_s": round(p["mentions"] / cpu, 1),
@@ -567,7 +610,8 @@ def derive(results: dict[str, Any], lengths: dict[str, int], threads: int,
         udf = s.get("udf_task_seconds", {})
         row: dict[str, Any] = {
             "mentions": s["mentions"], "to_link": s["to_link"],
-            "texts_embedded": s["surface_forms"],
+            "texts_embedded": s["vectors"]["texts_encoded"],
+            "vectors_reused": s["vectors"]["vectors_reused"],
             "form_cache_hits": s.get("form_cache", {}).get("hits", 0), "wall_s": wall,
             "mentions_per_s": round(s["mentions"] / wall, 1), "cores": p["spark_cores"],
             "cpu_s": round(cpu, 1), "mentions_per_cpu_s": round(s["mentions"] / cpu, 1),
@@ -643,6 +687,18 @@ def targets(runs: dict[str, Any], phases: dict[str, Any]) -> dict[str, Any]:
         out["dedupe_speedup_per_cpu_second_conservative"] = {
             "ratio": round(ratio, 2), "target": ">= 5", "met": ratio >= 5,
             "plain_cpu_s_scaled_to_night1": round(cpu_estimate, 1)}
+    # context: what each kind of shared work gives on its own (mentions/s ratios): the
+    # de-duplication of forms with every form encoded, term vectors reused without it, and
+    # the shipped run against every mention linked with term vectors reused
+    for key, faster, slower in (
+            ("dedupe_forms_only_speedup", "spark_dedupe_encode_all", "spark"),
+            ("term_vectors_speedup_every_mention", "spark_reuse", "spark"),
+            ("term_vectors_speedup_dedupe", "spark_dedupe", "spark_dedupe_encode_all"),
+            ("dedupe_speedup_vs_every_mention_reusing_term_vectors", "spark_dedupe",
+             "spark_reuse")):
+        if faster in runs and slower in runs:
+            ratio = runs[faster]["mentions_per_s"] / runs[slower]["mentions_per_s"]
+            out[key] = {"ratio": round(ratio, 2), "target": "(context)"}
     for name in ("incremental", "nightly_new"):
         if name not in runs or "spark_dedupe" not in runs:
             continue
@@ -684,7 +740,8 @@ def markdown(results: dict[str, Any]) -> str:
             enc = (f"{r['encoder_gflops_per_s_per_task']}/task, "
                    f"{r['encoder_gflops_per_s_aggregate']} total")
             mm = f"{r['matmul_gflops_per_s_1_thread']} (1 thread)"
-        lines.append(f"| {name} | {r['mentions']} | {r['texts_embedded']} | {r['wall_s']:.1f} | "
+        embedded = f"{r['texts_embedded']} (+{r.get('vectors_reused', 0)} reused)"
+        lines.append(f"| {name} | {r['mentions']} | {embedded} | {r['wall_s']:.1f} | "
                      f"{r['mentions_per_s']:.0f} | {r['cores']} | {r['cpu_s']} | "
                      f"{r['mentions_per_cpu_s']} | {enc} | {enc_cpu} | {mm} |")
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]

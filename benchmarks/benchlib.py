@@ -64,7 +64,9 @@ class LinkBenchConfig:
     # core: plain linker, every mention, as many threads as Spark has cores; core_1thread:
     # the same with one thread; core_dedupe: Linker.link on all mentions (one call, global
     # de-duplication); spark / spark_dedupe: the job without / with surface-form
-    # de-duplication; incremental: night 2 after spark_dedupe; rerank: cross-encoder pairs/s
+    # de-duplication; spark_reuse / spark_dedupe_encode_all: index term vectors reused
+    # without de-duplication / forms de-duplicated with every form encoded; incremental:
+    # night 2 after spark_dedupe; rerank: cross-encoder pairs/s
     runs: tuple[str, ...] = ("core", "core_1thread", "core_dedupe", "spark", "spark_dedupe",
                              "incremental", "rerank")
     core_batch_size: int = 1024  # mentions per Linker call in "core" (= Arrow batch size)
