@@ -523,7 +523,7 @@ def _measure_build_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
     log.info("index recall@%d against exact search, %d mention forms, %d hits each: %.4f%s "
              "(%.3f ms a query; %d setting(s) tried in %.1f s)", block["k"], block["queries"],
              block["search_k"], block["recall"],
-             "".join(f", {k} {v}" for k, v in last.items() if k in ("nprobe", "ef_search")),
+             "".join(f", {k} {v}" for k, v in last.items() if k in _SEARCH_SETTING.values()),
              last["ms_per_query"], len(block["tried"]), time.perf_counter() - started)
     if config.target_recall and not block["met"]:
         log.warning("index recall target %.3f not reached: %.4f at the most costly setting "
@@ -711,8 +711,7 @@ class TerminologyIndex:
         Indexes built before the precision was recorded say nothing: False."""
         params = self.manifest.get("index", {})
         built = self.manifest.get("build", {}).get("precision")
-        return (built is not None and built == precision
-                and not params.get("fp16") and not params.get("sq8"))
+        return built == precision and not params.get("fp16") and not params.get("sq8")
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of ``positions``, float32 [len, dim]."""

@@ -72,7 +72,6 @@ log = logging.getLogger(__name__)
 
 FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
 MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
-# The JobConfig sections a worker's Linker depends on (its cache key; see LinkerSpec).
 # The config sections the models a Linker holds are loaded from, and the section it applies
 # to them: another ``linking`` (top_k, search_k, reuse_index_vectors, ...) builds a Linker
 # around the encoder, index and re-ranker the worker holds instead of loading them again.
