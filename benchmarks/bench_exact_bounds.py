@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_faiss import composed_vectors, embed_queries
+from bench_faiss import composed_vectors, embed_queries, timed_search
 from benchlib import cores_of_master, load_bench_config, machine_info, setup_logging, write_json
 
 log = logging.getLogger("benchmarks.exact_bounds")
@@ -73,13 +73,20 @@ def score_spread(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             "random_within_0.02_of_kth": float((sample >= kth[None, :] - 0.02).mean())}
 
 
-def bound_survivors(rotated: np.ndarray, q_rot: np.ndarray, exact: np.ndarray, dims: int,
+def bound_coordinates(x: np.ndarray, dims: int) -> np.ndarray:
+    """[x_a, |x_b|] of rotated vectors split after ``dims`` axes: the inner product of a
+    term's and a query's is the upper bound q_a·x_a + |q_b|·|x_b| of their score."""
+    return np.ascontiguousarray(np.concatenate(
+        [x[:, :dims], np.linalg.norm(x[:, dims:], axis=1)[:, None]], axis=1))
+
+
+def bound_survivors(first: np.ndarray, q_first: np.ndarray, exact: np.ndarray,
                     recall_k: int, n_queries: int) -> dict[str, float]:
-    """Shares of the terms whose upper bound reaches the exact recall_k-th and k-th scores."""
-    rest = np.linalg.norm(rotated[:, dims:], axis=1)
+    """Shares of the terms whose upper bound (:func:`bound_coordinates` of terms and queries)
+    reaches the exact recall_k-th and k-th scores."""
     at_recall, at_k = [], []
     for j in range(n_queries):
-        bound = rotated[:, :dims] @ q_rot[j, :dims] + np.linalg.norm(q_rot[j, dims:]) * rest
+        bound = first @ q_first[j]
         at_recall.append(float((bound >= exact[j, recall_k - 1]).mean()))
         at_k.append(float((bound >= exact[j, -1]).mean()))
     return {"survive_recall_k": float(np.mean(at_recall)), "survive_k": float(np.mean(at_k))}
@@ -95,23 +102,21 @@ def same_top_k(vectors: np.ndarray, query: np.ndarray, ours: np.ndarray,
     return bool(np.all(np.abs(vectors[differ] @ query - kth) <= tie))
 
 
-def bounded_search(vectors: np.ndarray, rotated: np.ndarray, queries: np.ndarray,
-                   q_rot: np.ndarray, dims: int, k: int, candidates: list[int],
+def bounded_search(vectors: np.ndarray, queries: np.ndarray, first: np.ndarray,
+                   q_first: np.ndarray, k: int, candidates: list[int],
                    exact_ids: np.ndarray, chunk: int = 32) -> list[dict[str, float]]:
-    """The FAISS-only bounded exact search at each candidate count m: seconds, the share of
-    queries proven exact, and how many of those found brute force's top k (the check)."""
+    """The FAISS-only bounded exact search over ``first`` (:func:`bound_coordinates` of the
+    terms) at each candidate count m: seconds, the share of queries proven exact, and how
+    many of those found brute force's top k (the check)."""
     import faiss
 
-    first = faiss.IndexFlatIP(dims + 1)
-    first.add(np.ascontiguousarray(np.concatenate(
-        [rotated[:, :dims], np.linalg.norm(rotated[:, dims:], axis=1)[:, None]], axis=1)))
-    q_first = np.ascontiguousarray(np.concatenate(
-        [q_rot[:, :dims], np.linalg.norm(q_rot[:, dims:], axis=1)[:, None]], axis=1))
-    first.search(q_first[:16], k)  # warm-up
+    index = faiss.IndexFlatIP(first.shape[1])
+    index.add(first)
+    index.search(q_first[:16], k)  # warm-up
     out = []
     for m in candidates:
         t = time.perf_counter()
-        bounds, ids = first.search(q_first, m)
+        bounds, ids = index.search(q_first, m)
         first_s = time.perf_counter() - t
         proven, found = [], []
         for s in range(0, len(queries), chunk):
@@ -129,7 +134,7 @@ def bounded_search(vectors: np.ndarray, rotated: np.ndarray, queries: np.ndarray
                     "total_s": round(seconds, 3),
                     "proven": round(float(is_proven.mean()), 4),
                     "proven_equal_to_brute_force": f"{sum(same)} of {len(same)}"})
-        log.info("d'=%d m=%d: %s", dims, m, out[-1])
+        log.info("d'=%d m=%d: %s", first.shape[1] - 1, m, out[-1])
     return out
 
 
@@ -170,12 +175,7 @@ def run(cfg: Any, n: int, dims: list[int], candidates: list[int],
     faiss.omp_set_num_threads(threads)
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
-    flat.search(queries[:16], fc.k)
-    exact_s = float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
-        exact, exact_ids = flat.search(queries, fc.k)
-        exact_s = min(exact_s, time.perf_counter() - t)
+    exact_s, exact, exact_ids = timed_search(flat, queries, fc.k)
     del flat
     results: dict[str, Any] = {
         "machine": machine_info(), "threads": threads, "n": n, "queries": len(queries),
@@ -190,10 +190,12 @@ def run(cfg: Any, n: int, dims: list[int], candidates: list[int],
     energy = np.square(rotated[:, 1:]).sum(axis=0)
     results["bounds"] = []
     for d in dims:
+        first, q_first = bound_coordinates(rotated, d), bound_coordinates(q_rot, d)
         row = {"dims": d, "rest_energy": round(float(energy[d - 1:].sum() / energy.sum()), 4),
-               **bound_survivors(rotated, q_rot, exact, d, fc.recall_k, 64)}
-        row["search"] = bounded_search(vectors, rotated, queries, q_rot, d, fc.k, candidates,
+               **bound_survivors(first, q_first, exact, fc.recall_k, 64)}
+        row["search"] = bounded_search(vectors, queries, first, q_first, fc.k, candidates,
                                        exact_ids)
+        del first
         results["bounds"].append(row)
         log.info("d'=%d: %s", d, {k: v for k, v in row.items() if k != "search"})
     del rotated

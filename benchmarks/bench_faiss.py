@@ -195,16 +195,16 @@ def semi_synthetic(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndar
 
 
 def timed_search(index: Any, queries: np.ndarray, k: int,
-                 repeats: int = 2) -> tuple[float, np.ndarray]:
+                 repeats: int = 2) -> tuple[float, np.ndarray, np.ndarray]:
     """The best of ``repeats`` timed searches of every query (after a small warm-up), and the
-    hits' positions."""
+    hits' scores and positions."""
     index.search(queries[:16], k)  # warm-up
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        _, positions = index.search(queries, k)
+        scores, positions = index.search(queries, k)
         best = min(best, time.perf_counter() - t)
-    return best, positions
+    return best, scores, positions
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -259,7 +259,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
                            "make_s": round(make_s, 2), "variants": []}
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
-    search_s, exact = timed_search(flat, queries, fc.k)
+    search_s, _, exact = timed_search(flat, queries, fc.k)
     row["variants"].append({"index": "flat (exact)", "build_s": 0.0,
                             "search_s": round(search_s, 3),
                             "ratio_to_bi_encoder": round(search_s / encode_s, 4),
@@ -297,7 +297,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
             if refine:
                 faiss.downcast_index(ivf).k_factor = refine
                 label += f" refine={refine}"
-            s, approx = timed_search(ivf, queries, fc.k)
+            s, _, approx = timed_search(ivf, queries, fc.k)
             row["variants"].append({
                 "index": label, "build_s": round(build_s, 1),
                 "train_vectors": n_train, "search_s": round(s, 3),
@@ -313,7 +313,7 @@ def measure_size(cfg: BenchConfig, base: np.ndarray, queries: np.ndarray, n: int
         build_s = time.perf_counter() - t
         for ef in fc.hnsw_ef_search:
             hnsw.hnsw.efSearch = ef
-            s, approx = timed_search(hnsw, queries, fc.k)
+            s, _, approx = timed_search(hnsw, queries, fc.k)
             row["variants"].append({
                 "index": f"hnsw M={fc.hnsw_m} efSearch={ef}", "build_s": round(build_s, 1),
                 "search_s": round(s, 3), "ratio_to_bi_encoder": round(s / encode_s, 4),
