@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "evaluate",
     "train_biencoder",
     "train_crossencoder",
+    "train_ranker",
     "variables",
 )
 

@@ -26,7 +26,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 RERANK_FUSIONS = ("none", "rrf")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
-TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10")
+TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10", "icd10cm")
 GOLD_FORMATS = ("distemist", "medprocner", "codiesp")
 INPUT_FORMATS = ("parquet", "delta") + GOLD_FORMATS
 WRITERS = ("auto", "delta-spark", "deltalake")
@@ -60,13 +60,16 @@ class EncoderConfig:
 class TerminologySourceConfig:
     """One file of terms (or of gold training mentions added as synonyms)."""
 
-    path: str
-    format: str = "table"  # gazetteer | table | cie10 | distemist | medprocner | codiesp
+    # the file or folder; "" for icd10cm, which reads the PyPI package simple-icd-10-cm
+    path: str = ""
+    format: str = "table"  # gazetteer | table | cie10 | icd10cm | distemist | medprocner | codiesp
     name: str = ""  # source name stored per row; defaults to the file stem
     code_column: str = "code"  # table format only
     term_column: str = "term"  # table format only
     semantic_tag_column: str = ""  # table format only, optional
     main_term_column: str = ""  # table format only, optional
+    parent_column: str = ""  # table format only, optional: each code's parent code (hierarchy)
+    inclusion_terms: bool = True  # icd10cm only: its inclusion terms as synonyms
     min_level: int = 2  # cie10 only: keep rows of this level and deeper
     labels: tuple[str, ...] = ()  # gold formats only: keep mentions with these labels
     split: str = "all"  # gold formats only: all | train | test side of a document-level split
@@ -78,6 +81,8 @@ class TerminologySourceConfig:
             "terminology source format", self.format, TERMINOLOGY_FORMATS + GOLD_FORMATS
         )
         _check_choice("terminology source split", self.split, ("all", "train", "test"))
+        if not self.path and self.format != "icd10cm":
+            raise ConfigError(f"terminology source of format {self.format}: path is required")
 
 
 @dataclass(frozen=True)
@@ -169,12 +174,51 @@ class RerankerConfig:
 
 
 @dataclass(frozen=True)
+class RankerConfig:
+    """The learned final ranker: where it is, and how ``clinlinker train-ranker`` (or a job
+    with build_missing and no ranker at ``path`` yet) trains it (clinlinker_spark.training.
+    ranker)."""
+
+    path: str = ""  # a ranker directory; "": no ranker (retrieval order, no confidence)
+    folds: int = 5  # training mentions grouped by document into this many folds
+    seed: int = 13
+    model: str = "lightgbm"  # lightgbm (lambdarank, text model) | logistic (JSON coefficients)
+    num_trees: int = 300  # lightgbm boosting rounds
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 50
+    num_threads: int = 0  # lightgbm threads; 0: its default
+    # precisions whose review thresholds are picked on the out-of-fold predictions and
+    # recorded in the ranker (thresholds; linking.review_below takes one of them)
+    target_precisions: tuple[float, ...] = (0.9, 0.95, 0.98)
+
+    def __post_init__(self) -> None:
+        _check_choice("ranker.model", self.model, ("lightgbm", "logistic"))
+        if self.folds < 2:
+            raise ConfigError(f"ranker.folds must be >= 2; got {self.folds}")
+        _check_positive("ranker.num_trees", self.num_trees)
+        _check_positive("ranker.num_leaves", self.num_leaves)
+        _check_positive("ranker.min_data_in_leaf", self.min_data_in_leaf)
+        if self.learning_rate <= 0 or self.num_threads < 0:
+            raise ConfigError("ranker.learning_rate must be > 0 and ranker.num_threads >= 0")
+        if any(not 0.0 < p < 1.0 for p in self.target_precisions):
+            raise ConfigError("ranker.target_precisions are precisions in (0, 1)")
+
+
+@dataclass(frozen=True)
 class LinkingConfig:
+    # where candidates come from: "dense" (bi-encoder + FAISS) and optionally "lexical" (the
+    # index's character 3-gram TF-IDF over the same texts); hybrid lists are the union
+    retrievers: tuple[str, ...] = ("dense",)
     search_k: int = 200  # raw nearest-neighbour hits searched per mention
-    top_k: int = 25  # distinct codes kept per mention
+    lexical_k: int = 0  # raw lexical hits searched per mention; 0: search_k
+    top_k: int = 25  # distinct codes kept per mention (and taken from each retriever)
     exact_match_prior: bool = True  # codes whose term equals the mention come first
     max_text_length: int = 256  # characters; longer mentions get status invalid_input
     min_score: float = -1.0  # best score below this: status no_candidate
+    # a link whose calibrated confidence (needs a ranker) is below this gets status
+    # needs_review: it keeps its code and candidates; 0 = every link is trusted
+    review_below: float = 0.0
     # A mention whose normalised text is a term of the index takes the term's stored vector
     # instead of being encoded again, where that vector is what encoding gives (an index of
     # float32 vectors built in the encoder's precision: TerminologyIndex.holds_vectors_of).
@@ -187,6 +231,16 @@ class LinkingConfig:
         _check_positive("linking.max_text_length", self.max_text_length)
         if self.top_k > self.search_k:
             raise ConfigError("linking.top_k must be <= linking.search_k")
+        if self.lexical_k < 0:
+            raise ConfigError("linking.lexical_k must be >= 0 (0: linking.search_k)")
+        if not 0.0 <= self.review_below <= 1.0:
+            raise ConfigError(f"linking.review_below is a probability in [0, 1]; got "
+                              f"{self.review_below}")
+        retrievers = list(self.retrievers)
+        if ("dense" not in retrievers or set(retrievers) - {"dense", "lexical"}
+                or len(set(retrievers)) != len(retrievers)):
+            raise ConfigError(f"linking.retrievers is [dense] or [dense, lexical]; got "
+                              f"{retrievers}")
 
 
 @dataclass(frozen=True)
@@ -274,6 +328,7 @@ class JobConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     terminology: TerminologyConfig = field(default_factory=TerminologyConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
     linking: LinkingConfig = field(default_factory=LinkingConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     input: InputConfig = field(default_factory=InputConfig)

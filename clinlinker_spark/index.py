@@ -5,7 +5,12 @@ Layout of an index directory (immutable once written)::
     manifest.json   what it is, content hash, encoder fingerprint, FAISS settings, terminology
     index.faiss     FAISS native file, one vector per distinct normalised term (``term_norm``)
     rows.parquet    one row per (code, term): position (the vector id), code, code_key, term,
-                    term_norm, is_main_term, semantic_tag, source, mention_count
+                    term_norm, is_main_term, semantic_tag, source, mention_count, parent_key
+    codes.parquet   one row per code: code_key, code (its one spelling), parent_key, is_leaf
+                    (no code of the index has it as parent), depth (1 for a code without a
+                    parent), n_terms, mention_count (training mentions of all its terms)
+    lexical.json    the lexical retriever (character 3-gram TF-IDF) over the same texts:
+    lexical.npz     settings and vocabulary; idf and the term matrix (clinlinker_spark.lexical)
 
 Vectors are per distinct normalised text, not per row: an index built from a code list plus
 training mentions holds the same text under several codes, and embedding it once is cheaper
@@ -49,7 +54,10 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 ROWS_FILE = "rows.parquet"
 ARTIFACT_KIND = "clinlinker-terminology-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 1: no codes.parquet, no lexical model, no parent_key (read as a flat code list)
+READABLE_FORMATS = (1, 2)
+CODES_FILE = "codes.parquet"
 NORMALISATION = "nfkc-lower-ws"
 
 # exact (flat) search uses a matrix multiply from this many queries in one call. faiss-cpu
@@ -80,8 +88,10 @@ EXACT_CHUNK_TORCH = 65536
 
 ROW_COLUMNS = [
     "position", "code", "code_key", "term", "term_norm", "is_main_term", "semantic_tag",
-    "source", "mention_count",
+    "source", "mention_count", "parent_key",
 ]
+CODE_COLUMNS = ["code_key", "code", "parent_key", "is_leaf", "depth", "n_terms",
+                "mention_count"]
 
 
 def library_versions() -> dict[str, str]:
@@ -110,8 +120,13 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _content_hash(directory: Path) -> str:
+    """SHA-256 over the artifact's data files (the ones a format-1 index lacks are skipped)."""
+    from clinlinker_spark.lexical import LEXICAL_JSON, LEXICAL_NPZ
+
     digest = hashlib.sha256()
-    for name in (INDEX_FILE, ROWS_FILE):
+    for name in (INDEX_FILE, ROWS_FILE, CODES_FILE, LEXICAL_JSON, LEXICAL_NPZ):
+        if name not in (INDEX_FILE, ROWS_FILE) and not (directory / name).is_file():
+            continue
         digest.update(name.encode())
         digest.update(file_sha256(directory / name).encode())
     return digest.hexdigest()
@@ -139,7 +154,7 @@ def prepare_rows(terminology: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     if "term_norm" not in rows:
         rows["term_norm"] = rows["term"].map(normalize_text)
     for column, default in (("is_main_term", False), ("semantic_tag", ""), ("source", ""),
-                            ("mention_count", 0)):
+                            ("mention_count", 0), ("parent_key", "")):
         if column not in rows:
             rows[column] = default
     rows = rows[rows["term_norm"] != ""]
@@ -147,6 +162,7 @@ def prepare_rows(terminology: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     rows["is_main_term"] = rows["is_main_term"].fillna(False).astype(bool)
     rows["semantic_tag"] = rows["semantic_tag"].fillna("").astype(str)
     rows["source"] = rows["source"].fillna("").astype(str)
+    rows["parent_key"] = rows["parent_key"].fillna("").astype(str)
     rows = rows.drop_duplicates(["code_key", "term_norm"], keep="first")
     texts = sorted(rows["term_norm"].unique().tolist())
     position_of = {t: i for i, t in enumerate(texts)}
@@ -156,6 +172,34 @@ def prepare_rows(terminology: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         ascending=[True, False, False, True], kind="mergesort",
     )
     return rows[ROW_COLUMNS].reset_index(drop=True), texts
+
+
+def code_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per code of an index's rows (CODE_COLUMNS), sorted by code_key: its first
+    spelling and parent, whether it is a leaf (no code of these rows has it as parent), its
+    depth in the hierarchy these rows hold (1 without a known parent; a parent outside the
+    rows ends the chain), its number of terms and its training mentions."""
+    grouped = rows.groupby("code_key", sort=True)
+    codes = pd.DataFrame({
+        "code": grouped["code"].first(),
+        "parent_key": grouped["parent_key"].agg(lambda v: next((x for x in v if x), "")),
+        "n_terms": grouped.size().astype("int64"),
+        "mention_count": grouped["mention_count"].sum().astype("int64"),
+    }).reset_index()
+    parents = set(codes["parent_key"]) - {""}
+    codes["is_leaf"] = ~codes["code_key"].isin(parents)
+    parent_of = dict(zip(codes["code_key"], codes["parent_key"]))
+    depth: dict[str, int] = {}
+
+    def depth_of(key: str, below: tuple[str, ...] = ()) -> int:
+        if key not in depth:
+            parent = parent_of.get(key, "")
+            known = parent and parent in parent_of and parent not in below and parent != key
+            depth[key] = depth_of(parent, below + (key,)) + 1 if known else 1
+        return depth[key]
+
+    codes["depth"] = [depth_of(k) for k in codes["code_key"]]
+    return codes[CODE_COLUMNS]
 
 
 def ivf_pq_factory(nlist: int, pq_m: int) -> str:
@@ -470,6 +514,13 @@ def build_index(
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         rows.to_parquet(tmp / ROWS_FILE, index=False)
+        codes = code_table(rows)
+        codes.to_parquet(tmp / CODES_FILE, index=False)
+        from clinlinker_spark.lexical import LexicalIndex
+
+        lexical_started = time.perf_counter()
+        LexicalIndex.fit(texts).save(tmp)
+        lexical_s = time.perf_counter() - lexical_started
         sources = sorted({s for v in rows["source"] for s in str(v).split("|") if s})
         manifest = {
             "kind": ARTIFACT_KIND,
@@ -483,7 +534,11 @@ def build_index(
                 "name": name, "version": version, "rows": int(len(rows)),
                 "codes": int(rows["code_key"].nunique()), "distinct_terms": len(texts),
                 "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
+                "leaf_codes": int(codes["is_leaf"].sum()),
+                "codes_with_parent": int((codes["parent_key"] != "").sum()),
             },
+            "lexical": {"kind": "char_wb-tfidf", "ngram": 3,
+                        "fit_seconds": round(lexical_s, 3)},
             # what the vectors were computed in: a job whose encoder computes in the same
             # precision takes an exact term's stored vector instead of encoding it again
             "build": {"embed_seconds": round(embed_s, 3), "precision": encoder.precision},
@@ -543,7 +598,7 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{file} is not valid JSON: {exc}") from None
     if manifest.get("kind") != ARTIFACT_KIND:
         raise ArtifactError(f"{file} is not a {ARTIFACT_KIND} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
         raise ArtifactError(f"{file}: unsupported format_version {manifest.get('format_version')}")
     return manifest
 
@@ -562,6 +617,18 @@ def check_encoder(manifest: dict, fingerprint: dict, index_path: str | Path = ""
         )
 
 
+@dataclass(frozen=True)
+class CodeInfo:
+    """One code of an index (a row of codes.parquet)."""
+
+    code: str  # its one spelling
+    parent_key: str  # "" without a known parent
+    is_leaf: bool  # no code of the index has it as parent
+    depth: int  # 1 without a parent in the index
+    n_terms: int
+    mention_count: int  # training mentions of all its terms
+
+
 @dataclass
 class Hits:
     """Raw search hits: ``scores`` float32 [n, k], ``positions`` int64 [n, k] (-1 = none)."""
@@ -573,14 +640,22 @@ class Hits:
 class TerminologyIndex:
     """A loaded index directory: FAISS index, rows, and lookups by position and exact text."""
 
-    def __init__(self, path: Path, manifest: dict, index: faiss.Index, rows: pd.DataFrame):
+    def __init__(self, path: Path, manifest: dict, index: faiss.Index, rows: pd.DataFrame,
+                 codes: pd.DataFrame | None = None, lexical: Any = None,
+                 texts: list[str] | None = None):
         self.path = path
         self.manifest = manifest
         self.faiss_index = index
+        if "parent_key" not in rows:  # a format-1 index: a flat code list
+            rows = rows.assign(parent_key="")
         self.rows = rows
+        self.lexical = lexical  # a clinlinker_spark.lexical.LexicalIndex, or None
         positions = rows["position"].to_numpy()
+        # the text of every vector position (a view, with_terminology, may leave positions
+        # without rows: they keep their text and vector and give no candidate)
         self.texts: list[str] = (
-            rows.drop_duplicates("position")["term_norm"].tolist()
+            texts if texts is not None
+            else rows.drop_duplicates("position")["term_norm"].tolist()
         )
         n = len(self.texts)
         # rows of position p are rows[starts[p]:starts[p + 1]] (rows are sorted by position)
@@ -600,6 +675,48 @@ class TerminologyIndex:
         self._start_list: list[int] = self._starts.tolist()
         self._device_vectors: Any = None  # a torch tensor where search runs (place_on)
         self._flat_vectors: np.ndarray | None = None  # a flat index's storage (vectors_at)
+        self.codes: pd.DataFrame = codes if codes is not None else code_table(rows)
+        self._code_info: dict[str, CodeInfo] | None = None  # on first use (code_info)
+        self._row_of: dict[tuple[int, str], int] | None = None  # on first use (row_of)
+
+    def with_terminology(self, terminology: pd.DataFrame) -> TerminologyIndex:
+        """This index with other rows over the same vectors: ``terminology`` (a terminology
+        table) mapped onto this index's positions by normalised text. Used to leave training
+        mentions out (the ranker's out-of-fold features): every text of ``terminology`` must
+        be a text of this index; positions it does not hold keep their vector but give no
+        candidate. Vectors, FAISS index and lexical model are shared, not copied."""
+        rows, _ = prepare_rows(terminology)
+        positions = rows["term_norm"].map(self._position_of_text)
+        if positions.isna().any():
+            raise ArtifactError(f"{int(positions.isna().sum())} term(s) of the terminology are "
+                                f"not texts of index {self.path}")
+        rows["position"] = positions.astype("int64")
+        rows = rows.sort_values(
+            ["position", "mention_count", "is_main_term", "code_key"],
+            ascending=[True, False, False, True], kind="mergesort").reset_index(drop=True)
+        view = TerminologyIndex(self.path, self.manifest, self.faiss_index, rows[ROW_COLUMNS],
+                                code_table(rows), self.lexical, self.texts)
+        view._device_vectors = self._device_vectors
+        return view
+
+    def code_info(self, code_key: str) -> CodeInfo | None:
+        """What the index knows of a code (:class:`CodeInfo`), or None for a code it lacks."""
+        if self._code_info is None:
+            c = self.codes
+            self._code_info = {
+                key: CodeInfo(code, parent, bool(leaf), int(depth), int(n_terms), int(count))
+                for key, code, parent, leaf, depth, n_terms, count in zip(
+                    c["code_key"], c["code"], c["parent_key"], c["is_leaf"], c["depth"],
+                    c["n_terms"], c["mention_count"])
+            }
+        return self._code_info.get(code_key)
+
+    def row_of(self, position: int, code_key: str) -> int:
+        """Row number of (position, code_key), or -1."""
+        if self._row_of is None:
+            self._row_of = {(int(p), k): i for i, (p, k) in enumerate(
+                zip(self.rows["position"].tolist(), self._code_keys))}
+        return self._row_of.get((position, code_key), -1)
 
     @property
     def is_exact_flat(self) -> bool:
@@ -657,7 +774,13 @@ class TerminologyIndex:
         if index.ntotal != rows["position"].nunique():
             raise ArtifactError(f"index directory {p}: {index.ntotal} vectors but "
                                 f"{rows['position'].nunique()} distinct terms in {ROWS_FILE}")
-        return cls(p, manifest, index, rows)
+        codes = pd.read_parquet(p / CODES_FILE) if (p / CODES_FILE).is_file() else None
+        lexical = None
+        if "lexical" in manifest:
+            from clinlinker_spark.lexical import LexicalIndex
+
+            lexical = LexicalIndex.load(p)
+        return cls(p, manifest, index, rows, codes, lexical)
 
     @property
     def content_hash(self) -> str:

@@ -3,19 +3,31 @@
 Stages, each usable on its own:
 
 1. ``invalid_reason``: per-row validation (null, empty/whitespace, over-long text).
-2. ``retrieve``: bi-encoder embedding of the normalised text, FAISS search of ``search_k`` raw
-   hits (distinct texts), then one candidate per code (the code's best-scoring synonym), up to
-   ``top_k`` codes. With the exact-match prior, codes whose normalised term equals the mention
-   come first, ordered by how many training mentions carry them.
-3. ``rerank``: the cross-encoder re-scores the first ``top_n`` candidates and re-orders them
-   (exact matches stay first when the prior is on: a cross-encoder cannot tell identical texts
-   apart any more than the bi-encoder can); candidates past ``top_n`` keep their order.
-   ``reranker.fusion: rrf`` orders them by reciprocal-rank fusion of the retrieval and
-   cross-encoder orders instead of the cross-encoder score alone.
+2. ``retrieve``: candidates from the retrievers of ``linking.retrievers``. ``dense``: bi-encoder
+   embedding of the normalised text, FAISS search of ``search_k`` raw hits (distinct texts),
+   then one candidate per code (the code's best-scoring synonym), up to ``top_k`` codes.
+   ``lexical``: the index's character 3-gram TF-IDF (:mod:`clinlinker_spark.lexical`) over the
+   same texts, ``lexical_k`` raw hits, up to ``top_k`` more codes. A candidate found by one
+   retriever is scored by the other too, so every candidate has both scores. With the
+   exact-match prior, codes whose normalised term equals the mention come first, ordered by how
+   many training mentions carry them; the others follow in reciprocal-rank fusion of the two
+   retrievers' orders (the dense order when it is the only retriever).
+3. ``rerank``: the cross-encoder re-scores the first ``top_n`` candidates. Without a ranker it
+   also re-orders them (exact matches stay first when the prior is on: a cross-encoder cannot
+   tell identical texts apart any more than the bi-encoder can; candidates past ``top_n`` keep
+   their order; ``reranker.fusion: rrf`` orders them by reciprocal-rank fusion of the retrieval
+   and cross-encoder orders instead of the cross-encoder score alone).
+4. ``rank``: with a ranker (``ranker.path``, :mod:`clinlinker_spark.ranker`), a learned model
+   over per-candidate features orders the candidates and gives the top code a calibrated
+   ``confidence``: the probability that it is right. A link whose confidence is below
+   ``linking.review_below`` keeps its code and candidates and gets status ``needs_review``.
+   Lists are cut to ``top_k`` codes here.
 
 Scores: ``retrieval_score`` is the bi-encoder inner product (cosine when embeddings are
-L2-normalised); ``rerank_score`` is the cross-encoder logit. A mention's ``score`` is the
-sigmoid of the best candidate's rerank logit when a re-ranker ran, else its retrieval score.
+L2-normalised); ``lexical_score`` the TF-IDF cosine; ``rerank_score`` the cross-encoder
+logit; ``ranker_score`` the ranker's. A mention's ``score`` is the best candidate's ranker
+score when a ranker ran, else the sigmoid of its rerank logit when a re-ranker ran, else its
+retrieval score.
 """
 
 from __future__ import annotations
@@ -41,13 +53,21 @@ from clinlinker_spark.text import normalize_text
 log = logging.getLogger(__name__)
 
 STATUS_LINKED = "linked"
+STATUS_NEEDS_REVIEW = "needs_review"
 STATUS_NO_CANDIDATE = "no_candidate"
 STATUS_INVALID = "invalid_input"
+# every status a code-assignment row can have, and the final ones (an incremental run does not
+# link such a row again with the same versions)
+STATUSES = (STATUS_LINKED, STATUS_NEEDS_REVIEW, STATUS_NO_CANDIDATE, STATUS_INVALID)
+FINAL_STATUSES = (STATUS_LINKED, STATUS_NEEDS_REVIEW, STATUS_NO_CANDIDATE)
 RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term", "score",
-                  "candidates"]
+                  "confidence", "candidates"]
+RETRIEVERS = ("dense", "lexical")
 # Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
-# search, hits -> per-code candidates, cross-encoder re-ranking.
-STAGE_TIMERS = ("encode", "search", "candidates", "rerank")
+# search, lexical search, hits -> per-code candidates, cross-encoder re-ranking, the ranker.
+STAGE_TIMERS = ("encode", "search", "lexical", "candidates", "rerank", "rank")
+# reciprocal-rank fusion constant of the two retrievers' orders (before any ranker)
+RETRIEVER_RRF_K = 60
 # Texts a Linker embedded with the bi-encoder, and texts that took an index term's stored
 # vector instead (Linker.take_counts; LinkingConfig.reuse_index_vectors).
 VECTOR_COUNTS = ("texts_encoded", "vectors_reused")
@@ -62,9 +82,11 @@ RERANK_DECIMALS = 4
 class Candidate:
     code: str
     term: str
-    retrieval_score: float
-    rerank_score: float | None = None
-    exact: bool = False
+    retrieval_score: float  # bi-encoder score of ``term``
+    rerank_score: float | None = None  # cross-encoder logit (first reranker.top_n only)
+    exact: bool = False  # term equals the mention (normalised)
+    lexical_score: float | None = None  # TF-IDF cosine of ``term`` (lexical retriever on)
+    ranker_score: float | None = None  # the ranker's score (ranker on)
 
 
 def invalid_reason(text: Any, max_text_length: int) -> str | None:
@@ -158,6 +180,107 @@ def candidates_from_hits(
     return results
 
 
+def _codes_of_hits(index: TerminologyIndex, scores: list[float], positions: list[int],
+                   seen: set[str], limit: int, prior: bool
+                   ) -> list[tuple[str, str, str, float, int]]:
+    """(code, code_key, term, score, position) of the first ``limit`` codes of one query's
+    hits that are not in ``seen`` (each code once, at its best-scoring text); adds them to
+    ``seen``."""
+    out: list[tuple[str, str, str, float, int]] = []
+    code_rows = index.code_rows
+    for score, position in zip(scores, positions):
+        if len(out) >= limit:
+            break
+        if position < 0:
+            continue
+        for code, key, term in code_rows(position, prior):
+            if key not in seen:
+                seen.add(key)
+                out.append((code, key, term, score, position))
+    return out
+
+
+def hybrid_candidates(
+    index: TerminologyIndex,
+    texts_norm: Sequence[str],
+    dense: Hits,
+    lexical: Hits,
+    vectors: np.ndarray,
+    lexical_queries: Any,
+    top_k: int,
+    exact_match_prior: bool,
+    self_scores: np.ndarray | None = None,
+) -> list[list[Candidate]]:
+    """The union of the dense and lexical retrievers' candidates, each scored by both.
+
+    Per query: exact-match codes first (with ``exact_match_prior``, as in
+    :func:`candidates_from_hits`), then up to ``top_k`` codes from the dense hits and up to
+    ``top_k`` codes from the lexical hits that the dense ones did not give. A dense-only
+    candidate's ``lexical_score`` is the TF-IDF cosine of its term (``lexical_queries``: the
+    queries' TF-IDF rows); a lexical-only candidate's ``retrieval_score`` is the inner product
+    of ``vectors[i]`` and its term's stored vector. The non-exact candidates are ordered by
+    reciprocal-rank fusion of their dense and lexical ranks (ties: dense score, then code).
+    Lists hold up to ``2 * top_k`` codes plus the exact ones; the ranker (or the Linker without
+    one) cuts them to ``top_k``.
+    """
+    lexical_index = index.lexical
+    if lexical_index is None:
+        raise ConfigError(f"linking.retrievers has lexical, but index {index.path} has no "
+                          "lexical model: rebuild it with clinlinker build-index")
+    per_query: list[list[tuple[str, str, str, float, int, str]]] = []
+    with gc_paused():
+        for i, text in enumerate(texts_norm):
+            seen: set[str] = set()
+            found: list[tuple[str, str, str, float, int, str]] = []
+            exact_position = index.position_of(text) if exact_match_prior else -1
+            if exact_position >= 0:
+                dense_positions = dense.positions[i].tolist()
+                exact_score = (float(dense.scores[i][dense_positions.index(exact_position)])
+                               if exact_position in dense_positions else
+                               float(self_scores[i]) if self_scores is not None else 1.0)
+                for code, key, term in index.code_rows(exact_position):
+                    if key not in seen:
+                        seen.add(key)
+                        found.append((code, key, term, exact_score, exact_position, "exact"))
+            for origin, hits in (("dense", dense), ("lexical", lexical)):
+                for item in _codes_of_hits(index, hits.scores[i].tolist(),
+                                           hits.positions[i].tolist(), seen, top_k,
+                                           exact_match_prior):
+                    found.append((*item, origin))
+            per_query.append(found)
+    # the other retriever's score of every candidate, in two vectorised passes
+    rows = np.array([i for i, found in enumerate(per_query) for _ in found], np.int64)
+    positions = np.array([f[4] for found in per_query for f in found], np.int64)
+    origins = [f[5] for found in per_query for f in found]
+    dense_scores = np.array([f[3] for found in per_query for f in found], np.float32)
+    lexical_scores = lexical_index.pair_scores(lexical_queries, rows, positions)
+    need_dense = np.array([o == "lexical" for o in origins], bool)
+    if need_dense.any():
+        sub_rows, sub_positions = rows[need_dense], positions[need_dense]
+        stored = index.vectors_at(sub_positions)
+        dense_scores[need_dense] = np.einsum("ij,ij->i", vectors[sub_rows], stored)
+    results: list[list[Candidate]] = []
+    at = 0
+    with gc_paused():
+        for found in per_query:
+            n = len(found)
+            d = dense_scores[at:at + n].tolist()
+            lx = lexical_scores[at:at + n].tolist()
+            at += n
+            exact = [j for j in range(n) if found[j][5] == "exact"]
+            others = [j for j in range(n) if found[j][5] != "exact"]
+            dense_rank = {j: r for r, j in enumerate(
+                sorted(others, key=lambda j: (-d[j], found[j][1])), start=1)}
+            lexical_rank = {j: r for r, j in enumerate(
+                sorted(others, key=lambda j: (-lx[j], found[j][1])), start=1)}
+            others.sort(key=lambda j: (-(1.0 / (RETRIEVER_RRF_K + dense_rank[j])
+                                         + 1.0 / (RETRIEVER_RRF_K + lexical_rank[j])),
+                                       -d[j], found[j][1]))
+            results.append([Candidate(found[j][0], found[j][2], d[j], None, j in exact[:],
+                                      lx[j]) for j in exact + others])
+    return results
+
+
 def score_candidates(
     texts_norm: Sequence[str],
     candidates: list[list[Candidate]],
@@ -185,7 +308,8 @@ def score_candidates(
         for cands in candidates:
             head = cands[:top_n]
             out.append([
-                Candidate(c.code, c.term, c.retrieval_score, scores[pos + j], c.exact)
+                Candidate(c.code, c.term, c.retrieval_score, scores[pos + j], c.exact,
+                          c.lexical_score, c.ranker_score)
                 for j, c in enumerate(head)
             ] + list(cands[top_n:]))
             pos += len(head)
@@ -266,7 +390,8 @@ def search_device(setting: str, encoder_device: Any, index: TerminologyIndex) ->
 
 
 class Linker:
-    """Links batches of mentions with one bi-encoder, one index and an optional re-ranker."""
+    """Links batches of mentions with one bi-encoder, one index, an optional re-ranker and an
+    optional ranker."""
 
     def __init__(
         self,
@@ -275,6 +400,7 @@ class Linker:
         linking: LinkingConfig | None = None,
         reranker: Any | None = None,
         reranker_config: RerankerConfig | None = None,
+        ranker: Any | None = None,
     ):
         check_encoder(index.manifest, encoder.fingerprint(), index.path)
         self.encoder = encoder
@@ -282,6 +408,17 @@ class Linker:
         self.linking = linking or LinkingConfig()
         self.reranker = reranker
         self.reranker_config = reranker_config or RerankerConfig()
+        self.ranker = ranker
+        unknown = set(self.linking.retrievers) - set(RETRIEVERS)
+        if unknown or "dense" not in self.linking.retrievers:
+            raise ConfigError(f"linking.retrievers must hold dense, and lexical if wanted; got "
+                              f"{list(self.linking.retrievers)}")
+        self.hybrid = "lexical" in self.linking.retrievers
+        if self.hybrid and index.lexical is None:
+            raise ConfigError(f"linking.retrievers has lexical, but index {index.path} has no "
+                              "lexical model: rebuild it with clinlinker build-index")
+        if ranker is not None:
+            ranker.check_compatible(self)
         self.stage_seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
         self.counts: dict[str, int] = dict.fromkeys(VECTOR_COUNTS, 0)
         self.reuses_index_vectors = (self.linking.reuse_index_vectors
@@ -292,9 +429,16 @@ class Linker:
                   index.manifest.get("build", {}).get("precision"), encoder.precision)
 
     def with_linking(self, linking: LinkingConfig) -> Linker:
-        """A Linker with ``linking`` around this one's encoder, index and re-ranker (nothing
-        is loaded again; counters start at zero)."""
-        return Linker(self.encoder, self.index, linking, self.reranker, self.reranker_config)
+        """A Linker with ``linking`` around this one's encoder, index, re-ranker and ranker
+        (nothing is loaded again; counters start at zero)."""
+        return Linker(self.encoder, self.index, linking, self.reranker, self.reranker_config,
+                      self.ranker)
+
+    def with_index(self, index: TerminologyIndex) -> Linker:
+        """A Linker over another index with the same vectors (``TerminologyIndex.
+        with_terminology``), the same models and settings."""
+        return Linker(self.encoder, index, self.linking, self.reranker, self.reranker_config,
+                      self.ranker)
 
     def take_counts(self) -> dict[str, int]:
         """VECTOR_COUNTS since the last call, and reset them."""
@@ -309,7 +453,8 @@ class Linker:
     @classmethod
     def from_config(cls, config: JobConfig, index_path: str | None = None,
                     mmap: bool = False) -> "Linker":
-        """Load encoder, index (``index_path`` overrides ``config.index.path``) and re-ranker."""
+        """Load encoder, index (``index_path`` overrides ``config.index.path``), re-ranker and
+        ranker."""
         from clinlinker_spark.encoder import BiEncoder
 
         encoder = BiEncoder.from_config(config.encoder)
@@ -323,7 +468,12 @@ class Linker:
             from clinlinker_spark.reranker import CrossEncoderReranker
 
             reranker = CrossEncoderReranker.from_config(config.reranker)
-        return cls(encoder, index, config.linking, reranker, config.reranker)
+        ranker = None
+        if config.ranker.path:
+            from clinlinker_spark.ranker import Ranker
+
+            ranker = Ranker.load(config.ranker.path)
+        return cls(encoder, index, config.linking, reranker, config.reranker, ranker)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -331,10 +481,11 @@ class Linker:
             "model_version": self.encoder.model_hash,
             "index_version": self.index.content_hash,
             "reranker_version": self.reranker.model_hash if self.reranker is not None else "",
+            "ranker_version": self.ranker.model_hash if self.ranker is not None else "",
         }
 
     def retrieve(self, texts_norm: Sequence[str]) -> list[list[Candidate]]:
-        """Bi-encoder + FAISS candidates (no re-ranking) for already normalised texts."""
+        """Candidates of the configured retrievers (no re-ranking) for normalised texts."""
         texts_norm = list(texts_norm)
         if not texts_norm:
             return []
@@ -344,11 +495,23 @@ class Linker:
         hits = self.index.search(vectors, self.linking.search_k)
         t2 = time.perf_counter()
         self_scores = np.einsum("ij,ij->i", vectors, vectors)
-        candidates = candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
-                                          self.linking.exact_match_prior, self_scores)
         seconds = self.stage_seconds
         seconds["encode"] += t1 - t0
         seconds["search"] += t2 - t1
+        if self.hybrid:
+            lexical = self.index.lexical
+            queries = lexical.transform(texts_norm)
+            lexical_hits = lexical.search(texts_norm, self.linking.lexical_k
+                                          or self.linking.search_k, queries)
+            t3 = time.perf_counter()
+            seconds["lexical"] += t3 - t2
+            t2 = t3
+            candidates = hybrid_candidates(self.index, texts_norm, hits, lexical_hits, vectors,
+                                           queries, self.linking.top_k,
+                                           self.linking.exact_match_prior, self_scores)
+        else:
+            candidates = candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
+                                              self.linking.exact_match_prior, self_scores)
         seconds["candidates"] += time.perf_counter() - t2
         return candidates
 
@@ -374,49 +537,78 @@ class Linker:
 
     def rerank(self, texts_norm: Sequence[str],
                candidates: list[list[Candidate]]) -> list[list[Candidate]]:
-        """Cross-encoder re-ranking; the identity when no re-ranker is configured."""
+        """Cross-encoder scores of the first ``reranker.top_n`` candidates; without a ranker
+        they also re-order them. The identity when no re-ranker is configured."""
         if self.reranker is None:
             return candidates
         started = time.perf_counter()
-        reranked = rerank_candidates(list(texts_norm), candidates, self.reranker.score,
-                                     self.reranker_config.top_n, self.linking.exact_match_prior,
-                                     self.reranker_config.fusion, self.reranker_config.rrf_k)
+        if self.ranker is not None:  # the ranker decides the order, with this score a feature
+            reranked = score_candidates(list(texts_norm), candidates, self.reranker.score,
+                                        self.reranker_config.top_n)
+        else:
+            reranked = rerank_candidates(list(texts_norm), candidates, self.reranker.score,
+                                         self.reranker_config.top_n,
+                                         self.linking.exact_match_prior,
+                                         self.reranker_config.fusion, self.reranker_config.rrf_k)
         self.stage_seconds["rerank"] += time.perf_counter() - started
         return reranked
 
-    def link_texts(self, texts: Sequence[str]) -> list[list[Candidate]]:
-        """Normalise, retrieve and re-rank; each distinct normal form is processed once."""
+    def rank(self, texts_norm: Sequence[str], candidates: list[list[Candidate]]
+             ) -> tuple[list[list[Candidate]], list[float | None]]:
+        """The last stage: the ranker's order and each mention's confidence (None without a
+        ranker), lists cut to ``top_k``."""
+        top_k = self.linking.top_k
+        if self.ranker is None:
+            return [c[:top_k] for c in candidates], [None] * len(candidates)
+        started = time.perf_counter()
+        ranked, confidences = self.ranker.rank(self.index, list(texts_norm), candidates)
+        self.stage_seconds["rank"] += time.perf_counter() - started
+        return [c[:top_k] for c in ranked], confidences
+
+    def link_texts(self, texts: Sequence[str]
+                   ) -> tuple[list[list[Candidate]], list[float | None]]:
+        """Normalise, retrieve, re-rank and rank; each distinct normal form is processed once.
+        Returns each text's candidates and confidence."""
         norms = [normalize_text(t) for t in texts]
         unique = list(dict.fromkeys(norms))
-        ranked = self.rerank(unique, self.retrieve(unique))
-        by_text = dict(zip(unique, ranked))
-        return [by_text[n] for n in norms]
+        ranked, confidences = self.rank(unique, self.rerank(unique, self.retrieve(unique)))
+        by_text = dict(zip(unique, zip(ranked, confidences)))
+        return [by_text[n][0] for n in norms], [by_text[n][1] for n in norms]
 
     def score_of(self, candidates: list[Candidate]) -> float | None:
         if not candidates:
             return None
         best = candidates[0]
+        if best.ranker_score is not None:
+            return best.ranker_score
         if self.reranker is not None and best.rerank_score is not None:
             return _sigmoid(best.rerank_score)
         return best.retrieval_score
 
-    def outcome(self, candidates: list[Candidate]
-                ) -> tuple[str, str | None, str | None, str | None, float | None]:
-        """(status, reason, code, term, score) of a valid mention's ranked candidates."""
+    def outcome(self, candidates: list[Candidate], confidence: float | None = None
+                ) -> tuple[str, str | None, str | None, str | None, float | None, float | None]:
+        """(status, reason, code, term, score, confidence) of a valid mention's ranked
+        candidates. A link whose confidence is below ``linking.review_below`` is
+        ``needs_review``: it keeps its code."""
         score = self.score_of(candidates)
         if not candidates or score is None or score < self.linking.min_score:
             why = "no candidate" if not candidates else (
                 f"best score below linking.min_score={self.linking.min_score}")
-            return STATUS_NO_CANDIDATE, why, None, None, score
-        return STATUS_LINKED, None, candidates[0].code, candidates[0].term, score
+            return STATUS_NO_CANDIDATE, why, None, None, score, confidence
+        best = candidates[0]
+        if confidence is not None and confidence < self.linking.review_below:
+            return (STATUS_NEEDS_REVIEW,
+                    f"confidence below linking.review_below={self.linking.review_below}",
+                    best.code, best.term, score, confidence)
+        return STATUS_LINKED, None, best.code, best.term, score, confidence
 
     def link(self, mentions: pd.DataFrame | Any, text_column: str = "text",
              id_column: str = "mention_id") -> pd.DataFrame:
         """Link a batch (pandas DataFrame or Arrow table): one output row per input row.
 
         Output columns: RESULT_COLUMNS. ``candidates`` is a list of dicts (code, term,
-        retrieval_score, rerank_score, exact). Invalid rows get status invalid_input and a
-        reason; they are never dropped.
+        retrieval_score, rerank_score, exact, lexical_score, ranker_score). Invalid rows get
+        status invalid_input and a reason; they are never dropped.
         """
         if not isinstance(mentions, pd.DataFrame):
             mentions = mentions.to_pandas()
@@ -427,18 +619,18 @@ class Linker:
         texts = mentions[text_column].tolist()
         reasons = [invalid_reason(t, self.linking.max_text_length) for t in texts]
         valid = [i for i, r in enumerate(reasons) if r is None]
-        linked = self.link_texts([texts[i] for i in valid])
-        cands_of = dict(zip(valid, linked))
+        linked, confidences = self.link_texts([texts[i] for i in valid])
+        result_of = dict(zip(valid, zip(linked, confidences)))
         records = []
         for i, (mention_id, text) in enumerate(zip(mentions[id_column].tolist(), texts)):
             if reasons[i] is not None:
                 records.append((mention_id, None, STATUS_INVALID, reasons[i], None, None,
-                                None, []))
+                                None, None, []))
                 continue
-            cands = cands_of[i]
-            status, reason, code, term, score = self.outcome(cands)
+            cands, confidence = result_of[i]
+            status, reason, code, term, score, confidence = self.outcome(cands, confidence)
             records.append((mention_id, normalize_text(text), status, reason, code, term,
-                            score, [asdict(c) for c in cands]))
+                            score, confidence, [asdict(c) for c in cands]))
         n_bad = len(texts) - len(valid)
         log.debug("linked a batch of %d mentions (%d invalid)", len(texts), n_bad)
         return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS)

@@ -15,7 +15,18 @@ source        str      source name; after :func:`build_terminology`, distinct na
                        ``"|"`` when several sources give the same (code, term)
 mention_count int64    how many gold training mentions carry this (term_norm, code_key);
                        0 for dictionary terms. The exact-match prior of the linker uses it.
+parent_key    str      ``code_key`` of the code's parent in the source's hierarchy (ICD-10:
+                       ``c56`` for ``C56.9``); ``""`` for a top-level code or a source
+                       without a hierarchy
 ============  =======  ====================================================================
+
+Codes as a coder writes them: after :func:`build_terminology` each ``code_key`` has one
+spelling in ``code``, the first one a dictionary source gives (sources in order), else the
+first training mention's. The ICD-10 readers (:func:`read_cie10`, :func:`read_icd10cm`) write
+codes upper case with a dot after the three-character category (``C56.9``, ``S22.49XA``), the
+spelling of ICD-10-CM and CIE-10-ES, whatever the file or a corpus wrote (``C569``,
+``c56.9``). Chapters and blocks (``C00-D49``, ``C64-C68``) are never codes of a terminology:
+they cannot be assigned, so the readers leave them out.
 
 A reader's result keeps, as its index, the 0-based data row of the file each row came from
 (header not counted), so :func:`build_terminology` can name bad rows by their place in the
@@ -55,6 +66,7 @@ TERMINOLOGY_COLUMNS: list[str] = [
     "semantic_tag",
     "source",
     "mention_count",
+    "parent_key",
 ]
 
 _TRUE = frozenset({"1", "true", "t", "yes", "y"})
@@ -100,14 +112,17 @@ def read_table(
     semantic_tag_column: str = "",
     main_term_column: str = "",
     source: str | None = None,
+    parent_column: str = "",
 ) -> pd.DataFrame:
     """Read any code/term table: ``.csv``, ``.tsv``, ``.txt`` (delimiter sniffed) or Parquet.
 
     Delimited files are read with standard CSV quoting, every column as text (so codes keep
     leading zeros). ``semantic_tag_column`` and ``main_term_column`` are optional (``""``:
     absent); without a main-term column the first term of each code is its main term.
-    ``source`` defaults to the file stem. A named column the file lacks raises
-    :class:`InputDataError` naming the column, the file and the columns it has.
+    ``source`` defaults to the file stem. ``parent_column`` (optional) holds each code's
+    parent code (a hierarchy such as the official CIE-10-ES tables give). A named column the
+    file lacks raises :class:`InputDataError` naming the column, the file and the columns it
+    has.
     """
     p = _existing(path)
     suffix = p.suffix.lower()
@@ -132,7 +147,7 @@ def read_table(
             "use .csv, .tsv, .txt or .parquet"
         )
     named = [code_column, term_column] + [
-        c for c in (semantic_tag_column, main_term_column) if c
+        c for c in (semantic_tag_column, main_term_column, parent_column) if c
     ]
     _require(raw, named, p)
     return _make_table(
@@ -146,6 +161,7 @@ def read_table(
         semantic_tag=_as_text(raw[semantic_tag_column]) if semantic_tag_column else None,
         source=source or p.stem,
         index=raw.index,
+        parent=_as_text(raw[parent_column]) if parent_column else None,
     )
 
 
@@ -153,10 +169,11 @@ def read_cie10(path: str | Path, min_level: int = 2, source: str = "cie10") -> p
     """Read the Spanish ICD-10 list (``cie10_es.csv``: code, code_0..code_4, description,
     level, source) keeping rows with ``level >= min_level``.
 
-    Level 0 and 1 rows are chapters and blocks (``A00-B99``); level 2 are three-character
-    categories (``H90``), deeper levels subcategories (``G130``). Every kept row is a main term
-    (its description); codes are written without a dot, ``code_key`` matches ICD-10-CM codes
-    written with one.
+    Chapters and blocks (``A00-B99``, ``C64-C68``: codes with a ``-``, at any level) are left
+    out; level 2 and deeper are categories (``H90``) and subcategories (``G130``). Every kept
+    row is a main term (its description). Codes are written as ICD-10 writes them
+    (:func:`icd10_spelling`: ``G13.0``); ``parent_key`` is the nearest of code_0..code_4 that
+    is a code, not a block.
     """
     p = _existing(path)
     try:
@@ -171,16 +188,88 @@ def read_cie10(path: str | Path, min_level: int = 2, source: str = "cie10") -> p
     if level.isna().any():
         bad = [i for i, v in enumerate(level.isna().tolist()) if v]
         raise InputDataError(f"{p}: column level must be an integer; bad {_rows_text(bad)}")
-    kept = raw[level >= min_level]
-    logger.info("%s: %d of %d rows at level >= %d", p, len(kept), len(raw), min_level)
+    is_range = raw["code"].str.contains("-", regex=False)
+    kept = raw[(level >= min_level) & ~is_range]
+    ancestors = [c for c in ("code_0", "code_1", "code_2", "code_3", "code_4") if c in raw]
+
+    def parent_of(row: pd.Series) -> str:
+        for column in reversed(ancestors):
+            value = str(row[column]).strip()
+            if value and "-" not in value:
+                return value
+        return ""
+
+    parents = (kept.apply(parent_of, axis=1) if ancestors and len(kept)
+               else pd.Series("", index=kept.index))
+    logger.info("%s: %d of %d rows at level >= %d (%d chapters and blocks left out)", p,
+                len(kept), len(raw), min_level, int((is_range & (level >= min_level)).sum()))
     return _make_table(
-        code=kept["code"],
+        code=kept["code"].map(icd10_spelling),
         term=kept["description"],
         is_main_term=pd.Series(True, index=kept.index),
         semantic_tag=None,
         source=source,
         index=kept.index,
+        parent=parents,
     )
+
+
+def read_icd10cm(source: str = "icd10cm", inclusion_terms: bool = True) -> pd.DataFrame:
+    """Read ICD-10-CM (every category and subcategory, with its hierarchy) from the PyPI
+    package ``simple-icd-10-cm`` (CMS's public-domain tabular list, English descriptions).
+
+    One main-term row per code (its description) and, with ``inclusion_terms``, one synonym
+    row per inclusion term of the code. Chapters and blocks are left out; ``parent_key`` is the
+    parent category or subcategory (``""`` for a category, whose parent is a block). Codes are
+    spelled as ICD-10-CM writes them (``C56.9``, ``S22.49XA``). Leaf codes are the assignable
+    ones in ICD-10-CM; the index derives leaves from ``parent_key``.
+    """
+    try:
+        import simple_icd_10_cm as cm
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise InputDataError("terminology format icd10cm needs the package simple-icd-10-cm "
+                             "(pip install simple-icd-10-cm)") from None
+    codes: list[str] = []
+    terms: list[str] = []
+    main: list[bool] = []
+    parents: list[str] = []
+    n_codes = 0
+    for code in cm.get_all_codes(with_dots=True):
+        if not cm.is_category_or_subcategory(code):
+            continue
+        n_codes += 1
+        parent = cm.get_parent(code)
+        parent = parent if parent and cm.is_category_or_subcategory(parent) else ""
+        names = [cm.get_description(code)]
+        if inclusion_terms:
+            names += [t for t in cm.get_inclusion_term(code) if t]
+        for i, name in enumerate(names):
+            codes.append(code)
+            terms.append(name)
+            main.append(i == 0)
+            parents.append(parent)
+    logger.info("ICD-10-CM (simple-icd-10-cm): %d codes, %d rows with inclusion terms",
+                n_codes, len(codes))
+    return _make_table(
+        code=pd.Series(codes, dtype=object),
+        term=pd.Series(terms, dtype=object),
+        is_main_term=pd.Series(main, dtype=bool),
+        semantic_tag=None,
+        source=source,
+        index=pd.RangeIndex(len(codes)),
+        parent=pd.Series(parents, dtype=object),
+    )
+
+
+def icd10_spelling(code: str) -> str:
+    """An ICD-10 code as ICD-10-CM and CIE-10-ES write it: upper case, a dot after the
+    three-character category when there is more (``c569`` -> ``C56.9``, ``S2249XA`` ->
+    ``S22.49XA``). Ranges and codes that do not start with a letter and two characters are
+    returned stripped and upper case."""
+    key = str(code).strip().upper().replace(".", "")
+    if len(key) <= 3 or "-" in key or not key[0].isalpha():
+        return key
+    return f"{key[:3]}.{key[3:]}"
 
 
 def terms_from_mentions(
@@ -250,8 +339,11 @@ def build_terminology(
     and the count is logged at WARNING.
 
     Merge: rows with the same ``(code_key, term_norm)`` become one; it keeps the first row's
-    ``code``, ``term`` and first non-empty ``semantic_tag``, sums ``mention_count``, ORs
-    ``is_main_term`` and joins the distinct source names with ``"|"`` in order of appearance.
+    ``term`` and first non-empty ``semantic_tag`` and ``parent_key``, sums ``mention_count``,
+    ORs ``is_main_term`` and joins the distinct source names with ``"|"`` in order of
+    appearance. Each ``code_key`` then gets one spelling in ``code`` and one ``parent_key``
+    for all its rows: the first a dictionary row gives (rows with no training mentions, in
+    source order), else the first row's.
     Output order is the order of first appearance (stable); the index is a RangeIndex.
     ``code_key`` and ``term_norm`` are recomputed from ``code`` and ``term``; missing optional
     columns take their defaults (is_main_term False, semantic_tag "", source "", count 0).
@@ -292,13 +384,16 @@ def build_terminology(
                 "is_main_term": groups["is_main_term"].any(),
                 "source": groups["source"].agg(_join_sources),
                 "semantic_tag": groups["semantic_tag"].agg(_first_non_empty),
+                "parent_key": groups["parent_key"].agg(_first_non_empty),
             }
         )
         at = pd.MultiIndex.from_frame(out[key])
         hit = at.isin(merged.index)
         rows = merged.reindex(at[hit])
-        for column in ("mention_count", "is_main_term", "source", "semantic_tag"):
+        for column in ("mention_count", "is_main_term", "source", "semantic_tag",
+                       "parent_key"):
             out.loc[hit, column] = rows[column].to_numpy()
+    out = _one_spelling_per_code(out)
     out = out[TERMINOLOGY_COLUMNS].astype(
         {"is_main_term": bool, "mention_count": "int64"}
     )
@@ -313,7 +408,8 @@ def load_terminology(config: TerminologyConfig, on_bad_rows: str = "error") -> p
     """Read every source of ``config`` by its format and :func:`build_terminology` them.
 
     Formats: ``gazetteer`` (:func:`read_gazetteer`), ``table`` (:func:`read_table` with the
-    source's column names), ``cie10`` (:func:`read_cie10` with ``min_level``), and the gold
+    source's column names), ``cie10`` (:func:`read_cie10` with ``min_level``), ``icd10cm``
+    (:func:`read_icd10cm` from its PyPI package; no path), and the gold
     formats ``distemist`` | ``medprocner`` | ``codiesp`` (read with
     :func:`~clinlinker_spark.corpora.read_gold`, kept to ``labels`` when given, then
     :func:`terms_from_mentions`). Each row's source is the source's ``name``, else the file
@@ -369,9 +465,12 @@ def _load_source(src: TerminologySourceConfig) -> pd.DataFrame:
             semantic_tag_column=src.semantic_tag_column,
             main_term_column=src.main_term_column,
             source=name,
+            parent_column=src.parent_column,
         )
     if src.format == "cie10":
         return read_cie10(src.path, min_level=src.min_level, source=name or "cie10")
+    if src.format == "icd10cm":
+        return read_icd10cm(source=name or "icd10cm", inclusion_terms=src.inclusion_terms)
     if src.format in GOLD_READER_FORMATS:
         mentions = read_gold(src.path, src.format)
         if src.labels:
@@ -482,6 +581,7 @@ def _make_table(
     source: str,
     index: pd.Index,
     mention_count: pd.Series | None = None,
+    parent: pd.Series | None = None,
 ) -> pd.DataFrame:
     """Assemble a terminology table; code and term stay as written (null -> "")."""
     codes = [("" if v is None else str(v)) for v in code.tolist()]
@@ -510,6 +610,11 @@ def _make_table(
                 if mention_count is not None
                 else [0] * n
             ),
+            "parent_key": (
+                [normalize_code(v) if v else "" for v in parent.fillna("").tolist()]
+                if parent is not None
+                else [""] * n
+            ),
         },
         columns=TERMINOLOGY_COLUMNS,
     )
@@ -528,6 +633,7 @@ def _empty_table() -> pd.DataFrame:
             "semantic_tag": pd.Series(dtype=object),
             "source": pd.Series(dtype=object),
             "mention_count": pd.Series(dtype="int64"),
+            "parent_key": pd.Series(dtype=object),
         }
     )
 
@@ -558,6 +664,10 @@ def _conform(frame: pd.DataFrame, position: int) -> pd.DataFrame:
         if "mention_count" in frame
         else 0
     )
+    out["parent_key"] = (
+        _as_text(frame["parent_key"]).map(lambda v: normalize_code(v) if v else "")
+        if "parent_key" in frame else [""] * n
+    )
     return out[TERMINOLOGY_COLUMNS]
 
 
@@ -577,6 +687,23 @@ def _describe_bad_rows(table: pd.DataFrame, bad: pd.Series, position: int) -> li
         label = f"source {name!r}" if name else f"frame {position}"
         parts.append(f"{label}: {kind} {shown} ({len(nums)} row(s))")
     return parts
+
+
+def _one_spelling_per_code(table: pd.DataFrame) -> pd.DataFrame:
+    """Every row of a code_key gets the code's one spelling and parent (see
+    :func:`build_terminology`): dictionary rows (no training mentions) first, in order."""
+    if table.empty:
+        return table
+    dictionary_first = table.assign(_mentioned=table["mention_count"] > 0).sort_values(
+        "_mentioned", kind="mergesort")
+    first = dictionary_first.groupby("code_key", sort=False)
+    spelling = first["code"].first()
+    parent = dictionary_first[dictionary_first["parent_key"] != ""].groupby(
+        "code_key", sort=False)["parent_key"].first()
+    out = table.copy()
+    out["code"] = out["code_key"].map(spelling)
+    out["parent_key"] = out["code_key"].map(parent).fillna("")
+    return out
 
 
 def _join_sources(values: pd.Series) -> str:

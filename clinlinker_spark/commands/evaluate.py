@@ -1,4 +1,5 @@
-"""``clinlinker evaluate``: accuracy@k of a linker (and its lexical baseline) on gold mentions."""
+"""``clinlinker evaluate``: accuracy@k of a linker (and its lexical baseline) on gold mentions,
+and, with a ranker, how far its confidence can be trusted."""
 
 from __future__ import annotations
 
@@ -9,12 +10,28 @@ from pathlib import Path
 
 import numpy as np
 
-from clinlinker_spark.config import GOLD_FORMATS, RERANK_FUSIONS
+from clinlinker_spark.config import GOLD_FORMATS, RERANK_FUSIONS, LinkingConfig, from_dict
 from clinlinker_spark.errors import ConfigError
-from clinlinker_spark.evaluation import DEFAULT_KS, dumps, evaluate_candidates, format_table
+from clinlinker_spark.evaluation import (
+    DEFAULT_KS,
+    confidence_report,
+    dumps,
+    evaluate_candidates,
+    format_table,
+    plot_precision_coverage,
+    precision_coverage_curve,
+)
 from clinlinker_spark.index import TerminologyIndex, read_manifest
-from clinlinker_spark.linker import candidates_from_hits, order_candidates, score_candidates
-from clinlinker_spark.text import normalize_text
+from clinlinker_spark.linker import (
+    Linker,
+    candidates_from_hits,
+    hybrid_candidates,
+    order_candidates,
+    score_candidates,
+)
+from clinlinker_spark.text import normalize_code, normalize_text
+
+RETRIEVER_VARIANTS = ("dense", "tfidf", "hybrid")
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +58,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "fusion with the retrieval order, row +rerank_rrf); scored once")
     p.add_argument("--rrf-k", type=int, default=60, help="the rrf fusion's rank constant")
     p.add_argument("--retriever", default="dense,tfidf",
-                   help="comma-separated: dense, tfidf (default both)")
+                   help="comma-separated: dense, tfidf (the index's lexical model alone), "
+                        "hybrid (the union of both, linking.retrievers [dense, lexical]); "
+                        "default dense,tfidf")
+    p.add_argument("--ranker", default="",
+                   help="ranker directory (clinlinker train-ranker): adds the row 'ranker' "
+                        "(linked as a job with that ranker links: its retrievers and linking "
+                        "settings, the --reranker when it uses the cross-encoder's score) "
+                        "and the confidence report")
+    p.add_argument("--target-precision", type=float, default=0.95,
+                   help="the confidence report's target: the threshold that reaches it on "
+                        "these mentions, and precision and coverage at the threshold the "
+                        "ranker picked for it on its training folds")
+    p.add_argument("--category-chars", type=int, default=0,
+                   help="also report accuracy@k by category: codes compared on their first N "
+                        "characters (3 for ICD-10's category; 0: off)")
+    p.add_argument("--plot", default="", help="precision-coverage PNG (default: beside "
+                   "--json-out, with a .png suffix, when a ranker is given)")
     p.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="cut-offs, e.g. 1,5,25")
     p.add_argument("--search-k", type=int, default=200, help="raw hits searched per mention")
     p.add_argument("--batch-size", type=int, default=128)
@@ -66,14 +99,17 @@ def load_gold(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
     retrievers = [r.strip() for r in args.retriever.split(",") if r.strip()]
-    unknown = set(retrievers) - {"dense", "tfidf"}
+    unknown = set(retrievers) - set(RETRIEVER_VARIANTS)
     if unknown or not retrievers:
-        raise ConfigError(f"--retriever takes dense and/or tfidf; got {args.retriever!r}")
+        raise ConfigError(f"--retriever takes {', '.join(RETRIEVER_VARIANTS)}; "
+                          f"got {args.retriever!r}")
     fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
     if set(fusions) - set(RERANK_FUSIONS) or not fusions:
         raise ConfigError(f"--fusion takes {', '.join(RERANK_FUSIONS)}; got {args.fusion!r}")
-    if "dense" in retrievers and not args.encoder:
-        raise ConfigError("--encoder is required for the dense retriever")
+    needs_encoder = bool({"dense", "hybrid"} & set(retrievers)) or args.reranker or args.ranker
+    if needs_encoder and not args.encoder:
+        raise ConfigError("--encoder is required for the dense and hybrid retrievers, the "
+                          "re-ranker and the ranker")
     gold = load_gold(args)
     manifest = read_manifest(args.index)
     top_k = max(ks)
@@ -81,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     encoder = None
     expected = None
-    if "dense" in retrievers or args.reranker:
+    if needs_encoder:
         from clinlinker_spark.encoder import BiEncoder
 
         spec = manifest["encoder"]
@@ -99,24 +135,46 @@ def run(args: argparse.Namespace) -> int:
     log.info("evaluating %d gold mentions (%d distinct texts) against %d index texts",
              len(gold), len(unique), len(index))
 
+    def report_of(cands: list) -> dict:
+        return evaluate_candidates(gold, [cands[g] for g in gather], index, ks,
+                                   args.category_chars)
+
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
-    for name in retrievers:
+    vectors = dense_hits = None
+    if {"dense", "hybrid"} & set(retrievers):
         started = time.perf_counter()
-        if name == "dense":
-            vectors = encoder.encode(unique, show_progress=True)
-            hits = index.search(vectors, search_k)
-            self_scores = np.einsum("ij,ij->i", vectors, vectors)
-        else:
-            from clinlinker_spark.tfidf import TfidfRetriever
+        vectors = encoder.encode(unique, show_progress=True)
+        dense_hits = index.search(vectors, search_k)
+        timings["dense"] = round(time.perf_counter() - started, 2)
+    lexical = lexical_queries = lexical_hits = None
+    if {"tfidf", "hybrid"} & set(retrievers):
+        from clinlinker_spark.lexical import LexicalIndex
 
-            hits = TfidfRetriever(index.texts).search(unique, search_k)
-            self_scores = np.ones(len(unique), np.float32)
-        timings[name] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        lexical = index.lexical or LexicalIndex.fit(index.texts)
+        lexical_queries = lexical.transform(unique)
+        lexical_hits = lexical.search(unique, search_k, lexical_queries)
+        timings["tfidf"] = round(time.perf_counter() - started, 2)
+    for name in retrievers:
         for prior in (False, True):
-            cands = candidates_from_hits(index, unique, hits, top_k, prior, self_scores)
             variant = name + ("+exact_prior" if prior else "")
-            results[variant] = evaluate_candidates(gold, [cands[g] for g in gather], index, ks)
+            if name == "dense":
+                self_scores = np.einsum("ij,ij->i", vectors, vectors)
+                cands = candidates_from_hits(index, unique, dense_hits, top_k, prior,
+                                             self_scores)
+            elif name == "tfidf":
+                cands = candidates_from_hits(index, unique, lexical_hits, top_k, prior,
+                                             np.ones(len(unique), np.float32))
+            else:
+                if index.lexical is None:
+                    raise ConfigError(f"index {args.index} has no lexical model: rebuild it "
+                                      "for the hybrid retriever")
+                self_scores = np.einsum("ij,ij->i", vectors, vectors)
+                cands = [c[:top_k] for c in hybrid_candidates(
+                    index, unique, dense_hits, lexical_hits, vectors, lexical_queries, top_k,
+                    prior, self_scores)]
+            results[variant] = report_of(cands)
             if name == "dense" and prior and args.reranker:
                 from clinlinker_spark.reranker import CrossEncoderReranker
 
@@ -129,8 +187,12 @@ def run(args: argparse.Namespace) -> int:
                     reranked = order_candidates(scored, args.rerank_top_n, True, fusion,
                                                 args.rrf_k)
                     row = variant + ("+rerank" if fusion == "none" else f"+rerank_{fusion}")
-                    results[row] = evaluate_candidates(
-                        gold, [reranked[g] for g in gather], index, ks)
+                    results[row] = report_of(reranked)
+
+    confidence = None
+    if args.ranker:
+        confidence = _evaluate_ranker(args, encoder, index, unique, gather, gold, results,
+                                      timings, report_of)
 
     report = {
         "meta": {
@@ -139,15 +201,86 @@ def run(args: argparse.Namespace) -> int:
             "mentions": len(gold), "index": str(args.index),
             "index_terms": len(index), "index_codes": len(index.code_keys),
             "encoder": args.encoder or "-", "reranker": args.reranker or "-",
+            "ranker": args.ranker or "-",
             "rerank_top_n": args.rerank_top_n if args.reranker else 0,
             "rrf_k": args.rrf_k if args.reranker and "rrf" in fusions else 0,
         },
         "timings_s": timings,
         "results": results,
+        **({"confidence": confidence} if confidence is not None else {}),
     }
     print(format_table(report))
-    print(dumps(report))
+    if confidence is not None:
+        print(format_confidence(confidence))
+    print(dumps({k: v for k, v in report.items() if k != "confidence"}
+                | ({"confidence": {k: v for k, v in confidence.items() if k != "curve"}}
+                   if confidence is not None else {})))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(dumps(report) + "\n", encoding="utf-8")
+    plot = args.plot or (str(Path(args.json_out).with_suffix(".png"))
+                         if args.json_out and confidence is not None else "")
+    if plot and confidence is not None:
+        plot_precision_coverage({"ranker confidence": confidence["curve"]}, plot,
+                                title=f"{Path(str(args.gold)).name}: precision against coverage")
+        log.info("precision-coverage plot written to %s", plot)
     return 0
+
+
+def _evaluate_ranker(args: argparse.Namespace, encoder, index, unique, gather, gold,
+                     results, timings, report_of) -> dict:
+    """The 'ranker' row: the gold texts linked as the job links them with this ranker, and
+    the confidence report of its first codes."""
+    from clinlinker_spark.ranker import Ranker
+
+    ranker = Ranker.load(args.ranker)
+    trained = ranker.spec.get("trained_with", {})
+    linking = from_dict(LinkingConfig, trained.get("linking") or {}, "linking.")
+    reranker = None
+    if ranker.uses_rerank:
+        if not args.reranker:
+            raise ConfigError(f"ranker {args.ranker} uses the cross-encoder's score: give "
+                              "--reranker")
+        from clinlinker_spark.config import RerankerConfig
+        from clinlinker_spark.reranker import CrossEncoderReranker
+
+        reranker = CrossEncoderReranker(args.reranker, batch_size=args.batch_size,
+                                        device=args.device, num_threads=args.threads)
+        reranker_config = RerankerConfig(path=args.reranker, top_n=args.rerank_top_n)
+    else:
+        reranker_config = None
+    linker = Linker(encoder, index, linking, reranker, reranker_config, ranker)
+    started = time.perf_counter()
+    ranked, confidences = linker.rank(unique, linker.rerank(unique, linker.retrieve(unique)))
+    timings["ranker"] = round(time.perf_counter() - started, 2)
+    results["ranker"] = report_of(ranked)
+    gold_keys = gold["code"].map(normalize_code).tolist()
+    right = [bool(ranked[g]) and normalize_code(ranked[g][0].code) == key
+             for g, key in zip(gather, gold_keys)]
+    conf = [confidences[g] for g in gather]
+    picked = (ranker.spec.get("thresholds") or {}).get(f"{args.target_precision:g}")
+    report = confidence_report(conf, right, args.target_precision,
+                               picked["threshold"] if picked else None)
+    report["picked_on_training_folds"] = picked
+    report["curve"] = precision_coverage_curve(
+        np.array([0.0 if c is None else c for c in conf]), np.array(right))
+    return report
+
+
+def format_confidence(report: dict) -> str:
+    lines = ["", f"[ranker confidence]  mentions={report['mentions']} "
+             f"accuracy@1={report['accuracy']:.3f} mean confidence="
+             f"{report['mean_confidence']:.3f} ECE={report['ece']:.3f}",
+             f"{'threshold':>10}{'precision':>11}{'coverage':>10}"]
+    for row in report["at_thresholds"]:
+        lines.append(f"{row['threshold']:>10.2f}{row['precision']:>11.3f}{row['coverage']:>10.3f}")
+    target = report["target_precision"]
+    found = report["threshold_for_target"]
+    lines.append(f"precision {target:g} on these mentions: " + (
+        f"threshold {found['threshold']:.3f}, coverage {found['coverage']:.3f}" if found
+        else "not reached"))
+    picked = report.get("at_picked_threshold")
+    if picked is not None:
+        lines.append(f"at the threshold picked on training folds ({picked['threshold']:.3f}):"
+                     f" precision {picked['precision']:.3f}, coverage {picked['coverage']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,407 @@
+"""The learned final ranker and its calibrated confidence.
+
+A mention's candidates (the union of the retrievers' codes, :mod:`clinlinker_spark.linker`)
+are ordered by a small learned model over per-candidate features (:data:`FEATURES`), and the
+top code gets a ``confidence``: the probability that it is the right code, calibrated on
+out-of-fold predictions (:mod:`clinlinker_spark.training.ranker` trains both).
+
+Features of a candidate (code c, its shown term t) for a mention m, from the candidate's
+scores and from the index artifact (rows, codes and hierarchy):
+
+- retrieval: the bi-encoder score of t, its rank among the mention's candidates and its gap to
+  the best; the same for the lexical (TF-IDF) score; the cross-encoder logit, rank and gap
+  (missing, NaN, where no re-ranker scored it);
+- text: m equals t (exact), the word-token Jaccard of m and t, the length ratio, m's token
+  count;
+- training priors: how many training mentions carry (t, c) and c, c's share of the training
+  mentions of m's exact text (``exact_share``) and of its parent's children
+  (``sibling_share``), whether t is c's main term, how many terms c has;
+- hierarchy: whether c is a leaf (assignable in ICD-10-CM), its depth, whether another
+  candidate is an ancestor or a descendant of c.
+
+The artifact is a directory (no pickle): ``ranker.json`` (kind, model type, features, the
+settings and artifacts it was trained with, calibration, thresholds, metrics, data hashes),
+and the model: ``model.txt`` (LightGBM's own text format) or the coefficients inside
+``ranker.json`` (logistic regression). Its ``model_hash`` is a SHA-256 of those files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from clinlinker_spark.errors import ArtifactError, ConfigError
+from clinlinker_spark.index import TerminologyIndex
+from clinlinker_spark.text import normalize_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clinlinker_spark.linker import Candidate, Linker
+
+log = logging.getLogger(__name__)
+
+RANKER_FILE = "ranker.json"
+MODEL_FILE = "model.txt"
+RANKER_KIND = "clinlinker-ranker"
+RANKER_FORMAT = 1
+MODEL_TYPES = ("lightgbm", "logistic")
+
+FEATURES: tuple[str, ...] = (
+    "dense", "dense_rank", "dense_gap",
+    "lexical", "lexical_rank", "lexical_gap",
+    "rerank", "rerank_rank", "rerank_gap",
+    "exact", "token_jaccard", "length_ratio", "mention_tokens",
+    "term_mentions", "code_mentions", "exact_share", "exact_text_mentions", "sibling_share",
+    "is_main_term", "term_is_mention", "code_terms",
+    "is_leaf", "depth", "has_ancestor", "has_descendant",
+)
+RERANK_FEATURES = ("rerank", "rerank_rank", "rerank_gap")
+# longest parent chain followed for the ancestor / descendant features
+MAX_DEPTH = 12
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+
+
+class _IndexStats:
+    """Per-index lookups the features need, computed once per index object."""
+
+    def __init__(self, index: TerminologyIndex):
+        rows = index.rows
+        self.index = index
+        counts = rows["mention_count"].to_numpy(np.int64)
+        positions = rows["position"].to_numpy(np.int64)
+        self.text_mentions = np.bincount(positions, weights=counts,
+                                         minlength=len(index.texts)).astype(np.int64)
+        self.row_mentions = counts
+        self.row_main = rows["is_main_term"].to_numpy(bool)
+        codes = index.codes
+        self.parent = dict(zip(codes["code_key"], codes["parent_key"]))
+        self.code_mentions = dict(zip(codes["code_key"], codes["mention_count"].astype(int)))
+        self.code_terms = dict(zip(codes["code_key"], codes["n_terms"].astype(int)))
+        self.is_leaf = dict(zip(codes["code_key"], codes["is_leaf"].astype(bool)))
+        self.depth = dict(zip(codes["code_key"], codes["depth"].astype(int)))
+        family: dict[str, int] = {}
+        for key, parent in self.parent.items():
+            if parent:
+                family[parent] = family.get(parent, 0) + self.code_mentions.get(key, 0)
+        self.family_mentions = family
+        self.term_norms: dict[str, str] = {}
+
+    def norm(self, term: str) -> str:
+        norm = self.term_norms.get(term)
+        if norm is None:
+            norm = self.term_norms[term] = normalize_text(term)
+        return norm
+
+    def ancestors(self, key: str) -> list[str]:
+        out: list[str] = []
+        parent = self.parent.get(key, "")
+        while parent and parent not in out and len(out) < MAX_DEPTH:
+            out.append(parent)
+            parent = self.parent.get(parent, "")
+        return out
+
+
+def index_stats(index: TerminologyIndex) -> _IndexStats:
+    stats = getattr(index, "_ranker_stats", None)
+    if stats is None or stats.index is not index:
+        stats = _IndexStats(index)
+        index._ranker_stats = stats  # type: ignore[attr-defined]
+    return stats
+
+
+def _group_rank(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """1-based rank of each value within its group, highest first (ties: first in order);
+    NaN values rank after every number."""
+    keyed = np.where(np.isnan(values), -np.inf, values)
+    order = np.lexsort((np.arange(len(values)), -keyed, groups))
+    ranks = np.empty(len(values), np.float32)
+    starts = np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1]
+    within = np.arange(len(values)) - np.repeat(starts, np.diff(np.r_[starts, len(values)]))
+    ranks[order] = within + 1
+    return ranks
+
+
+def _group_gap(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """The group's best value minus each value (NaN stays NaN)."""
+    best = np.full(n_groups, -np.inf)
+    np.fmax.at(best, groups, np.where(np.isnan(values), -np.inf, values))
+    return (best[groups] - values).astype(np.float32)
+
+
+def _tokens(text: str) -> set[str]:
+    return {t for t in text.replace(",", " ").replace("(", " ").replace(")", " ").split() if t}
+
+
+def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
+                       candidates: Sequence[Sequence[Candidate]]) -> np.ndarray:
+    """The :data:`FEATURES` of every candidate, float32 [total candidates, len(FEATURES)],
+    mentions in order, each mention's candidates in order."""
+    stats = index_stats(index)
+    n = sum(len(c) for c in candidates)
+    out = np.zeros((n, len(FEATURES)), np.float32)
+    col = {name: j for j, name in enumerate(FEATURES)}
+    groups = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])
+    dense = np.empty(n, np.float64)
+    lexical = np.empty(n, np.float64)
+    rerank = np.empty(n, np.float64)
+    per_row: list[tuple] = []
+    at = 0
+    for text, cands in zip(texts_norm, candidates):
+        mention_tokens = _tokens(text)
+        keys = [c.code.strip().lower().replace(".", "") for c in cands]
+        in_list = set(keys)
+        exact_position = index.position_of(text)
+        exact_total = int(stats.text_mentions[exact_position]) if exact_position >= 0 else 0
+        for c, key in zip(cands, keys):
+            dense[at] = c.retrieval_score
+            lexical[at] = c.lexical_score if c.lexical_score is not None else np.nan
+            rerank[at] = c.rerank_score if c.rerank_score is not None else np.nan
+            term_norm = stats.norm(c.term)
+            position = index.position_of(term_norm)
+            row = index.row_of(position, key) if position >= 0 else -1
+            term_mentions = int(stats.row_mentions[row]) if row >= 0 else 0
+            main = bool(stats.row_main[row]) if row >= 0 else False
+            exact_mentions = 0
+            if exact_position >= 0:
+                exact_row = index.row_of(exact_position, key)
+                exact_mentions = int(stats.row_mentions[exact_row]) if exact_row >= 0 else 0
+            term_tokens = _tokens(term_norm)
+            union = len(mention_tokens | term_tokens)
+            jaccard = len(mention_tokens & term_tokens) / union if union else 0.0
+            code_mentions = stats.code_mentions.get(key, 0)
+            parent = stats.parent.get(key, "")
+            family = stats.family_mentions.get(parent, 0) if parent else 0
+            ancestors = stats.ancestors(key)
+            has_ancestor = any(a in in_list for a in ancestors)
+            per_row.append((
+                float(c.exact), jaccard,
+                math.log((len(term_norm) + 1) / (len(text) + 1)), len(mention_tokens),
+                math.log1p(term_mentions), math.log1p(code_mentions),
+                exact_mentions / exact_total if exact_total else 0.0,
+                math.log1p(exact_total),
+                code_mentions / family if family else 0.0,
+                float(main), float(term_mentions > 0),
+                math.log1p(stats.code_terms.get(key, 0)),
+                float(stats.is_leaf.get(key, True)), float(stats.depth.get(key, 1)),
+                float(has_ancestor),
+            ))
+            at += 1
+        # descendants: a candidate whose ancestor chain holds this code
+        # (filled below per group from the ancestor sets)
+    if n == 0:
+        return out
+    static = np.asarray(per_row, np.float32)
+    names = ("exact", "token_jaccard", "length_ratio", "mention_tokens", "term_mentions",
+             "code_mentions", "exact_share", "exact_text_mentions", "sibling_share",
+             "is_main_term", "term_is_mention", "code_terms", "is_leaf", "depth",
+             "has_ancestor")
+    for j, name in enumerate(names):
+        out[:, col[name]] = static[:, j]
+    n_groups = len(candidates)
+    for name, values in (("dense", dense), ("lexical", lexical), ("rerank", rerank)):
+        out[:, col[name]] = values
+        out[:, col[f"{name}_rank"]] = np.where(np.isnan(values), np.nan,
+                                               _group_rank(values, groups))
+        out[:, col[f"{name}_gap"]] = _group_gap(values, groups, n_groups)
+    out[:, col["has_descendant"]] = _has_descendant(stats, candidates)
+    return out
+
+
+def _has_descendant(stats: _IndexStats, candidates: Sequence[Sequence[Candidate]]
+                    ) -> np.ndarray:
+    flags: list[float] = []
+    for cands in candidates:
+        keys = [c.code.strip().lower().replace(".", "") for c in cands]
+        above: set[str] = set()
+        for key in keys:
+            above.update(stats.ancestors(key))
+        flags.extend(float(k in above) for k in keys)
+    return np.asarray(flags, np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Isotonic map from the top candidate's raw confidence (its softmax share of the ranker
+    scores of its list) to the probability that it is right: piecewise linear through
+    (``x``, ``y``), non-decreasing, clipped to [0, 1]."""
+
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        if not self.x:
+            return np.clip(np.asarray(raw, np.float64), 0.0, 1.0)
+        return np.clip(np.interp(np.asarray(raw, np.float64), self.x, self.y), 0.0, 1.0)
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, correct: np.ndarray) -> Calibration:
+        """Isotonic regression of ``correct`` (0/1) on ``raw``; its breakpoints."""
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        iso.fit(np.asarray(raw, np.float64), np.asarray(correct, np.float64))
+        return cls(tuple(float(v) for v in iso.X_thresholds_),
+                   tuple(float(v) for v in iso.y_thresholds_))
+
+
+def raw_confidence(scores: np.ndarray) -> float:
+    """The top candidate's softmax share of a list's ranker scores (``scores`` best first)."""
+    if len(scores) == 0:
+        return 0.0
+    shifted = np.exp(scores - scores.max())
+    return float(shifted[0] / shifted.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class Ranker:
+    """A loaded ranker directory: scores candidates, orders them, calibrates the top one."""
+
+    path: Path
+    spec: dict[str, Any]
+    model_hash: str
+    booster: Any = None  # lightgbm.Booster (model type lightgbm)
+    coefficients: np.ndarray | None = None  # logistic: [features], with the intercept below
+    intercept: float = 0.0
+    means: np.ndarray | None = None  # logistic: feature standardisation
+    scales: np.ndarray | None = None
+    calibration: Calibration = field(default_factory=lambda: Calibration((), ()))
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.spec["features"])
+
+    @property
+    def uses_rerank(self) -> bool:
+        return bool(set(RERANK_FEATURES) & set(self.features))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ranker:
+        p = Path(path)
+        spec_file = p / RANKER_FILE
+        if not spec_file.is_file():
+            raise ArtifactError(f"{p} is not a ranker directory: no {RANKER_FILE} "
+                                "(clinlinker train-ranker writes one)")
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        if spec.get("kind") != RANKER_KIND or spec.get("format_version") != RANKER_FORMAT:
+            raise ArtifactError(f"{spec_file}: not a {RANKER_KIND} of format {RANKER_FORMAT}")
+        unknown = set(spec["features"]) - set(FEATURES)
+        if unknown:
+            raise ArtifactError(f"{spec_file}: features this version does not compute: "
+                                f"{sorted(unknown)}")
+        calibration = Calibration(tuple(spec["calibration"]["x"]),
+                                  tuple(spec["calibration"]["y"]))
+        ranker = cls(p, spec, ranker_hash(p), calibration=calibration)
+        if spec["model_type"] == "lightgbm":
+            import lightgbm
+
+            model_file = p / MODEL_FILE
+            if not model_file.is_file():
+                raise ArtifactError(f"ranker {p}: no {MODEL_FILE}")
+            ranker.booster = lightgbm.Booster(model_str=model_file.read_text(encoding="utf-8"))
+        elif spec["model_type"] == "logistic":
+            model = spec["logistic"]
+            ranker.coefficients = np.asarray(model["coefficients"], np.float64)
+            ranker.intercept = float(model["intercept"])
+            ranker.means = np.asarray(model["means"], np.float64)
+            ranker.scales = np.asarray(model["scales"], np.float64)
+        else:
+            raise ArtifactError(f"{spec_file}: unknown model_type {spec['model_type']!r}")
+        return ranker
+
+    def check_compatible(self, linker: Linker) -> None:
+        """The ranker must see the features it was trained on: an error when it uses the
+        cross-encoder's score and the linker has no re-ranker (or the reverse), or when the
+        bi-encoder differs from the one it was trained with (its scores would mean something
+        else)."""
+        trained = self.spec.get("trained_with", {})
+        encoder = trained.get("model_version", "")
+        if encoder and encoder != linker.encoder.model_hash:
+            raise ConfigError(
+                f"ranker {self.path} was trained with bi-encoder {encoder[:12]}, the job's is "
+                f"{linker.encoder.model_hash[:12]}: train a ranker for this encoder "
+                "(clinlinker train-ranker)")
+        if self.uses_rerank and linker.reranker is None:
+            raise ConfigError(f"ranker {self.path} uses the cross-encoder's score: configure "
+                              "reranker.path, or train a ranker without it")
+        if not self.uses_rerank and linker.reranker is not None:
+            raise ConfigError(f"ranker {self.path} was trained without a cross-encoder: "
+                              "remove reranker.path or train a ranker with it")
+        retrievers = trained.get("retrievers")
+        if retrievers and sorted(retrievers) != sorted(linker.linking.retrievers):
+            raise ConfigError(f"ranker {self.path} was trained with retrievers {retrievers}; "
+                              f"the job has {list(linker.linking.retrievers)}")
+        index = trained.get("index_version", "")
+        if index and index != linker.index.content_hash:
+            log.warning("ranker %s was trained against index %s, the job's is %s: its "
+                        "confidence may be off until it is trained again", self.path.name,
+                        index[:12], linker.index.content_hash[:12])
+
+    def score_matrix(self, features: np.ndarray) -> np.ndarray:
+        """Ranker scores [n] of feature rows [n, len(FEATURES)] (all features computed)."""
+        if len(features) == 0:
+            return np.zeros(0, np.float64)
+        picked = features[:, [FEATURES.index(f) for f in self.features]]
+        if self.booster is not None:
+            return np.asarray(self.booster.predict(picked), np.float64)
+        assert self.coefficients is not None and self.means is not None
+        x = np.nan_to_num(picked.astype(np.float64), nan=0.0)
+        return ((x - self.means) / self.scales) @ self.coefficients + self.intercept
+
+    def rank(self, index: TerminologyIndex, texts_norm: Sequence[str],
+             candidates: Sequence[Sequence[Candidate]]
+             ) -> tuple[list[list[Candidate]], list[float | None]]:
+        """Each mention's candidates ordered by ranker score (ties: the incoming order), with
+        ``ranker_score`` set, and the calibrated confidence of the first (None when a mention
+        has no candidate)."""
+        from clinlinker_spark.linker import Candidate
+
+        scores = self.score_matrix(candidate_features(index, texts_norm, candidates))
+        ranked: list[list[Candidate]] = []
+        raws: list[float] = []
+        at = 0
+        for cands in candidates:
+            s = scores[at:at + len(cands)]
+            at += len(cands)
+            order = np.argsort(-s, kind="stable")
+            ranked.append([Candidate(c.code, c.term, c.retrieval_score, c.rerank_score, c.exact,
+                                     c.lexical_score, float(s[j]))
+                           for j in order.tolist() for c in (cands[j],)])
+            raws.append(raw_confidence(s[order]) if len(cands) else math.nan)
+        calibrated = self.calibration(np.nan_to_num(np.asarray(raws), nan=0.0))
+        confidences = [None if not cands else float(p)
+                       for cands, p in zip(candidates, calibrated)]
+        return ranked, confidences
+
+
+def ranker_hash(path: Path) -> str:
+    """SHA-256 of a ranker directory's files (ranker.json, model.txt when present)."""
+    digest = hashlib.sha256()
+    for name in (RANKER_FILE, MODEL_FILE):
+        f = path / name
+        if f.is_file():
+            digest.update(name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+__all__ = [
+    "Calibration", "FEATURES", "MODEL_TYPES", "RERANK_FEATURES", "Ranker",
+    "candidate_features", "raw_confidence", "ranker_hash",
+]
