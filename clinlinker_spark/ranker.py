@@ -71,43 +71,76 @@ MAX_DEPTH = 12
 
 
 class _IndexStats:
-    """Per-index lookups the features need, computed once per index object."""
+    """Per-index lookups the features need, computed once per index object: per-row arrays of
+    every feature that depends only on the (term, code) row, and the row of each
+    (code, term) and (position, code_key)."""
 
     def __init__(self, index: TerminologyIndex):
         rows = index.rows
         self.index = index
         counts = rows["mention_count"].to_numpy(np.int64)
         positions = rows["position"].to_numpy(np.int64)
+        keys = rows["code_key"].astype(str).tolist()
         self.text_mentions = np.bincount(positions, weights=counts,
                                          minlength=len(index.texts)).astype(np.int64)
         self.row_mentions = counts
-        self.row_main = rows["is_main_term"].to_numpy(bool)
         codes = index.codes
         self.parent = dict(zip(codes["code_key"], codes["parent_key"]))
-        self.code_mentions = dict(zip(codes["code_key"], codes["mention_count"].astype(int)))
-        self.code_terms = dict(zip(codes["code_key"], codes["n_terms"].astype(int)))
-        self.is_leaf = dict(zip(codes["code_key"], codes["is_leaf"].astype(bool)))
-        self.depth = dict(zip(codes["code_key"], codes["depth"].astype(int)))
+        code_mentions = dict(zip(codes["code_key"], codes["mention_count"].astype(int)))
+        code_terms = dict(zip(codes["code_key"], codes["n_terms"].astype(int)))
+        is_leaf = dict(zip(codes["code_key"], codes["is_leaf"].astype(bool)))
+        depth = dict(zip(codes["code_key"], codes["depth"].astype(int)))
         family: dict[str, int] = {}
         for key, parent in self.parent.items():
             if parent:
-                family[parent] = family.get(parent, 0) + self.code_mentions.get(key, 0)
-        self.family_mentions = family
-        self.term_norms: dict[str, str] = {}
+                family[parent] = family.get(parent, 0) + code_mentions.get(key, 0)
 
-    def norm(self, term: str) -> str:
-        norm = self.term_norms.get(term)
-        if norm is None:
-            norm = self.term_norms[term] = normalize_text(term)
-        return norm
+        def sibling_share(key: str) -> float:
+            total = family.get(self.parent.get(key, ""), 0)
+            return code_mentions.get(key, 0) / total if total else 0.0
 
-    def ancestors(self, key: str) -> list[str]:
-        out: list[str] = []
-        parent = self.parent.get(key, "")
-        while parent and parent not in out and len(out) < MAX_DEPTH:
-            out.append(parent)
-            parent = self.parent.get(parent, "")
-        return out
+        n = len(rows)
+        term_norms = rows["term_norm"].astype(str).tolist()
+        # the row-only features, in the order of ROW_FEATURES
+        self.row_features = np.zeros((n, len(ROW_FEATURES)), np.float32)
+        self.row_features[:, 0] = np.log1p(counts)
+        self.row_features[:, 1] = np.log1p([code_mentions.get(k, 0) for k in keys])
+        self.row_features[:, 2] = [sibling_share(k) for k in keys]
+        self.row_features[:, 3] = rows["is_main_term"].to_numpy(bool)
+        self.row_features[:, 4] = counts > 0
+        self.row_features[:, 5] = np.log1p([code_terms.get(k, 0) for k in keys])
+        self.row_features[:, 6] = [is_leaf.get(k, True) for k in keys]
+        self.row_features[:, 7] = [depth.get(k, 1) for k in keys]
+        self.row_term_norm = term_norms
+        self.row_key = keys
+        self.row_of_code_term = {(c, t): i for i, (c, t) in enumerate(
+            zip(rows["code"].astype(str).tolist(), rows["term"].astype(str).tolist()))}
+        self.row_of_position_key = {(int(p), k): i for i, (p, k) in enumerate(
+            zip(positions.tolist(), keys))}
+        self.term_tokens: dict[int, frozenset[str]] = {}
+        self.ancestor_sets: dict[str, frozenset[str]] = {}
+
+    def ancestors(self, key: str) -> frozenset[str]:
+        found = self.ancestor_sets.get(key)
+        if found is None:
+            out: list[str] = []
+            parent = self.parent.get(key, "")
+            while parent and parent not in out and len(out) < MAX_DEPTH:
+                out.append(parent)
+                parent = self.parent.get(parent, "")
+            found = self.ancestor_sets[key] = frozenset(out)
+        return found
+
+    def tokens_of_row(self, row: int) -> frozenset[str]:
+        found = self.term_tokens.get(row)
+        if found is None:
+            found = self.term_tokens[row] = _tokens(self.row_term_norm[row])
+        return found
+
+
+# the features that depend only on the candidate's (term, code) row of the index
+ROW_FEATURES = ("term_mentions", "code_mentions", "sibling_share", "is_main_term",
+                "term_is_mention", "code_terms", "is_leaf", "depth")
 
 
 def index_stats(index: TerminologyIndex) -> _IndexStats:
@@ -137,8 +170,8 @@ def _group_gap(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndar
     return (best[groups] - values).astype(np.float32)
 
 
-def _tokens(text: str) -> set[str]:
-    return {t for t in text.replace(",", " ").replace("(", " ").replace(")", " ").split() if t}
+def _tokens(text: str) -> frozenset[str]:
+    return frozenset(text.replace(",", " ").replace("(", " ").replace(")", " ").split())
 
 
 def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
@@ -146,86 +179,89 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     """The :data:`FEATURES` of every candidate, float32 [total candidates, len(FEATURES)],
     mentions in order, each mention's candidates in order."""
     stats = index_stats(index)
-    n = sum(len(c) for c in candidates)
+    sizes = [len(c) for c in candidates]
+    n = sum(sizes)
     out = np.zeros((n, len(FEATURES)), np.float32)
-    col = {name: j for j, name in enumerate(FEATURES)}
-    groups = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])
-    dense = np.empty(n, np.float64)
-    lexical = np.empty(n, np.float64)
-    rerank = np.empty(n, np.float64)
-    per_row: list[tuple] = []
-    at = 0
-    for text, cands in zip(texts_norm, candidates):
-        mention_tokens = _tokens(text)
-        keys = [c.code.strip().lower().replace(".", "") for c in cands]
-        in_list = set(keys)
-        exact_position = index.position_of(text)
-        exact_total = int(stats.text_mentions[exact_position]) if exact_position >= 0 else 0
-        for c, key in zip(cands, keys):
-            dense[at] = c.retrieval_score
-            lexical[at] = c.lexical_score if c.lexical_score is not None else np.nan
-            rerank[at] = c.rerank_score if c.rerank_score is not None else np.nan
-            term_norm = stats.norm(c.term)
-            position = index.position_of(term_norm)
-            row = index.row_of(position, key) if position >= 0 else -1
-            term_mentions = int(stats.row_mentions[row]) if row >= 0 else 0
-            main = bool(stats.row_main[row]) if row >= 0 else False
-            exact_mentions = 0
-            if exact_position >= 0:
-                exact_row = index.row_of(exact_position, key)
-                exact_mentions = int(stats.row_mentions[exact_row]) if exact_row >= 0 else 0
-            term_tokens = _tokens(term_norm)
-            union = len(mention_tokens | term_tokens)
-            jaccard = len(mention_tokens & term_tokens) / union if union else 0.0
-            code_mentions = stats.code_mentions.get(key, 0)
-            parent = stats.parent.get(key, "")
-            family = stats.family_mentions.get(parent, 0) if parent else 0
-            ancestors = stats.ancestors(key)
-            has_ancestor = any(a in in_list for a in ancestors)
-            per_row.append((
-                float(c.exact), jaccard,
-                math.log((len(term_norm) + 1) / (len(text) + 1)), len(mention_tokens),
-                math.log1p(term_mentions), math.log1p(code_mentions),
-                exact_mentions / exact_total if exact_total else 0.0,
-                math.log1p(exact_total),
-                code_mentions / family if family else 0.0,
-                float(main), float(term_mentions > 0),
-                math.log1p(stats.code_terms.get(key, 0)),
-                float(stats.is_leaf.get(key, True)), float(stats.depth.get(key, 1)),
-                float(has_ancestor),
-            ))
-            at += 1
-        # descendants: a candidate whose ancestor chain holds this code
-        # (filled below per group from the ancestor sets)
     if n == 0:
         return out
-    static = np.asarray(per_row, np.float32)
-    names = ("exact", "token_jaccard", "length_ratio", "mention_tokens", "term_mentions",
-             "code_mentions", "exact_share", "exact_text_mentions", "sibling_share",
-             "is_main_term", "term_is_mention", "code_terms", "is_leaf", "depth",
-             "has_ancestor")
-    for j, name in enumerate(names):
-        out[:, col[name]] = static[:, j]
+    col = {name: j for j, name in enumerate(FEATURES)}
+    groups = np.repeat(np.arange(len(candidates)), sizes)
+    nan = math.nan
+    dense_list: list[float] = []
+    lexical_list: list[float] = []
+    rerank_list: list[float] = []
+    row_list: list[int] = []
+    per_list: list[tuple[float, ...]] = []
+    row_of_code_term = stats.row_of_code_term
+    row_of_position_key = stats.row_of_position_key
+    row_mentions = stats.row_mentions
+    row_key = stats.row_key
+    row_term_norm = stats.row_term_norm
+    tokens_of_row = stats.tokens_of_row
+    ancestors = stats.ancestors
+    for text, cands in zip(texts_norm, candidates):
+        mention_tokens = _tokens(text)
+        n_tokens = len(mention_tokens)
+        text_length = len(text) + 1
+        exact_position = index.position_of(text)
+        exact_total = int(stats.text_mentions[exact_position]) if exact_position >= 0 else 0
+        log_exact_total = math.log1p(exact_total)
+        keys: list[str] = []
+        group_per: list[list[float]] = []
+        for c in cands:
+            row = row_of_code_term.get((c.code, c.term), -1)
+            dense_list.append(c.retrieval_score)
+            lexical_list.append(nan if c.lexical_score is None else c.lexical_score)
+            rerank_list.append(nan if c.rerank_score is None else c.rerank_score)
+            row_list.append(row)
+            exact_share = 0.0
+            if row >= 0:
+                key = row_key[row]
+                term_tokens = tokens_of_row(row)
+                union = len(mention_tokens | term_tokens)
+                jaccard = len(mention_tokens & term_tokens) / union if union else 0.0
+                length = len(row_term_norm[row])
+                if exact_total:
+                    exact_row = row_of_position_key.get((exact_position, key), -1)
+                    if exact_row >= 0:
+                        exact_share = row_mentions[exact_row] / exact_total
+            else:
+                key, jaccard, length = "", 0.0, len(c.term)
+            keys.append(key)
+            group_per.append([float(c.exact), jaccard, math.log((length + 1) / text_length),
+                              n_tokens, exact_share, log_exact_total, 0.0, 0.0])
+        # hierarchy within the list: ancestors and descendants among the other candidates
+        in_list = set(keys)
+        above: set[str] = set()
+        for key in keys:
+            above.update(ancestors(key))
+        for key, values in zip(keys, group_per):
+            values[6] = float(bool(ancestors(key) & in_list))
+            values[7] = float(key in above)
+        per_list.extend(group_per)
+    dense = np.asarray(dense_list, np.float64)
+    lexical = np.asarray(lexical_list, np.float64)
+    rerank = np.asarray(rerank_list, np.float64)
+    rows = np.asarray(row_list, np.int64)
+    per_candidate = np.asarray(per_list, np.float32)
+    for j, name in enumerate(("exact", "token_jaccard", "length_ratio", "mention_tokens",
+                              "exact_share", "exact_text_mentions", "has_ancestor",
+                              "has_descendant")):
+        out[:, col[name]] = per_candidate[:, j]
+    known = rows >= 0
+    row_values = np.zeros((n, len(ROW_FEATURES)), np.float32)
+    row_values[known] = stats.row_features[rows[known]]
+    row_values[~known, ROW_FEATURES.index("is_leaf")] = 1.0
+    row_values[~known, ROW_FEATURES.index("depth")] = 1.0
+    for j, name in enumerate(ROW_FEATURES):
+        out[:, col[name]] = row_values[:, j]
     n_groups = len(candidates)
     for name, values in (("dense", dense), ("lexical", lexical), ("rerank", rerank)):
         out[:, col[name]] = values
         out[:, col[f"{name}_rank"]] = np.where(np.isnan(values), np.nan,
                                                _group_rank(values, groups))
         out[:, col[f"{name}_gap"]] = _group_gap(values, groups, n_groups)
-    out[:, col["has_descendant"]] = _has_descendant(stats, candidates)
     return out
-
-
-def _has_descendant(stats: _IndexStats, candidates: Sequence[Sequence[Candidate]]
-                    ) -> np.ndarray:
-    flags: list[float] = []
-    for cands in candidates:
-        keys = [c.code.strip().lower().replace(".", "") for c in cands]
-        above: set[str] = set()
-        for key in keys:
-            above.update(stats.ancestors(key))
-        flags.extend(float(k in above) for k in keys)
-    return np.asarray(flags, np.float32)
 
 
 # --------------------------------------------------------------------------------------------
