@@ -233,13 +233,17 @@ def read_icd10cm(source: str = "icd10cm", inclusion_terms: bool = True) -> pd.Da
     terms: list[str] = []
     main: list[bool] = []
     parents: list[str] = []
-    n_codes = 0
+    seen: set[str] = set()
     for code in cm.get_all_codes(with_dots=True):
-        if not cm.is_category_or_subcategory(code):
+        # a block whose one category has its name (B10, C50, ...) is listed twice under
+        # that name, and the package resolves the name to the category: the code is read
+        # once, and a parent named as the code itself is that block (no parent)
+        if code in seen or not cm.is_category_or_subcategory(code):
             continue
-        n_codes += 1
+        seen.add(code)
         parent = cm.get_parent(code)
-        parent = parent if parent and cm.is_category_or_subcategory(parent) else ""
+        parent = (parent if parent and parent != code and cm.is_category_or_subcategory(parent)
+                  else "")
         names = [cm.get_description(code)]
         if inclusion_terms:
             names += [t for t in cm.get_inclusion_term(code) if t]
@@ -249,7 +253,7 @@ def read_icd10cm(source: str = "icd10cm", inclusion_terms: bool = True) -> pd.Da
             main.append(i == 0)
             parents.append(parent)
     logger.info("ICD-10-CM (simple-icd-10-cm): %d codes, %d rows with inclusion terms",
-                n_codes, len(codes))
+                len(seen), len(codes))
     return _make_table(
         code=pd.Series(codes, dtype=object),
         term=pd.Series(terms, dtype=object),
