@@ -346,8 +346,8 @@ def build_terminology(
     ``term`` and first non-empty ``semantic_tag`` and ``parent_key``, sums ``mention_count``,
     ORs ``is_main_term`` and joins the distinct source names with ``"|"`` in order of
     appearance. Each ``code_key`` then gets one spelling in ``code`` and one ``parent_key``
-    for all its rows: the first a dictionary row gives (rows with no training mentions, in
-    source order), else the first row's.
+    for all its rows: the first a dictionary row gives (input rows with no training mentions,
+    in source order, before duplicates are merged), else the first row's.
     Output order is the order of first appearance (stable); the index is a RangeIndex.
     ``code_key`` and ``term_norm`` are recomputed from ``code`` and ``term``; missing optional
     columns take their defaults (is_main_term False, semantic_tag "", source "", count 0).
@@ -397,7 +397,7 @@ def build_terminology(
         for column in ("mention_count", "is_main_term", "source", "semantic_tag",
                        "parent_key"):
             out.loc[hit, column] = rows[column].to_numpy()
-    out = _one_spelling_per_code(out)
+    out = _one_spelling_per_code(out, df)
     out = out[TERMINOLOGY_COLUMNS].astype(
         {"is_main_term": bool, "mention_count": "int64"}
     )
@@ -693,12 +693,15 @@ def _describe_bad_rows(table: pd.DataFrame, bad: pd.Series, position: int) -> li
     return parts
 
 
-def _one_spelling_per_code(table: pd.DataFrame) -> pd.DataFrame:
-    """Every row of a code_key gets the code's one spelling and parent (see
-    :func:`build_terminology`): dictionary rows (no training mentions) first, in order."""
+def _one_spelling_per_code(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Every row of a code_key of ``table`` gets the code's one spelling and parent (see
+    :func:`build_terminology`), read from ``rows``, the input rows before duplicates were
+    merged: dictionary rows (no training mentions) first, in order. Read after the merge, a
+    dictionary row merged into an earlier mention row of the same text would carry the
+    mention's spelling and count as a mention."""
     if table.empty:
         return table
-    dictionary_first = table.assign(_mentioned=table["mention_count"] > 0).sort_values(
+    dictionary_first = rows.assign(_mentioned=rows["mention_count"] > 0).sort_values(
         "_mentioned", kind="mergesort")
     first = dictionary_first.groupby("code_key", sort=False)
     spelling = first["code"].first()
