@@ -128,3 +128,67 @@ def test_build_index_tunes_nprobe_with_mention_texts_and_logs_no_text(tiny_encod
     assert any("index recall@25" in r.getMessage() for r in caplog.records)
     logged = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
     assert not [t for t in dev["text"] if t.lower() in logged.lower()]
+
+
+@pytest.fixture(scope="module")
+def sample_ranker(sample_index, tiny_encoder_dir, tmp_path_factory):
+    """A ranker trained with `clinlinker train-ranker` for the sample index (2 folds)."""
+    root = tmp_path_factory.mktemp("ranker")
+    config = root / "train_ranker.yaml"
+    config.write_text(f"""
+encoder: {{path: "{tiny_encoder_dir}", device: cpu, num_threads: 1}}
+index: {{path: "{sample_index}"}}
+terminology:
+  name: sample
+  sources:
+    - {{path: "{sample_path('codiesp_train_sample.tsv')}", format: codiesp,
+       labels: [DIAGNOSTICO]}}
+linking: {{retrievers: [dense, lexical], search_k: 20, top_k: 10}}
+ranker: {{path: "{root / 'ranker'}", folds: 2, num_trees: 10, min_data_in_leaf: 5,
+         num_threads: 1}}
+""", encoding="utf-8")
+    rc = main(["--log-level", "WARNING", "train-ranker", "--config", str(config)])
+    assert rc == 0
+    return root / "ranker"
+
+
+def test_train_ranker_then_evaluate_reports_the_ranker_and_its_confidence(
+        sample_index, sample_ranker, tiny_encoder_dir, tmp_path, capsys):
+    spec = json.loads((sample_ranker / "ranker.json").read_text())
+    assert spec["model_type"] == "lightgbm" and (sample_ranker / "model.txt").is_file()
+    assert spec["trained_with"]["retrievers"] == ["dense", "lexical"]
+    capsys.readouterr()
+    json_out = tmp_path / "eval" / "report.json"
+    rc = main([
+        "--log-level", "WARNING", "evaluate",
+        "--gold", str(sample_path("codiesp_dev_sample.tsv")), "--gold-format", "codiesp",
+        "--labels", "DIAGNOSTICO", "--index", str(sample_index),
+        "--encoder", str(tiny_encoder_dir), "--retriever", "dense,tfidf,hybrid",
+        "--ranker", str(sample_ranker), "--target-precision", "0.9",
+        "--category-chars", "3", "--k", "1,5,10", "--json-out", str(json_out),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "[ranker]" in printed and "[ranker confidence]" in printed
+    report = json.loads(json_out.read_text())
+    rows = report["results"]
+    assert set(rows) == {f"{r}{p}" for r in ("dense", "tfidf", "hybrid")
+                         for p in ("", "+exact_prior")} | {"ranker"}
+    assert report["meta"]["ranker"] == str(sample_ranker)
+    for name, result in rows.items():
+        category, exact = result["category"], result["subsets"]["all"]
+        assert category["chars"] == 3 and category["n"] == exact["n"] == 334
+        # a code right is its category right too
+        assert all(category[f"acc@{k}"] >= exact[f"acc@{k}"] for k in (1, 5, 10)), name
+        assert set(result["errors"]) == {"errors", "hierarchy", "same_category",
+                                         "gold_not_in_index"}
+    confidence = report["confidence"]
+    assert confidence["mentions"] == 334
+    assert confidence["accuracy"] == rows["ranker"]["subsets"]["all"]["acc@1"]
+    assert 0.0 <= confidence["ece"] <= 1.0 and confidence["target_precision"] == 0.9
+    assert [row["threshold"] for row in confidence["at_thresholds"]][0] == 0.3
+    assert "threshold_for_target" in confidence
+    assert confidence["picked_on_training_folds"] == spec["thresholds"]["0.9"]
+    assert len(confidence["curve"]) == 101
+    png = json_out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

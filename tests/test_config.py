@@ -46,10 +46,43 @@ spark: {conf: {spark.executor.memory: 8g}}
     ("index: {pq: true}", "index.pq needs index.index_type: ivf"),
     ("terminology: {sources: [{format: cie10}]}", "path"),
     ("- a\n- b", "mapping at the top level"),
+    ("linking: {retrievers: [lexical]}", r"linking.retrievers is \[dense\] or \[dense, lexical\]"),
+    ("linking: {retrievers: [dense, bm25]}", "linking.retrievers is"),
+    ("linking: {retrievers: [dense, dense]}", "linking.retrievers is"),
+    ("linking: {review_below: 1.5}", "review_below is a probability"),
+    ("linking: {lexical_k: -1}", "lexical_k must be >= 0"),
+    ("ranker: {folds: 1}", "ranker.folds must be >= 2"),
+    ("ranker: {model: xgboost}", "ranker.model must be one of"),
+    ("ranker: {num_trees: 0}", "ranker.num_trees must be > 0"),
+    ("ranker: {target_precisions: [0.9, 1.0]}", r"precisions in \(0, 1\)"),
+    ("terminology: {sources: [{format: icd10}]}", "format must be one of"),
+    ("terminology: {sources: [{format: table}]}", "path is required"),
 ])
 def test_invalid_configs_are_clear_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
+
+
+def test_ranker_hybrid_and_icd10cm_settings(tmp_path):
+    p = write(tmp_path, """
+terminology:
+  sources:
+    - {format: icd10cm, inclusion_terms: false}
+    - {path: codes.csv, format: table, parent_column: parent}
+linking: {retrievers: [dense, lexical], lexical_k: 50, review_below: 0.7}
+ranker: {path: artifacts/ranker, folds: 3, model: logistic, target_precisions: [0.9]}
+""")
+    cfg = load_config(p, ["ranker.num_trees=40"])
+    icd, table = cfg.terminology.sources
+    assert (icd.format, icd.path, icd.inclusion_terms) == ("icd10cm", "", False)
+    assert table.parent_column == "parent"
+    assert cfg.linking.retrievers == ("dense", "lexical") and cfg.linking.lexical_k == 50
+    assert cfg.linking.review_below == 0.7
+    assert (cfg.ranker.folds, cfg.ranker.model, cfg.ranker.num_trees) == (3, "logistic", 40)
+    assert cfg.ranker.target_precisions == (0.9,)
+    default = load_config(None)
+    assert default.linking.retrievers == ("dense",) and default.linking.review_below == 0.0
+    assert default.ranker.path == ""
 
 
 def test_bad_overrides_and_missing_file(tmp_path):
@@ -75,3 +108,13 @@ def test_normalize_text():
 def test_normalize_code():
     assert normalize_code(" E11.9 ") == normalize_code("e119") == "e119"
     assert normalize_code("73211009") == "73211009"
+
+
+def test_the_shipped_train_ranker_config_loads():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "conf" / "train_ranker.yaml")
+    assert cfg.ranker.path and cfg.ranker.folds >= 2
+    assert cfg.linking.retrievers == ("dense", "lexical")
+    formats = [s.format for s in cfg.terminology.sources]
+    assert "icd10cm" in formats and "codiesp" in formats

@@ -9,9 +9,10 @@ import pytest
 from clinlinker_spark.config import IndexConfig
 from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, InputDataError
 from clinlinker_spark.index import (
-    FAISS_BLAS_MIN_QUERIES, INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex,
-    build_index, prepare_rows,
+    CODES_FILE, FAISS_BLAS_MIN_QUERIES, INDEX_FILE, MANIFEST_FILE, ROWS_FILE, TerminologyIndex,
+    _content_hash, build_index, prepare_rows,
 )
+from clinlinker_spark.lexical import LEXICAL_JSON, LEXICAL_NPZ
 from clinlinker_spark.text import normalize_text
 from fake_encoder import FakeEncoder
 
@@ -57,12 +58,14 @@ def test_prepare_rows_rejects_missing_columns_and_codes():
 def test_build_and_load_roundtrip(tmp_path):
     enc = FakeEncoder()
     out = build_index(terminology(), enc, IndexConfig(), tmp_path / "idx", name="toy", version="1")
-    assert {p.name for p in out.iterdir()} == {MANIFEST_FILE, INDEX_FILE, ROWS_FILE}
+    assert {p.name for p in out.iterdir()} == {MANIFEST_FILE, INDEX_FILE, ROWS_FILE,
+                                                CODES_FILE, LEXICAL_JSON, LEXICAL_NPZ}
     manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 2
     assert manifest["encoder"]["model_hash"] == enc.model_hash
     assert manifest["terminology"] == {
         "name": "toy", "version": "1", "rows": 9, "codes": 7, "distinct_terms": 8,
-        "training_mentions": 10, "sources": [],
+        "training_mentions": 10, "sources": [], "leaf_codes": 7, "codes_with_parent": 0,
     }
     assert manifest["index"]["type"] == "flat" and manifest["index"]["ntotal"] == 8
     index = TerminologyIndex.load(out, expected_fingerprint=enc.fingerprint(), verify=True)
@@ -381,3 +384,187 @@ def test_only_an_exact_flat_index_goes_to_a_gpu(tmp_path):
             search_device("cuda", torch.device("cpu"), flat)
     with pytest.raises(Exception, match="search_device"):
         IndexConfig(search_device="gpu")
+
+
+# --------------------------------------------------------------------------------------------
+# codes.parquet, the lexical model, format-1 directories, views over other rows
+
+
+def hierarchy_terminology() -> pd.DataFrame:
+    """ICD-10-like codes with parents: C56 > C56.9 > C56.91 (a made-up extension), C56 >
+    C56.1, and J18 without parent; C56.9 also carries two training mentions."""
+    rows = [
+        ("C56", "Tumor maligno de ovario", True, 0, ""),
+        ("C56.1", "Tumor maligno de ovario derecho", True, 0, "c56"),
+        ("C56.9", "Tumor maligno de ovario no especificado", True, 0, "c56"),
+        ("C56.9", "cáncer de ovario", False, 2, "c56"),
+        ("C56.91", "Tumor maligno de ovario, recidiva", True, 0, "c569"),
+        ("J18", "Neumonía", True, 0, ""),
+    ]
+    return pd.DataFrame(rows, columns=["code", "term", "is_main_term", "mention_count",
+                                       "parent_key"])
+
+
+def test_codes_table_marks_parents_as_inner_codes_with_their_depth(tmp_path):
+    out = build_index(hierarchy_terminology(), FakeEncoder(), IndexConfig(), tmp_path / "idx")
+    codes = pd.read_parquet(out / CODES_FILE).set_index("code_key")
+    assert list(codes.reset_index().columns) == ["code_key", "code", "parent_key", "is_leaf",
+                                                 "depth", "n_terms", "mention_count"]
+    assert codes["is_leaf"].to_dict() == {"c56": False, "c561": True, "c569": False,
+                                          "c5691": True, "j18": True}
+    assert codes["depth"].to_dict() == {"c56": 1, "c561": 2, "c569": 2, "c5691": 3, "j18": 1}
+    assert codes.loc["c569", "n_terms"] == 2 and codes.loc["c569", "mention_count"] == 2
+    assert codes.loc["c569", "code"] == "C56.9"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["terminology"]["leaf_codes"] == 3
+    assert manifest["terminology"]["codes_with_parent"] == 3
+    index = TerminologyIndex.load(out)
+    info = index.code_info("c569")
+    assert (info.code, info.parent_key, info.is_leaf, info.depth) == ("C56.9", "c56", False, 2)
+    assert index.code_info("c5691").is_leaf and index.code_info("x99") is None
+    # row_of: the row of (position, code) in the rows table
+    position = index.position_of("cáncer de ovario")
+    row = index.row_of(position, "c569")
+    assert index.row(row)[:3] == ("C56.9", "c569", "cáncer de ovario")
+    assert index.row_of(position, "c56") == -1
+
+
+def test_lexical_model_is_in_the_artifact_without_pickle_and_in_its_hash(tmp_path):
+    from clinlinker_spark.lexical import LexicalIndex
+
+    out = build_index(terminology(), FakeEncoder(), IndexConfig(), tmp_path / "idx")
+    spec = json.loads((out / LEXICAL_JSON).read_text())
+    assert spec["kind"] == "char_wb-tfidf" and spec["texts"] == 8
+    with np.load(out / LEXICAL_NPZ, allow_pickle=False) as arrays:
+        assert set(arrays.files) == {"idf", "data", "indices", "indptr", "shape"}
+        assert arrays["shape"].tolist() == [8, len(spec["features"])]
+    index = TerminologyIndex.load(out, verify=True)
+    assert isinstance(index.lexical, LexicalIndex) and len(index.lexical) == len(index.texts)
+    hits = index.lexical.search(["apendicitis agudo"], 1)
+    assert index.texts[hits.positions[0, 0]] == "apendicitis aguda"
+    # the content hash covers the lexical files: a changed matrix is a changed artifact
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert _content_hash(out) == manifest["content_hash"]
+    with np.load(out / LEXICAL_NPZ, allow_pickle=False) as arrays:
+        changed = {name: arrays[name] for name in arrays.files}
+    changed["data"] = changed["data"] * np.float32(0.5)
+    np.savez(out / LEXICAL_NPZ, **changed)
+    assert _content_hash(out) != manifest["content_hash"]
+    with pytest.raises(ArtifactError, match="content hash"):
+        TerminologyIndex.load(out, verify=True)
+    # and so do the vocabulary and the code table
+    for name in (CODES_FILE, LEXICAL_JSON):
+        before = _content_hash(out)
+        (out / name).write_bytes((out / name).read_bytes() + b" ")
+        assert _content_hash(out) != before, name
+
+
+def as_format_1(out):
+    """Rewrite an index directory as format 1 wrote it: no codes.parquet, no lexical model,
+    no parent_key column; the manifest's hash over index.faiss and rows.parquet."""
+    for name in (CODES_FILE, LEXICAL_JSON, LEXICAL_NPZ):
+        (out / name).unlink()
+    rows = pd.read_parquet(out / ROWS_FILE).drop(columns=["parent_key"])
+    rows.to_parquet(out / ROWS_FILE, index=False)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 1
+    manifest.pop("lexical")
+    for key in ("leaf_codes", "codes_with_parent"):
+        manifest["terminology"].pop(key)
+    manifest["content_hash"] = _content_hash(out)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_format_1_index_still_loads_as_a_flat_code_list(tmp_path):
+    enc = FakeEncoder()
+    new = TerminologyIndex.load(build_index(terminology(), enc, IndexConfig(),
+                                            tmp_path / "new"))
+    out = as_format_1(build_index(terminology(), enc, IndexConfig(), tmp_path / "old"))
+    assert {p.name for p in out.iterdir()} == {MANIFEST_FILE, INDEX_FILE, ROWS_FILE}
+    old = TerminologyIndex.load(out, expected_fingerprint=enc.fingerprint(), verify=True)
+    assert old.manifest["format_version"] == 1
+    assert old.lexical is None
+    assert (old.rows["parent_key"] == "").all()
+    assert old.codes["is_leaf"].all() and (old.codes["depth"] == 1).all()
+    assert old.codes["code_key"].tolist() == new.codes["code_key"].tolist()
+    assert old.code_info("k37").mention_count == 5
+    queries = enc.encode(["apendicitis aguda", "diabetes"])
+    got, want = old.search(queries, 4), new.search(queries, 4)
+    assert np.array_equal(got.positions, want.positions)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 3
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format_version 3"):
+        TerminologyIndex.load(out)
+
+
+def test_with_terminology_shares_the_vectors_and_positions_without_rows_give_nothing(tmp_path):
+    from clinlinker_spark.config import LinkingConfig
+    from clinlinker_spark.linker import Linker
+
+    enc = FakeEncoder()
+    index = TerminologyIndex.load(build_index(terminology(), enc, IndexConfig(),
+                                              tmp_path / "idx"))
+    table = terminology()
+    # neumonía (J18) left out; K37's five mentions of "Apendicitis" become one
+    fewer = table[table["code"] != "J18"].copy()
+    fewer.loc[fewer["code"] == "K37", "mention_count"] = 1
+    view = index.with_terminology(fewer)
+    assert view.faiss_index is index.faiss_index and view.lexical is index.lexical
+    assert view.texts == index.texts and len(view) == len(index)
+    np.testing.assert_array_equal(view.vectors_at(np.arange(len(view))),
+                                  index.vectors_at(np.arange(len(index))))
+    position = index.position_of("neumonía")
+    assert view.position_of("neumonía") == position >= 0
+    assert view.code_rows(position) == [] and len(view.row_range(position)) == 0
+    assert "j18" not in view.code_keys and view.code_info("j18") is None
+    assert view.code_info("k37").mention_count == 1
+    # the same search, the rows of the view
+    assert np.array_equal(view.search(enc.encode(["neumonía"]), 8).positions,
+                          index.search(enc.encode(["neumonía"]), 8).positions)
+    linking = LinkingConfig(search_k=8, top_k=7, retrievers=("dense", "lexical"))
+    [full] = Linker(enc, index, linking).retrieve(["neumonía"])
+    [cut] = Linker(enc, view, linking).retrieve(["neumonía"])
+    assert full[0].code == "J18" and full[0].exact
+    assert "J18" not in [c.code for c in cut] and not any(c.exact for c in cut)
+    assert {c.code for c in cut} == {c.code for c in full} - {"J18"}
+    # apendicitis: K35 (1 mention) and K37 (now 1) tie; code order decides
+    [apend] = Linker(enc, view, linking).retrieve(["apendicitis"])
+    assert [c.code for c in apend[:2]] == ["K35", "K37"]
+    with pytest.raises(ArtifactError, match="not texts of index"):
+        index.with_terminology(pd.DataFrame({"code": ["X1"], "term": ["texto nuevo"]}))
+
+
+def test_no_range_code_reaches_an_index_of_a_cie10_list_with_blocks(tmp_path):
+    from clinlinker_spark.config import LinkingConfig, TerminologyConfig, TerminologySourceConfig
+    from clinlinker_spark.linker import Linker
+    from clinlinker_spark.terminology import load_terminology
+
+    cie = tmp_path / "cie10.csv"
+    cie.write_text(
+        "code,code_0,code_1,code_2,code_3,code_4,description,level,source\n"
+        "C00-D49,,,,,,Tumores [neoplasias],0,icdcode.info\n"
+        "C64-C68,C00-D49,,,,,Tumores malignos del tracto urinario,2,icdcode.info\n"
+        "C64,C00-D49,C64-C68,,,,Tumor maligno del riñón,2,icdcode.info\n"
+        "C649,C00-D49,C64-C68,C64,,,Tumor maligno del riñón no especificado,3,deis.cl\n"
+        "C65,C00-D49,C64-C68,,,,Tumor maligno de la pelvis renal,2,icdcode.info\n"
+        "C66-C66,C00-D49,C64-C68,,,,Tumor maligno del uréter (bloque),3,icdcode.info\n"
+        "C66,C00-D49,C64-C68,C66-C66,,,Tumor maligno del uréter,3,icdcode.info\n",
+        encoding="utf-8")
+    config = TerminologyConfig(sources=(TerminologySourceConfig(path=str(cie), format="cie10"),))
+    enc = FakeEncoder()
+    index = TerminologyIndex.load(build_index(load_terminology(config), enc, IndexConfig(),
+                                              tmp_path / "idx"))
+    assert not index.rows["code"].str.contains("-").any()
+    assert not index.codes["code_key"].str.contains("-").any()
+    assert not index.codes["parent_key"].str.contains("-").any()
+    assert sorted(index.codes["code"]) == ["C64", "C64.9", "C65", "C66"]
+    assert dict(zip(index.codes["code"], index.codes["parent_key"])) == {
+        "C64": "", "C64.9": "c64", "C65": "", "C66": ""}
+    # the block's own description finds codes, never the block
+    linker = Linker(enc, index, LinkingConfig(search_k=4, top_k=4,
+                                              retrievers=("dense", "lexical")))
+    for cands in linker.retrieve(["tumores malignos del tracto urinario",
+                                  "tumor maligno del uréter (bloque)"]):
+        assert cands and all("-" not in c.code for c in cands)

@@ -348,3 +348,141 @@ def test_vectors_are_not_reused_from_an_index_built_in_another_precision_or_not_
     fp32 = TextRecordingEncoder()
     Linker(fp32, old, LinkingConfig(search_k=8, top_k=5)).retrieve(["apendicitis"])
     assert fp32.texts == ["apendicitis"]
+
+
+# --------------------------------------------------------------------------------------------
+# hybrid candidates (dense + lexical), confidence and needs_review
+
+
+def _index_position(index, term):
+    from clinlinker_spark.text import normalize_text
+
+    return index.position_of(normalize_text(term))
+
+
+@pytest.mark.parametrize("text", ["diabetes", "insuficiencia cardiaca aguda", "apendicitis 2",
+                                  "neumonia aguda"])
+def test_hybrid_candidates_are_the_union_of_both_retrievers_each_scored_by_both(toy_index,
+                                                                              text):
+    from clinlinker_spark.linker import candidates_from_hits, hybrid_candidates
+
+    enc = FakeEncoder()
+    top_k = 2
+    vectors = enc.encode([text])
+    dense = toy_index.search(vectors, 2)  # few dense hits: the lexical ones add codes
+    lexical = toy_index.lexical.search([text], 8)
+    queries = toy_index.lexical.transform([text])
+    [got] = hybrid_candidates(toy_index, [text], dense, lexical, vectors, queries, top_k,
+                              False)
+    [from_dense] = candidates_from_hits(toy_index, [text], dense, top_k, False)
+    [from_lexical] = candidates_from_hits(toy_index, [text], lexical, 100, False)
+    dense_codes = [c.code for c in from_dense]
+    lexical_only = [c.code for c in from_lexical if c.code not in dense_codes][:top_k]
+    assert lexical_only, "the case must have codes only the lexical retriever finds"
+    assert sorted(c.code for c in got) == sorted(dense_codes + lexical_only)
+    assert len({c.code for c in got}) == len(got)
+    for c in got:
+        position = _index_position(toy_index, c.term)
+        assert position >= 0 and c.lexical_score is not None
+        # the dense score: the query vector against the term's stored vector, whichever
+        # retriever found the code
+        stored = toy_index.vectors_at(np.array([position]))[0]
+        assert c.retrieval_score == pytest.approx(float(vectors[0] @ stored), abs=1e-5)
+        cosine = toy_index.lexical.pair_scores(queries, np.array([0]), np.array([position]))
+        assert c.lexical_score == pytest.approx(float(cosine[0]), abs=1e-6)
+    # a lexical-only code's dense score is computed, not copied from its lexical score
+    lex = [c for c in got if c.code in lexical_only]
+    assert any(abs(c.retrieval_score - c.lexical_score) > 1e-3 for c in lex)
+
+
+def test_a_hybrid_linker_puts_exact_matches_first_and_scores_them_by_both(toy_index):
+    linker = Linker(FakeEncoder(), toy_index,
+                    LinkingConfig(search_k=8, top_k=3, retrievers=("dense", "lexical")))
+    [cands] = linker.retrieve(["apendicitis"])
+    assert [(c.code, c.exact) for c in cands[:2]] == [("K37", True), ("K35", True)]
+    assert cands[0].lexical_score == pytest.approx(1.0, abs=1e-5)
+    assert cands[0].retrieval_score == pytest.approx(1.0, abs=1e-5)
+    assert all(c.lexical_score is not None for c in cands)
+    assert linker.take_stage_seconds()["lexical"] > 0
+
+
+def test_a_dense_only_linker_gives_candidates_from_hits(toy_index):
+    from clinlinker_spark.linker import candidates_from_hits
+
+    enc = FakeEncoder()
+    texts = ["diabetes", "apendicitis", "insuficiencia cardíaca", "dolor", "neumonía grave"]
+    for prior in (True, False):
+        linking = LinkingConfig(search_k=6, top_k=4, exact_match_prior=prior,
+                                retrievers=("dense",))
+        got = Linker(enc, toy_index, linking).retrieve(texts)
+        vectors = enc.encode(texts)
+        want = candidates_from_hits(toy_index, texts, toy_index.search(vectors, 6), 4, prior,
+                                    np.einsum("ij,ij->i", vectors, vectors))
+        assert got == want
+        assert all(c.lexical_score is None and c.ranker_score is None
+                   for cs in got for c in cs)
+
+
+def test_the_linker_refuses_the_lexical_retriever_without_a_lexical_model(tmp_path):
+    from clinlinker_spark.errors import ConfigError
+    from clinlinker_spark.linker import hybrid_candidates
+    from test_index import as_format_1
+
+    old = TerminologyIndex.load(as_format_1(build_index(terminology(), FakeEncoder(),
+                                                        IndexConfig(), tmp_path / "old")))
+    assert old.lexical is None
+    with pytest.raises(ConfigError, match="no\\s+lexical model"):
+        Linker(FakeEncoder(), old, LinkingConfig(retrievers=("dense", "lexical")))
+    Linker(FakeEncoder(), old, LinkingConfig(retrievers=("dense",)))  # dense alone is fine
+    vectors = FakeEncoder().encode(["dolor"])
+    hits = old.search(vectors, 3)
+    with pytest.raises(ConfigError, match="no\\s+lexical model"):
+        hybrid_candidates(old, ["dolor"], hits, hits, vectors, None, 3, True)
+    with pytest.raises(Exception, match="retrievers"):
+        LinkingConfig(retrievers=("lexical",))
+
+
+class StubRanker:
+    """A ranker that keeps the order and gives fixed confidences per text."""
+
+    model_hash = "stub"
+    uses_rerank = False
+
+    def __init__(self, confidence):
+        self.confidence = confidence
+
+    def check_compatible(self, linker):
+        pass
+
+    def rank(self, index, texts_norm, candidates):
+        ranked = [[Candidate(c.code, c.term, c.retrieval_score, c.rerank_score, c.exact,
+                             c.lexical_score, 2.0 - j) for j, c in enumerate(cs)]
+                  for cs in candidates]
+        return ranked, [self.confidence[t] if cs else None
+                        for t, cs in zip(texts_norm, candidates)]
+
+
+def test_outcome_below_review_below_needs_review_and_keeps_the_code(toy_index):
+    from clinlinker_spark.linker import STATUS_NEEDS_REVIEW
+
+    linker = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3,
+                                                             review_below=0.8))
+    cands = [Candidate("J18", "Neumonía", 0.9), Candidate("K35", "apendicitis", 0.2)]
+    status, reason, code, term, score, confidence = linker.outcome(cands, 0.5)
+    assert (status, code, term, confidence) == (STATUS_NEEDS_REVIEW, "J18", "Neumonía", 0.5)
+    assert "review_below=0.8" in reason and score == 0.9
+    assert linker.outcome(cands, 0.8)[:3] == (STATUS_LINKED, None, "J18")  # not below
+    assert linker.outcome(cands, None)[0] == STATUS_LINKED  # no ranker, no confidence
+    assert linker.outcome([], 0.1)[0] == STATUS_NO_CANDIDATE
+    # through link(), with a ranker's confidences
+    ranker = StubRanker({"neumonía": 0.95, "apendicitis": 0.3})
+    ranked = Linker(FakeEncoder(), toy_index,
+                    LinkingConfig(search_k=8, top_k=3, review_below=0.8), ranker=ranker)
+    out = ranked.link(pd.DataFrame({"mention_id": ["a", "b"],
+                                    "text": ["Neumonía", "apendicitis"]}))
+    assert out["status"].tolist() == [STATUS_LINKED, STATUS_NEEDS_REVIEW]
+    assert out["code"].tolist() == ["J18", "K37"]
+    assert out["confidence"].tolist() == [0.95, 0.3]
+    assert out.loc[1, "score"] == 2.0  # the ranker's score of its first candidate
+    assert out.loc[1, "candidates"][0]["ranker_score"] == 2.0
+    assert ranked.versions["ranker_version"] == "stub"

@@ -148,12 +148,64 @@ def test_table_reader_missing_column_names_column_file_and_columns(tmp_path):
 def test_read_cie10_levels(tmp_path):
     f = write(tmp_path / "cie10.csv", CIE10_HEADER + CIE10_ROWS)
     t = read_cie10(f)
-    assert t["code"].tolist() == ["A00", "A000", "N448"]
+    assert t["code"].tolist() == ["A00", "A00.0", "N44.8"]  # ICD-10 spelling
+    assert t["code_key"].tolist() == ["a00", "a000", "n448"]
     assert t["term"].tolist()[1] == "Cólera debido a Vibrio cholerae 01, biotipo cholerae"
     assert t["is_main_term"].all() and (t["semantic_tag"] == "").all()
     assert t["source"].unique().tolist() == ["cie10"]
-    assert read_cie10(f, min_level=3)["code"].tolist() == ["A000", "N448"]
-    assert len(read_cie10(f, min_level=0)) == 5
+    assert read_cie10(f, min_level=3)["code"].tolist() == ["A00.0", "N44.8"]
+    # chapters and blocks (A00-B99, A00-A09) are left out at every level
+    assert read_cie10(f, min_level=0)["code"].tolist() == ["A00", "A00.0", "N44.8"]
+
+
+def test_read_cie10_leaves_blocks_out_and_sets_parents(tmp_path):
+    rows = CIE10_HEADER + CIE10_ROWS + (
+        # a block listed at level 2 (the real list has 60 of them) and its category
+        "C64-C68,C00-D49,,,,,Tumores malignos del tracto urinario,2,icdcode.info\n"
+        "C64,C00-D49,C64-C68,,,,Tumor maligno del riñón,2,icdcode.info\n"
+        "C649,C00-D49,C64-C68,C64,,,\"Tumor maligno del riñón, excepto pelvis\",3,deis.cl\n"
+    )
+    t = read_cie10(write(tmp_path / "cie10.csv", rows))
+    assert not t["code"].str.contains("-").any()
+    assert t["code"].tolist() == ["A00", "A00.0", "N44.8", "C64", "C64.9"]
+    # the nearest ancestor that is a code: blocks are never parents
+    assert t["parent_key"].tolist() == ["", "a00", "n44", "", "c64"]
+    # the index of each row is its data row in the file (the block's row 6 is skipped)
+    assert t.index.tolist() == [2, 3, 4, 6, 7]
+
+
+def test_read_icd10cm_from_the_package():
+    from clinlinker_spark.terminology import read_icd10cm
+
+    t = read_icd10cm()
+    assert list(t.columns) == TERMINOLOGY_COLUMNS
+    assert t["source"].unique().tolist() == ["icd10cm"]
+    main = t[t["is_main_term"]]
+    assert main["code_key"].is_unique
+    c569 = main[main["code_key"] == "c569"]
+    assert c569["code"].tolist() == ["C56.9"]
+    assert c569["parent_key"].tolist() == ["c56"]
+    assert "ovary" in c569["term"].item().lower()
+    # a category's parent is a block, which is no code: no parent
+    assert main.loc[main["code_key"] == "c56", "parent_key"].tolist() == [""]
+    # chapters and blocks are not codes of the terminology
+    assert not t["code"].str.contains("-").any()
+    assert not t["code_key"].isin(["c00-d49", "c51-c58"]).any()
+    assert not t["code"].str.fullmatch(r"\d+").any()  # chapters "1".."22"
+    # every parent is a code of the table, never the code itself (C50 is also the name of
+    # the block above the category C50)
+    parents = set(t["parent_key"]) - {""}
+    assert parents <= set(t["code_key"])
+    assert not (t["parent_key"] == t["code_key"]).any()
+    assert main.loc[main["code_key"] == "c50", "parent_key"].tolist() == [""]
+    assert main.loc[main["code_key"] == "c501", "parent_key"].tolist() == ["c50"]
+    # inclusion terms are synonym rows of their code
+    synonyms = t[~t["is_main_term"]]
+    classical = synonyms[synonyms["term_norm"] == "classical cholera"]
+    assert classical["code"].tolist() == ["A00.0"]
+    assert classical["parent_key"].tolist() == ["a00"]
+    assert (synonyms["code_key"].isin(set(main["code_key"]))).all()
+    assert len(synonyms) > 10_000 and len(main) > 90_000
 
 
 def test_terms_from_mentions_counts_and_exclusions():
@@ -273,6 +325,45 @@ def test_build_dedupes_sums_counts_ors_main_and_joins_sources():
     pd.testing.assert_frame_equal(again, t)
 
 
+def test_build_gives_each_code_one_spelling_the_dictionarys():
+    mentions = terms_from_mentions(mention_table([
+        ("tumor de ovario", "c56.9"), ("Tumor maligno de ovario", "c56.9"),
+        ("dolor raro", "r52.x"),
+    ]), source="train")
+    dictionary = _table([{"code": "C56.9", "term": "Tumor maligno de ovario",
+                          "source": "cie10", "parent_key": "C56"}])
+    later = _table([{"code": "C569", "term": "neoplasia de ovario", "source": "other"}])
+    # the mentions come first: the dictionary's spelling wins all the same
+    t = build_terminology([mentions, dictionary, later])
+    c569 = t[t["code_key"] == "c569"]
+    assert sorted(c569["term_norm"]) == ["neoplasia de ovario", "tumor de ovario",
+                                         "tumor maligno de ovario"]
+    assert c569["code"].unique().tolist() == ["C56.9"]  # the first dictionary's spelling
+    assert c569["parent_key"].unique().tolist() == ["c56"]  # and its parent, on every row
+    merged = c569[c569["term_norm"] == "tumor maligno de ovario"].iloc[0]
+    assert merged["source"] == "train|cie10" and merged["mention_count"] == 1
+    # a code only mentions give keeps the mention's spelling
+    assert t.loc[t["code_key"] == "r52x", "code"].tolist() == ["r52.x"]
+    assert t.loc[t["code_key"] == "r52x", "parent_key"].tolist() == [""]
+    assert (t.groupby("code_key")["code"].nunique() == 1).all()
+
+
+def test_read_table_with_a_parent_column(tmp_path):
+    f = write(tmp_path / "codes.csv",
+              "code,term,parent\nC56,Tumor de ovario,\nC56.9,Tumor de ovario no especificado,"
+              "C56\nC56.1,Tumor de ovario derecho,c56\n")
+    t = read_table(f, parent_column="parent")
+    assert t["parent_key"].tolist() == ["", "c56", "c56"]
+    assert read_table(f)["parent_key"].tolist() == ["", "", ""]  # no parent column named
+    with pytest.raises(InputDataError, match="padre"):
+        read_table(f, parent_column="padre")
+    config = TerminologyConfig(sources=(TerminologySourceConfig(
+        path=str(f), format="table", parent_column="parent"),))
+    built = load_terminology(config)
+    assert dict(zip(built["code"], built["parent_key"])) == {"C56": "", "C56.9": "c56",
+                                                            "C56.1": "c56"}
+
+
 def test_build_same_text_different_codes_stay_apart():
     frame = _table([{"code": "a", "term": "dolor"}, {"code": "b", "term": "dolor"}])
     t = build_terminology([frame])
@@ -349,7 +440,10 @@ def test_sample_index_builds():
     t = build_terminology(
         [cie, terms_from_mentions(train[train["label"] == "DIAGNOSTICO"], source="train")]
     )
-    assert len(cie) == 14268
+    raw = pd.read_csv(sample_path("cie10_es.csv"), dtype=str, keep_default_na=False)
+    level2 = raw[raw["level"].astype(int) >= 2]
+    assert len(level2) == 14268 and level2["code"].str.contains("-").sum() == 60
+    assert len(cie) == 14208  # the 60 blocks listed at level >= 2 are left out
     assert len(cie) < len(t) < len(cie) + (train["label"] == "DIAGNOSTICO").sum()
     assert t[["code_key", "term_norm"]].duplicated().sum() == 0
 
@@ -361,7 +455,7 @@ def test_sample_index_builds():
 @pytest.mark.realdata
 def test_real_cie10_level2(shared_data):
     t = read_cie10(shared_data / "terminologies/cie10_es.csv")
-    assert len(t) == 14268
+    assert len(t) == 14208  # 14,268 rows at level >= 2, less 60 blocks
     assert t["code_key"].is_unique
 
 
@@ -370,23 +464,28 @@ def test_real_codiesp_index_size(shared_data):
     """cie10 level >= 2 + CodiEsp train DIAGNOSTICO mentions.
 
     The reference protocol counts 21,477 terms (14,268 + 7,209: every mention a row, no
-    de-duplication) and 15,176 codes. De-duplicating on (code_key, term_norm) merges the 7,209
-    mentions into 3,426 (text, code) rows, 88 of which equal a CIE-10 description of the same
-    code: 17,606 rows. The codes are the same 15,176.
+    de-duplication) and 15,176 codes; its 14,268 CIE-10 rows include 60 blocks (C64-C68, ...),
+    which cannot be assigned and are left out here: 14,208 rows. De-duplicating on
+    (code_key, term_norm) merges the 7,209 mentions into 3,426 (text, code) rows, 88 of which
+    equal a CIE-10 description of the same code: 17,546 rows and 15,116 codes.
     """
     cie = read_cie10(shared_data / "terminologies/cie10_es.csv")
     train = read_codiesp(shared_data / "codiesp/train/trainX.tsv")
     diag = train[train["label"] == "DIAGNOSTICO"]
     mention_terms = terms_from_mentions(diag, source="codiesp_train")
-    assert len(cie) + len(diag) == 21477  # the reference count, before de-duplication
+    assert len(cie) + 60 + len(diag) == 21477  # the reference count, before de-duplication
     assert len(mention_terms) == 3426 and mention_terms["mention_count"].sum() == 7209
     t = build_terminology([cie, mention_terms])
     stats = terminology_stats(t)
-    assert stats["rows"] == 17606
-    assert stats["distinct_codes"] == 15176
+    assert stats["rows"] == 17546
+    assert stats["distinct_codes"] == 15116
     assert stats["mentions"] == 7209
-    assert stats["sources"] == {"cie10": 14268, "codiesp_train": 3426}
+    assert stats["sources"] == {"cie10": 14208, "codiesp_train": 3426}
     assert (t["source"] == "cie10|codiesp_train").sum() == 88
+    # one spelling per code: the CIE-10 one (C56.9) where the list has the code
+    assert (t.groupby("code_key")["code"].nunique() == 1).all()
+    listed = t["code_key"].isin(set(cie["code_key"]))
+    assert not t.loc[listed, "code"].str.islower().any()
 
 
 def test_load_terminology_indexes_one_side_of_a_document_split(shared_data):
