@@ -213,6 +213,9 @@ class LinkingConfig:
     search_k: int = 200  # raw nearest-neighbour hits searched per mention
     lexical_k: int = 0  # raw lexical hits searched per mention; 0: search_k
     top_k: int = 25  # distinct codes kept per mention (and taken from each retriever)
+    # up to this many leaf codes below each candidate that has children in the index's
+    # hierarchy join its list (an ICD-10-CM category -> its subcategories); 0: none
+    expand_leaves: int = 0
     exact_match_prior: bool = True  # codes whose term equals the mention come first
     max_text_length: int = 256  # characters; longer mentions get status invalid_input
     min_score: float = -1.0  # best score below this: status no_candidate
@@ -231,6 +234,8 @@ class LinkingConfig:
         _check_positive("linking.max_text_length", self.max_text_length)
         if self.top_k > self.search_k:
             raise ConfigError("linking.top_k must be <= linking.search_k")
+        if self.expand_leaves < 0:
+            raise ConfigError("linking.expand_leaves must be >= 0")
         if self.lexical_k < 0:
             raise ConfigError("linking.lexical_k must be >= 0 (0: linking.search_k)")
         if not 0.0 <= self.review_below <= 1.0:

@@ -678,6 +678,7 @@ class TerminologyIndex:
         self.codes: pd.DataFrame = codes if codes is not None else code_table(rows)
         self._code_info: dict[str, CodeInfo] | None = None  # on first use (code_info)
         self._row_of: dict[tuple[int, str], int] | None = None  # on first use (row_of)
+        self._leaves: dict[str, list[int]] | None = None  # on first use (leaf_rows_under)
 
     def with_terminology(self, terminology: pd.DataFrame) -> TerminologyIndex:
         """This index with other rows over the same vectors: ``terminology`` (a terminology
@@ -710,6 +711,39 @@ class TerminologyIndex:
                     c["n_terms"], c["mention_count"])
             }
         return self._code_info.get(code_key)
+
+    def leaf_rows_under(self, code_key: str) -> list[int]:
+        """The main-term rows of the leaf codes below ``code_key`` in the hierarchy (any
+        depth), most training mentions first, then code order; [] for a leaf."""
+        if self._leaves is None:
+            is_main = self.rows["is_main_term"].tolist()
+            main: dict[str, int] = {}
+            for i, key in enumerate(self._code_keys):
+                if key not in main or (is_main[i] and not is_main[main[key]]):
+                    main[key] = i
+            codes = self.codes
+            parent_of = dict(zip(codes["code_key"], codes["parent_key"]))
+            mentions = dict(zip(codes["code_key"], codes["mention_count"]))
+            leaves: dict[str, list[str]] = {}
+            for key, leaf in zip(codes["code_key"], codes["is_leaf"]):
+                if not leaf:
+                    continue
+                seen: set[str] = set()
+                parent = parent_of.get(key, "")
+                while parent and parent not in seen:
+                    seen.add(parent)
+                    leaves.setdefault(parent, []).append(key)
+                    parent = parent_of.get(parent, "")
+            self._leaves = {
+                parent: [main[k] for k in sorted(keys, key=lambda k: (-mentions[k], k))
+                         if k in main]
+                for parent, keys in leaves.items()
+            }
+        return self._leaves.get(code_key, [])
+
+    def row_position(self, row: int) -> int:
+        """Vector position of row ``row``."""
+        return int(np.searchsorted(self._starts, row, side="right") - 1)
 
     def row_of(self, position: int, code_key: str) -> int:
         """Row number of (position, code_key), or -1."""

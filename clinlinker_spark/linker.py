@@ -48,7 +48,7 @@ import pandas as pd
 from clinlinker_spark.config import RERANK_FUSIONS, JobConfig, LinkingConfig, RerankerConfig
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
-from clinlinker_spark.text import normalize_text
+from clinlinker_spark.text import normalize_code, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,44 @@ def hybrid_candidates(
     return results
 
 
+def expand_to_leaves(
+    index: TerminologyIndex,
+    candidates: list[list[Candidate]],
+    leaves: int,
+    vectors: np.ndarray,
+    lexical_queries: Any = None,
+) -> list[list[Candidate]]:
+    """Append, after each list, up to ``leaves`` leaf codes below every candidate that has
+    children in the index's hierarchy (an ICD-10 category whose assignable codes are its
+    subcategories), most training mentions first, each with its main term and both scores
+    (bi-encoder: query vector against the term's stored vector; lexical: TF-IDF cosine, when
+    ``lexical_queries`` are given). A code already in the list is not added again."""
+    if leaves <= 0:
+        return candidates
+    added: list[tuple[int, int, str, str]] = []  # (query, row, code, term)
+    for i, cands in enumerate(candidates):
+        seen = {normalize_code(c.code) for c in cands}
+        for c in list(cands):
+            for row in index.leaf_rows_under(normalize_code(c.code))[:leaves]:
+                code, key, term, _ = index.row(row)
+                if key not in seen:
+                    seen.add(key)
+                    added.append((i, row, code, term))
+    if not added:
+        return candidates
+    rows = np.array([a[0] for a in added], np.int64)
+    positions = np.array([index.row_position(a[1]) for a in added], np.int64)
+    dense = np.einsum("ij,ij->i", vectors[rows], index.vectors_at(positions)).tolist()
+    lexical = (index.lexical.pair_scores(lexical_queries, rows, positions).tolist()
+               if lexical_queries is not None and index.lexical is not None
+               else [None] * len(added))
+    out = [list(c) for c in candidates]
+    for (i, _, code, term), d, lx in zip(added, dense, lexical):
+        out[i].append(Candidate(code, term, float(d), None, False,
+                                None if lx is None else float(lx)))
+    return out
+
+
 def score_candidates(
     texts_norm: Sequence[str],
     candidates: list[list[Candidate]],
@@ -510,8 +548,11 @@ class Linker:
                                            queries, self.linking.top_k,
                                            self.linking.exact_match_prior, self_scores)
         else:
+            queries = None
             candidates = candidates_from_hits(self.index, texts_norm, hits, self.linking.top_k,
                                               self.linking.exact_match_prior, self_scores)
+        candidates = expand_to_leaves(self.index, candidates, self.linking.expand_leaves,
+                                      vectors, queries)
         seconds["candidates"] += time.perf_counter() - t2
         return candidates
 

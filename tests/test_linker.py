@@ -486,3 +486,44 @@ def test_outcome_below_review_below_needs_review_and_keeps_the_code(toy_index):
     assert out.loc[1, "score"] == 2.0  # the ranker's score of its first candidate
     assert out.loc[1, "candidates"][0]["ranker_score"] == 2.0
     assert ranked.versions["ranker_version"] == "stub"
+
+
+def test_expand_to_leaves_adds_the_leaves_below_a_category_most_used_first(tmp_path):
+    from clinlinker_spark.config import IndexConfig, LinkingConfig
+    from clinlinker_spark.index import TerminologyIndex, build_index
+    from clinlinker_spark.linker import Linker, expand_to_leaves
+
+    terms = pd.DataFrame({
+        "code": ["C56", "C56.1", "C56.9", "C56.9", "C50"],
+        "term": ["tumor maligno del ovario", "malignant neoplasm of right ovary",
+                 "malignant neoplasm of unspecified ovary", "carcinoma de ovario",
+                 "tumor maligno de la mama"],
+        "parent_key": ["", "c56", "c56", "c56", ""],
+        "mention_count": [0, 0, 0, 3, 0],
+        "is_main_term": [True, True, True, False, True],
+    })
+    encoder = FakeEncoder()
+    index = TerminologyIndex.load(build_index(terms, encoder, IndexConfig(), tmp_path / "i"))
+    # the leaves of C56, most training mentions first (C56.9 has 3), with their main terms
+    rows = [index.row(r) for r in index.leaf_rows_under("c56")]
+    assert [(code, term) for code, _, term, _ in rows] == [
+        ("C56.9", "malignant neoplasm of unspecified ovary"),
+        ("C56.1", "malignant neoplasm of right ovary")]
+    assert index.leaf_rows_under("c569") == [] and index.leaf_rows_under("c50") == []
+
+    plain = Linker(encoder, index, LinkingConfig(top_k=1, search_k=1, exact_match_prior=False))
+    texts = ["tumor maligno del ovario"]
+    [cands] = plain.retrieve(texts)
+    assert [c.code for c in cands] == ["C56"]
+    vectors = encoder.encode(texts)
+    [expanded] = expand_to_leaves(index, [cands], 1, vectors)
+    assert [c.code for c in expanded] == ["C56", "C56.9"]
+    leaf = expanded[1]
+    stored = index.vectors_at(np.array([index.position_of(leaf.term.lower())]))[0]
+    assert leaf.retrieval_score == pytest.approx(float(vectors[0] @ stored), abs=1e-6)
+    # two leaves per category; a leaf already in the list is not added again
+    [both] = expand_to_leaves(index, [expanded], 2, vectors)
+    assert [c.code for c in both] == ["C56", "C56.9", "C56.1"]
+    linker = Linker(encoder, index, LinkingConfig(top_k=1, search_k=1, exact_match_prior=False,
+                                                  expand_leaves=2))
+    assert [c.code for c in linker.retrieve(texts)[0]] == ["C56", "C56.9", "C56.1"]
