@@ -14,10 +14,15 @@ count as evidence for it. Definitions live in YAML (``conf/variables/*.yaml``)::
         min_score: 0.5                  # optional: only assignments with score >= min_score
         include_negated: false          # negated mentions count? (only where such a column exists)
         include_uncertain: false        # uncertain mentions count? (idem)
+        include_needs_review: false     # links with status needs_review count too?
 
 A file holds either a ``variables:`` list or a single definition mapping. Keys are strict
 (a typo is an error naming the file and the key), and a variable needs at least one of
 ``codes``, ``code_prefixes`` or ``descendants_of``.
+
+Only code assignments with status ``linked`` count. A link whose ranker confidence is below
+the link job's ``linking.review_below`` has status ``needs_review`` (it keeps its code); it
+counts only for variables that set ``include_needs_review: true``.
 
 ``descendants_of`` needs an is-a table (:func:`read_isa_table`): a SNOMED-CT RF2 relationship
 snapshot (rows with ``typeId`` 116680003 |Is a| and ``active`` 1; ``sourceId`` is the child,
@@ -55,13 +60,15 @@ import yaml
 
 from clinlinker_spark.config import SparkConfig, from_dict
 from clinlinker_spark.errors import ConfigError, InputDataError
+from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW
 from clinlinker_spark.text import normalize_code
 
 log = logging.getLogger(__name__)
 
 HASH_FORMAT = 1  # bump when the hashed payload changes shape
 SNOMED_IS_A = "116680003"
-STATUS_LINKED = "linked"
+# the statuses whose code can count for a variable (needs_review only where a variable opts in)
+COUNTED_STATUSES = (STATUS_LINKED, STATUS_NEEDS_REVIEW)
 ISA_FORMATS = ("auto", "rf2", "csv", "tsv", "parquet")
 DOCUMENT_FORMATS = ("delta", "parquet", "csv", "tsv")
 UNITS = ("auto", "patient", "document")
@@ -92,6 +99,7 @@ class VariableDefinition:
     min_score: float | None = None
     include_negated: bool = False
     include_uncertain: bool = False
+    include_needs_review: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name or ""):
@@ -369,7 +377,8 @@ class ExpandedVariable:
 
     ``code_keys``: normalised codes that count (explicit codes + is-a descendants);
     ``prefixes``: normalised prefixes (a code counts when its key starts with one);
-    ``labels``: empty = any label; ``min_score``: None = any score.
+    ``labels``: empty = any label; ``min_score``: None = any score;
+    ``include_needs_review``: rows with status needs_review count too.
     """
 
     name: str
@@ -382,6 +391,7 @@ class ExpandedVariable:
     definition_hash: str
     description: str = ""
     roots_not_in_isa: tuple[str, ...] = ()
+    include_needs_review: bool = False
 
 
 def expand_definition(definition: VariableDefinition, isa: IsaGraph | None = None
@@ -413,6 +423,8 @@ def expand_definition(definition: VariableDefinition, isa: IsaGraph | None = Non
         "include_negated": definition.include_negated,
         "include_uncertain": definition.include_uncertain,
     }
+    if definition.include_needs_review:  # absent when false: older definitions keep their hash
+        payload["include_needs_review"] = True
     digest = hashlib.sha256(
         json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
     ).hexdigest()
@@ -427,6 +439,7 @@ def expand_definition(definition: VariableDefinition, isa: IsaGraph | None = Non
         definition_hash=digest,
         description=definition.description,
         roots_not_in_isa=missing_roots,
+        include_needs_review=definition.include_needs_review,
     )
 
 
@@ -451,9 +464,10 @@ def needs_isa(definitions: Sequence[VariableDefinition]) -> bool:
 class VariableMatcher:
     """Which rows of a code-assignment batch count for which variable.
 
-    A row counts for variable v when: its ``status`` is ``linked`` (when the batch has a
-    status column), its code's key is in ``v.code_keys`` or starts with one of ``v.prefixes``,
-    its label is in ``v.labels`` (when v has labels), its score >= ``v.min_score`` (when set;
+    A row counts for variable v when: its ``status`` is ``linked``, or ``needs_review`` when v
+    includes such rows (when the batch has a status column), its code's key is in
+    ``v.code_keys`` or starts with one of ``v.prefixes``, its label is in ``v.labels`` (when
+    v has labels), its score >= ``v.min_score`` (when set;
     a null score then fails), and, when the batch has the negation/uncertainty column, it is
     not flagged negated (uncertain) unless v includes negated (uncertain) mentions. A null
     flag counts as not negated (not uncertain).
@@ -476,6 +490,8 @@ class VariableMatcher:
             [-np.inf if v.min_score is None else v.min_score for v in self.variables], dtype=float
         )
         self._has_min = np.array([v.min_score is not None for v in self.variables], dtype=bool)
+        self._takes_review = np.array([v.include_needs_review for v in self.variables],
+                                      dtype=bool)
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def variables_for_code(self, code: Any) -> tuple[int, ...]:
@@ -520,10 +536,14 @@ class VariableMatcher:
         if n == 0 or not self.variables:
             return empty
         codes = frame[code_column].tolist()
+        review = np.zeros(n, dtype=bool)  # rows with status needs_review
         if status_column and status_column in frame.columns:
             statuses = frame[status_column].tolist()
-            hits = [self.variables_for_code(c) if s == STATUS_LINKED else ()
+            counted = (COUNTED_STATUSES if self._takes_review.any() else (STATUS_LINKED,))
+            hits = [self.variables_for_code(c) if s in counted else ()
                     for c, s in zip(codes, statuses)]
+            review = np.fromiter((s == STATUS_NEEDS_REVIEW for s in statuses), dtype=bool,
+                                 count=n)
         else:
             hits = [self.variables_for_code(c) for c in codes]
         counts = np.fromiter((len(h) for h in hits), dtype=np.int64, count=n)
@@ -531,7 +551,7 @@ class VariableMatcher:
             return empty
         rows = np.repeat(np.arange(n, dtype=np.int64), counts)
         vidx = np.fromiter((i for h in hits for i in h), dtype=np.int64, count=int(counts.sum()))
-        keep = np.ones(len(rows), dtype=bool)
+        keep = ~review[rows] | self._takes_review[vidx]
 
         if self._has_min[vidx].any():
             if score_column not in frame.columns:

@@ -86,8 +86,14 @@ def test_link_statuses_and_batch_independence(toy_index):
                                           "text longer than 30 characters"]
     assert out.loc[0, "code"] == "J18" and out.loc[0, "candidates"] == out.loc[4, "candidates"]
     # each mention's result does not depend on its batch
+    # (the same candidates in the same order; a float32 score may move by a few ulps between
+    # FAISS's one-query and matrix kernels, index.TIE_TOLERANCE)
     alone = linker.link(mentions.iloc[[5]])
-    assert alone.loc[0, "candidates"] == out.loc[5, "candidates"]
+    got, want = alone.loc[0, "candidates"], out.loc[5, "candidates"]
+    assert [(c["code"], c["term"], c["exact"]) for c in got] == [
+        (c["code"], c["term"], c["exact"]) for c in want]
+    assert [c["retrieval_score"] for c in got] == pytest.approx(
+        [c["retrieval_score"] for c in want], abs=1e-6)
     # Arrow input is accepted too
     import pyarrow as pa
     arrow = linker.link(pa.Table.from_pandas(mentions.iloc[[0]]))

@@ -8,22 +8,28 @@ import dataclasses
 import hashlib
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from clinlinker_spark.config import (
-    IndexConfig, JobConfig, SparkConfig, TerminologyConfig, TerminologySourceConfig, load_config,
+    IndexConfig, JobConfig, RankerConfig, SparkConfig, TerminologyConfig,
+    TerminologySourceConfig, load_config,
 )
 from clinlinker_spark.corpora import read_gold
 from clinlinker_spark.encoder import BiEncoder
-from clinlinker_spark.errors import ConfigError, EncoderMismatchError, InputDataError
+from clinlinker_spark.errors import (
+    ArtifactError, ConfigError, EncoderMismatchError, InputDataError,
+)
 from clinlinker_spark.index import TerminologyIndex, build_index, read_manifest
 from clinlinker_spark.linker import Linker
+from clinlinker_spark.ranker import ranker_hash
 from clinlinker_spark.samples import sample_path
-from clinlinker_spark.text import normalize_text
+from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.terminology import load_terminology, terms_from_mentions
+from clinlinker_spark.training.ranker import train_ranker
 
 pytestmark = pytest.mark.spark
 
@@ -53,14 +59,25 @@ def small_arrow_batches(spark):
 # Artifacts and data
 
 
+# Spanish ICD-10 (level >= 2) + CodiEsp train sample mentions, as conf/local.yaml
+SAMPLE_TERMINOLOGY = TerminologyConfig(sources=(
+    TerminologySourceConfig(path=str(sample_path("cie10_es.csv")), format="cie10"),
+    TerminologySourceConfig(path=str(sample_path("codiesp_train_sample.tsv")),
+                            format="codiesp", labels=("DIAGNOSTICO", "PROCEDIMIENTO")),
+))
+# Both retrievers: the candidates are the union of the dense and the lexical ones. One text
+# (one pair) per encoder (cross-encoder) batch: a vector's (a logit's) last bits move with
+# what is encoded with it, and the union's order (linker.hybrid_candidates) and the ranker's
+# rank features compare raw scores, so near-equal candidates (the tiny models give many texts
+# one vector) could swap between the job's batches and the core linker's one call.
+HYBRID = ("linking.retrievers=[dense, lexical]", "encoder.batch_size=1",
+          "reranker.batch_size=1")
+MENTION_COLUMNS = ["mention_id", "doc_id", "start", "end", "text", "label"]
+
+
 @pytest.fixture(scope="module")
 def sample_terminology() -> pd.DataFrame:
-    """Spanish ICD-10 (level >= 2) + CodiEsp train sample mentions, as conf/local.yaml."""
-    return load_terminology(TerminologyConfig(sources=(
-        TerminologySourceConfig(path=str(sample_path("cie10_es.csv")), format="cie10"),
-        TerminologySourceConfig(path=str(sample_path("codiesp_train_sample.tsv")),
-                                format="codiesp", labels=("DIAGNOSTICO", "PROCEDIMIENTO")),
-    )))
+    return load_terminology(SAMPLE_TERMINOLOGY)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +110,50 @@ def job_config(tmp_path: Path, encoder: Path, index: Path, *overrides: str,
     return dataclasses.replace(config, spark=TEST_SPARK)
 
 
+def with_ranker(config: JobConfig, ranker: Path) -> JobConfig:
+    """``config`` with the ranker directory ``ranker`` (trained, or to train with
+    build_missing: 2 folds, 20 trees) and the terminology the sample index was built from,
+    whose CodiEsp mentions the ranker learns from."""
+    return dataclasses.replace(config, terminology=SAMPLE_TERMINOLOGY, ranker=RankerConfig(
+        path=str(ranker), folds=2, num_trees=20, min_data_in_leaf=5))
+
+
+def trained_ranker(tmp_path_factory, encoder: Path, index: Path,
+                   reranker: Path | None = None) -> Path:
+    """A ranker trained with ``train_ranker`` for the hybrid retrievers (and ``reranker``)."""
+    out = tmp_path_factory.mktemp("rankers") / "ranker"
+    config = job_config(tmp_path_factory.mktemp("ranker-job"), encoder, index, *HYBRID,
+                        reranker=reranker)
+    train_ranker(with_ranker(config, out), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hybrid_ranker(tmp_path_factory, tiny_encoder_dir, sample_index) -> Path:
+    return trained_ranker(tmp_path_factory, tiny_encoder_dir, sample_index)
+
+
+@pytest.fixture(scope="module")
+def reranked_ranker(tmp_path_factory, tiny_encoder_dir, tiny_cross_encoder_dir,
+                    sample_index) -> Path:
+    """A ranker that also reads the cross-encoder's scores."""
+    return trained_ranker(tmp_path_factory, tiny_encoder_dir, sample_index,
+                          tiny_cross_encoder_dir)
+
+
+def review_threshold(linker: Linker, mentions: pd.DataFrame) -> float:
+    """A ``linking.review_below`` that sends some of the links of ``mentions``, not all, to
+    review: the middle one of their distinct confidences."""
+    values = sorted(set(linker.link(mentions)["confidence"].dropna()))
+    assert len(values) > 1, "the ranker gives every mention the same confidence"
+    return float(values[len(values) // 2])
+
+
+def with_review_below(config: JobConfig, threshold: float) -> JobConfig:
+    return dataclasses.replace(config, linking=dataclasses.replace(config.linking,
+                                                                   review_below=threshold))
+
+
 def read_table(path: Path | str) -> pd.DataFrame:
     """The Delta table as pandas, read with delta-rs (independently of Spark)."""
     from deltalake import DeltaTable
@@ -113,8 +174,18 @@ def table_version(path: Path | str) -> int:
     return int(DeltaTable(str(path)).version())
 
 
+def _same_optional(got, want, tolerance: float) -> bool:
+    """Two optional scores agree: both missing (None or NaN), or within ``tolerance``."""
+    missing_g = got is None or (isinstance(got, float) and math.isnan(got))
+    missing_w = want is None or (isinstance(want, float) and math.isnan(want))
+    if missing_g or missing_w:
+        return missing_g and missing_w
+    return abs(got - want) <= tolerance
+
+
 def assert_matches_core(table: pd.DataFrame, expected: pd.DataFrame) -> None:
-    """Every mention's status, best code and top-k (codes, scores) equal the core linker's."""
+    """Every mention's status, best code, score, confidence and top-k (codes in order, every
+    score of each candidate) equal the core linker's."""
     got = table.set_index("mention_id")
     want = expected.set_index("mention_id")
     assert sorted(got.index) == sorted(want.index)
@@ -131,12 +202,12 @@ def assert_matches_core(table: pd.DataFrame, expected: pd.DataFrame) -> None:
         for cg, cw in zip(cands_g, cands_w):
             assert cg["term"] == cw["term"]
             assert cg["retrieval_score"] == pytest.approx(cw["retrieval_score"], abs=1e-5)
-            if cw["rerank_score"] is None:
-                assert cg["rerank_score"] is None or math.isnan(cg["rerank_score"])
-            else:
-                assert cg["rerank_score"] == pytest.approx(cw["rerank_score"], abs=1e-4)
-        if row["score"] is not None and not pd.isna(row["score"]):
-            assert g["score"] == pytest.approx(row["score"], abs=1e-5)
+            assert _same_optional(cg["rerank_score"], cw["rerank_score"], 1e-4)
+            assert _same_optional(cg["lexical_score"], cw["lexical_score"], 1e-5)
+            assert _same_optional(cg["ranker_score"], cw["ranker_score"], 1e-5)
+        assert _same_optional(g["score"], row["score"], 1e-5)
+        assert _same_optional(g["confidence"], row["confidence"], 1e-6)
+        assert g["reason"] == row["reason"]
     assert not mismatches, f"{len(mismatches)} mention(s) differ from the core linker, e.g. " \
         f"{mismatches[:5]}"
 
@@ -228,6 +299,88 @@ def test_job_matches_core_linker_on_package_samples(
     assert len(table.iloc[0]["candidates"]) == config.linking.top_k
 
 
+@pytest.mark.parametrize("with_reranker", [False, True], ids=["ranker", "reranker-ranker"])
+def test_hybrid_retrievers_and_a_ranker_give_the_core_linkers_rows(
+    spark, tmp_path, tiny_encoder_dir, tiny_cross_encoder_dir, sample_index, dev_mentions,
+    request, with_reranker,
+):
+    # with a re-ranker, the retrieval stage hands the re-rank stage every candidate of both
+    # retrievers (up to 2 * top_k codes), and the ranker orders them and cuts them there
+    ranker = request.getfixturevalue("reranked_ranker" if with_reranker else "hybrid_ranker")
+    config = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                    reranker=tiny_cross_encoder_dir if with_reranker else None),
+                         ranker)
+    summary = run_job(spark, config, run_id="hybrid")
+    table = read_table(config.output.path)
+    assert len(table) == len(dev_mentions) == table["mention_id"].nunique()
+
+    core = Linker.from_config(config)
+    assert core.hybrid and core.ranker is not None
+    expected = core.link(dev_mentions)
+    assert_matches_core(table, expected)
+    assert summary["ranker_version"] == ranker_hash(ranker) == core.versions["ranker_version"]
+    assert set(table["ranker_version"]) == {summary["ranker_version"]}
+    assert summary["counts_by_status"] == {
+        s: int((table["status"] == s).sum()) for s in summary["counts_by_status"]}
+    assert summary["udf_task_seconds"]["rank"] > 0 and summary["udf_task_seconds"]["lexical"] > 0
+    # every candidate scored by both retrievers and the ranker, in the ranker's order, cut to
+    # top_k; the confidence is a probability
+    found = table[table["status"] != "invalid_input"]
+    assert found["confidence"].between(0.0, 1.0).all()
+    for cands, score in zip(found["candidates"], found["score"]):
+        cands = list(cands)
+        assert 0 < len(cands) <= config.linking.top_k
+        assert all(c["lexical_score"] is not None for c in cands)
+        ranked = [c["ranker_score"] for c in cands]
+        assert ranked == sorted(ranked, reverse=True) and score == pytest.approx(ranked[0])
+    reranked = [c["rerank_score"] for cs in found["candidates"] for c in cs]
+    assert any(r is not None and not math.isnan(r) for r in reranked) is with_reranker
+    # the retrieval order cut to top_k would not give these lists: the ranker saw the union
+    dense_cut = Linker.from_config(dataclasses.replace(config, ranker=RankerConfig(),
+                                                       reranker=dataclasses.replace(
+                                                           config.reranker, path="")))
+    unranked = dense_cut.link(dev_mentions).set_index("mention_id")["candidates"]
+    assert any({c["code"] for c in cs} != {c["code"] for c in unranked[m]}
+               for m, cs in zip(table["mention_id"], table["candidates"]) if len(cs))
+
+
+def test_a_missing_ranker_is_trained_on_the_driver_with_build_missing(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, reranked_ranker, caplog,
+):
+    import logging
+
+    small = dev_mentions.iloc[:60]
+    missing = tmp_path / "ranker"
+    config = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                    "input.passthrough_columns=[]"), missing)
+    mentions = spark.createDataFrame(small[MENTION_COLUMNS])
+    # without build_missing a missing ranker, and a ranker the job cannot use (it reads the
+    # cross-encoder's score; the job has no re-ranker), fail before any Spark job
+    spark.sparkContext.setJobGroup("ranker-errors", "test")
+    try:
+        with pytest.raises(ArtifactError, match="no ranker at"):
+            run_job(spark, config, mentions=mentions)
+        with pytest.raises(ConfigError, match="cross-encoder"):
+            run_job(spark, with_ranker(config, reranked_ranker), mentions=mentions)
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    assert _jobs_in_group(spark, "ranker-errors") == []
+    assert not Path(config.output.path).exists() and not missing.exists()
+
+    with caplog.at_level(logging.INFO):
+        summary = run_job(spark, dataclasses.replace(config, build_missing=True),
+                          mentions=mentions)
+    assert (missing / "ranker.json").is_file()
+    assert summary["ranker_version"] == ranker_hash(missing)
+    assert_matches_core(read_table(config.output.path), Linker.from_config(config).link(small))
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any(m.startswith("ranker trained: 2010 training mentions") for m in messages)
+    # counts only: no mention text (of the input or of the training mentions) is logged
+    training = read_gold(sample_path("codiesp_train_sample.tsv"), "codiesp")
+    texts = {t for t in set(small["text"]) | set(training["text"]) if len(t) >= 10}
+    assert not [m for m in messages if any(t in m for t in texts)]
+
+
 @pytest.mark.realdata
 def test_job_matches_core_linker_on_distemist(
     spark, tmp_path, shared_data, tiny_encoder_dir, tiny_cross_encoder_dir,
@@ -252,6 +405,80 @@ def test_job_matches_core_linker_on_distemist(
     table = read_table(config.output.path)
     assert len(table) == len(mentions) == table["mention_id"].nunique()
     assert_matches_core(table, Linker.from_config(config).link(mentions))
+
+
+def test_needs_review_rows_reach_the_table_and_variables_ignore_them_unless_asked(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
+):
+    import yaml
+
+    from clinlinker_spark.commands.link import (
+        format_gold, format_rows, gold_agreement, preview_rows,
+    )
+    from clinlinker_spark.spark.variables_job import run_variables_job
+    from clinlinker_spark.spark.writer import read_delta
+    from clinlinker_spark.variables import (
+        AssignmentsTableConfig, VariablesJobConfig, VariablesOutputConfig,
+    )
+
+    base = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID),
+                       hybrid_ranker)
+    core = Linker.from_config(base)
+    threshold = review_threshold(core, dev_mentions)
+    config = with_review_below(base, threshold)
+    summary = run_job(spark, config, run_id="review")
+    table = read_table(config.output.path)
+    assert_matches_core(table, core.with_linking(config.linking).link(dev_mentions))
+    review = table[table["status"] == "needs_review"]
+    linked = table[table["status"] == "linked"]
+    assert len(review) and len(linked)
+    assert summary["counts_by_status"]["needs_review"] == len(review)
+    # a needs_review row keeps its code, candidates and confidence
+    assert (review["confidence"] < threshold).all() and (linked["confidence"] >= threshold).all()
+    assert all(r["code"] == r["candidates"][0]["code"] and r["term"] == r["candidates"][0]["term"]
+               for _, r in review.iterrows())
+    assert review["reason"].str.contains("linking.review_below").all()
+
+    # the variables job: the same codes, with and without needs_review rows
+    codes = sorted(set(review["code"]))[:8]
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(yaml.safe_dump({"variables": [
+        {"name": "strict", "codes": codes},
+        {"name": "lenient", "codes": codes, "include_needs_review": True}]}), encoding="utf-8")
+    variables = VariablesJobConfig(
+        assignments=AssignmentsTableConfig(path=config.output.path), definitions=(str(defs),),
+        output=VariablesOutputConfig(path=str(tmp_path / "variables")))
+    counted = run_variables_job(spark, variables)
+    assert counted["assignments"]["needs_review"] == len(review)
+    evidence = {name: set() for name in ("strict", "lenient")}
+    for row in read_table(variables.output.path).itertuples():
+        evidence[row.variable] |= {e["mention_id"] for e in row.evidence}
+    keys = {normalize_code(c) for c in codes}
+    with_code = table[table["code"].map(lambda c: c is not None and normalize_code(c) in keys)]
+    assert evidence["strict"] == set(with_code.loc[with_code["status"] == "linked",
+                                                   "mention_id"])
+    assert evidence["lenient"] == set(with_code["mention_id"])
+    assert evidence["lenient"] - evidence["strict"] == set(
+        with_code.loc[with_code["status"] == "needs_review", "mention_id"]) != set()
+
+    # clinlinker link's preview: linked and needs_review rows with their confidence and gold
+    # code, then the run's accuracy@1 against the gold codes
+    written = read_delta(spark, config.output.path)
+    shown = preview_rows(written, "review", 1000)
+    assert {r["status"] for r in shown} == {"linked", "needs_review"}
+    assert len(shown) == len(review) + len(linked)
+    assert all(r["confidence"] is not None and "gold_code" in r for r in shown)
+    assert "(needs_review)" in format_rows(shown) and "; gold " in format_rows(shown)
+    gold = gold_agreement(written, "review")
+    has_gold = table[table["gold_code"].notna() & (table["gold_code"].str.strip() != "")]
+    right = sum(c is not None and normalize_code(c) == normalize_code(g)
+                for c, g in zip(has_gold["code"], has_gold["gold_code"]))
+    assert gold == {"rows": len(has_gold), "correct": right,
+                    "needs_review": int((has_gold["status"] == "needs_review").sum())}
+    assert 0 < right < len(has_gold)
+    assert f"accuracy@1 {right / len(has_gold):.3f}" in format_gold(gold)
+    assert gold_agreement(written.drop("gold_code"), "review") is None
+    assert gold_agreement(written, "another-run")["rows"] == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +623,8 @@ def test_bad_rows_reach_the_table_as_invalid_input(
     assert (invalid["status"] == "invalid_input").all()
     assert invalid["code"].isna().all() and invalid["candidates"].map(len).eq(0).all()
     assert table.loc["dup", "doc_id"] == "d2" and table.loc["dup", "start"] == 0
-    assert summary["counts_by_status"] == {"linked": 1, "no_candidate": 0, "invalid_input": 7}
+    assert summary["counts_by_status"] == {"linked": 1, "needs_review": 0, "no_candidate": 0,
+                                           "invalid_input": 7}
     # a rerun gives the same ids (the synthetic ones included): no new rows
     run_job(spark, config, mentions=bad_rows(spark))
     again = read_table(config.output.path)
@@ -600,6 +828,97 @@ def test_incremental_run_leaves_unchanged_invalid_rows_alone(
     assert empty["run_id"] == "night-1" and empty["reason"] == "empty text"
 
 
+def test_incremental_rerun_with_a_ranker_writes_no_duplicates_and_relinks_nothing(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
+):
+    # needs_review is final too: a rerun leaves those rows alone like linked ones
+    base = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                  "output.incremental=true", "input.passthrough_columns=[]"),
+                       hybrid_ranker)
+    core = Linker.from_config(base)
+    config = with_review_below(base, review_threshold(core, dev_mentions))
+    old, new = dev_mentions.iloc[:400][MENTION_COLUMNS], dev_mentions.iloc[400:][MENTION_COLUMNS]
+    first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
+    assert first["counts_by_status"]["needs_review"] > 0
+    both = pd.concat([old, new], ignore_index=True)
+    second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(both))
+    assert second["skipped_already_linked"] == len(old) and second["to_link"] == len(new)
+    assert second["rows_written"] == len(new)
+    table = read_table(config.output.path)
+    assert len(table) == table["mention_id"].nunique() == len(both)
+    assert (table.set_index("mention_id").loc[old["mention_id"], "run_id"] == "night-1").all()
+    assert_matches_core(table, core.with_linking(config.linking).link(both))
+    version = table_version(config.output.path)
+    third = run_job(spark, config, run_id="night-3", mentions=spark.createDataFrame(both))
+    assert third["to_link"] == third["surface_forms"] == third["rows_written"] == 0
+    assert third["skipped_already_linked"] == len(both)
+    assert table_version(config.output.path) == version
+
+
+def as_written_before_the_ranker(spark, source: Path | str, target: Path, key: str,
+                                 candidate_fields: tuple[str, ...]) -> None:
+    """Copy a table (code assignments or form cache) in the schema it had before the ranker:
+    no confidence or ranker_version, candidates with ``candidate_fields`` only."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.writer import merge_into_delta, read_delta
+
+    old = read_delta(spark, str(source)).drop("confidence", "ranker_version").withColumn(
+        "candidates", F.transform("candidates", lambda c: F.struct(
+            *[c[f].alias(f) for f in candidate_fields])))
+    merge_into_delta(spark, old, str(target), key=key)
+
+
+def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
+):
+    small = dev_mentions.iloc[:80]
+    mentions = spark.createDataFrame(small[MENTION_COLUMNS])
+    plain = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
+                       "input.passthrough_columns=[]",
+                       f"output.form_cache_path={tmp_path / 'cache-plain'}")
+    run_job(spark, plain, run_id="before", mentions=mentions)
+    old_table, old_cache = tmp_path / "old-table", tmp_path / "old-cache"
+    as_written_before_the_ranker(spark, plain.output.path, old_table, "mention_id",
+                                 ("code", "term", "retrieval_score", "rerank_score"))
+    as_written_before_the_ranker(spark, plain.output.form_cache_path, old_cache, "cache_key",
+                                 ("code", "term", "retrieval_score", "rerank_score", "exact"))
+    assert "confidence" not in read_table(old_table).columns
+    n_forms = len(read_table(old_cache))
+
+    config = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                    "output.incremental=true", "input.passthrough_columns=[]",
+                                    f"output.path={old_table}",
+                                    f"output.form_cache_path={old_cache}"), hybrid_ranker)
+    expected = Linker.from_config(config).link(small)
+    # no old row has the run's versions (nor their columns): every mention is linked again,
+    # and the old cache (no confidence column) is not read
+    upgrade = run_job(spark, config, run_id="upgrade", mentions=mentions)
+    assert upgrade["skipped_already_linked"] == 0 and upgrade["to_link"] == len(small)
+    assert upgrade["form_cache"]["hits"] == 0
+    assert upgrade["form_cache"]["added"] == upgrade["surface_forms"] == n_forms
+    table = read_table(old_table)
+    assert len(table) == table["mention_id"].nunique() == len(small)
+    assert set(table["run_id"]) == {"upgrade"}
+    assert_matches_core(table, expected)
+    # the cache's candidates gained the ranker's fields after its own; old rows read them null
+    cache = read_table(old_cache)
+    assert len(cache) == 2 * n_forms
+    fields = next(list(cs[0]) for cs in cache["candidates"] if len(cs))
+    assert fields == ["code", "term", "retrieval_score", "rerank_score", "exact",
+                      "lexical_score", "ranker_score"]
+    assert cache["ranker_version"].isna().sum() == n_forms
+
+    # the next night skips every mention; without incremental, every form comes from the cache
+    again = run_job(spark, config, run_id="again", mentions=mentions)
+    assert again["skipped_already_linked"] == len(small) and again["rows_written"] == 0
+    relink = dataclasses.replace(config, output=dataclasses.replace(config.output,
+                                                                    incremental=False))
+    cached = run_job(spark, relink, run_id="cached", mentions=mentions)
+    assert cached["surface_forms"] == 0 and cached["form_cache"]["hits"] == n_forms
+    assert_matches_core(read_table(old_table), expected)
+
+
 def test_mark_linked_broadcast_and_shuffle_agree(spark):
     from clinlinker_spark.spark.job import mark_linked, match_table
 
@@ -724,18 +1043,25 @@ def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
         "mention_id string, doc_id string, start long, end long, text string, "
         "text_sha256 string, label string, reason string, text_norm string")
     found = spark.createDataFrame(
-        [("tos", "tos", "linked", None, "R05", "tos", 0.9,
+        [("tos", "tos", "linked", None, "R05", "tos", 0.9, 0.8,
           [{"code": "R05", "term": "tos", "retrieval_score": 0.9, "rerank_score": None,
-            "exact": True}])], schemas.STAGE_SCHEMA)
-    versions = {"model_version": "m", "index_version": "i", "reranker_version": ""}
+            "lexical_score": 1.0, "ranker_score": 0.9, "exact": True}])], schemas.STAGE_SCHEMA)
+    versions = {"model_version": "m", "index_version": "i", "reranker_version": "",
+                "ranker_version": "r"}
     now = datetime.now(timezone.utc)
     for broadcast in (True, False):
         out = assemble_output(validated, found, config, versions, "r", now, dedupe=True,
                               broadcast_results=broadcast)
         rows = {r["mention_id"]: r for r in out.collect()}
-        assert {k: (r["status"], r["code"], len(r["candidates"])) for k, r in rows.items()} == {
-            "a": ("linked", "R05", 1), "b": ("linked", "R05", 1), "c": ("invalid_input", None, 0)}
+        assert {k: (r["status"], r["code"], r["confidence"], len(r["candidates"]))
+                for k, r in rows.items()} == {"a": ("linked", "R05", 0.8, 1),
+                                              "b": ("linked", "R05", 0.8, 1),
+                                              "c": ("invalid_input", None, None, 0)}
+        assert rows["a"]["candidates"][0].asDict() == {
+            "code": "R05", "term": "tos", "retrieval_score": 0.9, "rerank_score": None,
+            "lexical_score": 1.0, "ranker_score": 0.9}  # without ``exact``
         assert rows["c"]["reason"] == "empty text" and rows["a"]["run_id"] == "r"
+        assert rows["a"]["ranker_version"] == "r"
         assert out.columns == schemas.assignment_columns(True, [])
     # a row to link whose form has no result fails the write; it is not dropped
     other = found.filter("link_key = 'none'")
@@ -765,16 +1091,17 @@ def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
         "mention_id string, doc_id string, start long, end long, text string, "
         "text_sha256 string, label string, ward string, reason string, text_norm string")
     candidate = {"code": "R05", "term": "tos", "retrieval_score": 0.9, "rerank_score": 0.7,
-                 "exact": True}
+                 "lexical_score": 0.6, "ranker_score": 1.5, "exact": True}
     found = spark.createDataFrame(
-        [("tos", "tos", "linked", None, "R05", "tos", 0.9, [candidate, {**candidate,
-                                                                      "code": "R06"}]),
-         ("zzz", "zzz", "no_candidate", "no hit", None, None, None, [])],
+        [("tos", "tos", "needs_review", "confidence below", "R05", "tos", 1.5, 0.4,
+          [candidate, {**candidate, "code": "R06", "ranker_score": None}]),
+         ("zzz", "zzz", "no_candidate", "no hit", None, None, None, None, [])],
         schemas.STAGE_SCHEMA)
     by_id = found.withColumn("link_key", F.when(F.col("link_key") == "tos", "a")
                              .otherwise("e")).unionByName(found.filter("link_key = 'tos'")
                                                           .withColumn("link_key", F.lit("b")))
-    versions = {"model_version": "m", "index_version": "i", "reranker_version": ""}
+    versions = {"model_version": "m", "index_version": "i", "reranker_version": "",
+                "ranker_version": "r"}
     now = datetime(2026, 11, 27, 8, 30, 1, 123456, tzinfo=timezone.utc)
     for store_text, dedupe in ((True, True), (False, True), (True, False)):
         config = job_config(tmp_path, tiny_encoder_dir, sample_index,
@@ -787,8 +1114,12 @@ def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
                                         "r", now, dedupe).sort_by("mention_id")
         assert got.schema == want.schema and got.equals(want)
         assert got.column("status").to_pylist() == [
-            "linked", "linked", "invalid_input", "no_candidate"]
+            "needs_review", "needs_review", "invalid_input", "no_candidate"]
+        assert got.column("confidence").to_pylist() == [0.4, 0.4, None, None]
         assert [len(c) for c in got.column("candidates").to_pylist()] == [2, 2, 0, 0]
+        assert got.column("candidates").to_pylist()[0][1] == {
+            "code": "R06", "term": "tos", "retrieval_score": 0.9, "rerank_score": 0.7,
+            "lexical_score": 0.6, "ranker_score": None}
     # every row invalid: no results at all
     invalid = validated.filter("reason is not null")
     out = assemble_output(invalid, None, config, versions, "r", now, dedupe=True)
@@ -922,6 +1253,65 @@ def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
                         Linker.from_config(config5).link(new))
 
 
+def test_form_cache_keys_on_the_ranker_version(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
+):
+    import json
+
+    # another ranker: the same model, its confidences calibrated to half
+    other = tmp_path / "other-ranker"
+    shutil.copytree(hybrid_ranker, other)
+    spec = json.loads((other / "ranker.json").read_text(encoding="utf-8"))
+    spec["calibration"]["y"] = [y / 2 for y in spec["calibration"]["y"]]
+    (other / "ranker.json").write_text(json.dumps(spec), encoding="utf-8")
+    assert ranker_hash(other) != ranker_hash(hybrid_ranker)
+
+    cache = tmp_path / "form_cache"
+    small = dev_mentions.iloc[:120]
+    mentions = small[MENTION_COLUMNS]
+    config_a = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                      "input.passthrough_columns=[]",
+                                      f"output.form_cache_path={cache}"), hybrid_ranker)
+    config_b = with_ranker(config_a, other)
+    first = run_job(spark, config_a, run_id="a", mentions=spark.createDataFrame(mentions))
+    forms = first["surface_forms"]
+    assert forms > 0 and first["form_cache"]["added"] == forms
+    confidence_a = read_table(config_a.output.path).set_index("mention_id")["confidence"]
+    again = run_job(spark, config_a, run_id="a2", mentions=spark.createDataFrame(mentions))
+    assert again["surface_forms"] == 0 and again["form_cache"]["hits"] == forms
+
+    other_run = run_job(spark, config_b, run_id="b", mentions=spark.createDataFrame(mentions))
+    assert other_run["form_cache"]["hits"] == 0 and other_run["surface_forms"] == forms
+    assert other_run["ranker_version"] != first["ranker_version"]
+    assert other_run["linking_version"] == first["linking_version"]
+    table = read_table(config_b.output.path)
+    assert_matches_core(table, Linker.from_config(config_b).link(small))
+    confidence_b = table.set_index("mention_id")["confidence"]
+    found = confidence_a.notna()
+    assert found.any()
+    assert (confidence_b[found] - confidence_a[found] / 2).abs().max() < 1e-9
+    rows = read_table(cache)
+    assert len(rows) == 2 * forms and rows["cache_key"].is_unique
+    assert set(rows["ranker_version"]) == {first["ranker_version"], other_run["ranker_version"]}
+
+
+def test_linking_version_covers_the_linking_settings_that_change_results():
+    from clinlinker_spark.spark.job import linking_version
+
+    config = load_config(None, [])
+    base = linking_version(config)
+    for change in ({"retrievers": ("dense", "lexical")}, {"lexical_k": 30},
+                   {"review_below": 0.5}, {"top_k": 5}, {"min_score": 0.2}):
+        changed = dataclasses.replace(config.linking, **change)
+        assert linking_version(dataclasses.replace(config, linking=changed)) != base, change
+    # outcomes that do not depend on a setting: the reuse of index vectors, and a ranker's
+    # training settings (its version, a hash of its files, keys the cache)
+    same = dataclasses.replace(config.linking, reuse_index_vectors=False)
+    assert linking_version(dataclasses.replace(config, linking=same)) == base
+    assert linking_version(dataclasses.replace(config, ranker=RankerConfig(
+        path="r", num_trees=5))) == base
+
+
 def test_a_failed_form_cache_write_costs_time_not_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
 ):
@@ -990,17 +1380,34 @@ def test_artifacts_are_shipped_once_under_distinct_names(spark, tmp_path):
 
 
 def test_stage_batches_carry_every_candidate_field_both_ways():
+    from clinlinker_spark.config import LinkingConfig
     from clinlinker_spark.linker import Candidate
+    from clinlinker_spark.spark.schemas import OUTCOME_COLUMNS
     from clinlinker_spark.spark.udfs import _from_arrow, _to_batch
 
-    ranked = [[Candidate("E11.9", "diabetes tipo 2", 0.91, rerank_score=2.5, exact=True),
-               Candidate("E10", "diabetes tipo 1", 0.77)],
+    ranked = [[Candidate("E11.9", "diabetes tipo 2", 0.91, rerank_score=2.5, exact=True,
+                         lexical_score=0.8, ranker_score=1.25),
+               Candidate("E10", "diabetes tipo 1", 0.77, lexical_score=0.4, ranker_score=-0.5)],
               [],
               [Candidate("J18", "neumonía", 0.5, rerank_score=None, exact=False)]]
-    assert {f.name for f in dataclasses.fields(Candidate)} == set(
-        _to_batch(["a"], ["a"], [[]], None).schema.field("candidates").type.value_type.names)
-    batch = _to_batch(["a", "b", "c"], ["x", "y", "z"], ranked, None)
+    assert [f.name for f in dataclasses.fields(Candidate)] == sorted(
+        _to_batch(["a"], ["a"], [[]]).schema.field("candidates").type.value_type.names,
+        key=[f.name for f in dataclasses.fields(Candidate)].index)
+    batch = _to_batch(["a", "b", "c"], ["x", "y", "z"], ranked)
     assert _from_arrow(batch.column("candidates")) == ranked
+    assert all(batch.column(c).null_count == 3 for c in OUTCOME_COLUMNS)  # not final
+    class Outcomes:  # what the stage that finalises asks of its Linker: outcome()
+        linking = LinkingConfig(review_below=0.5)
+        reranker = None
+        score_of = Linker.score_of
+        outcome = Linker.outcome
+
+    final = _to_batch(["a", "b", "c"], ["x", "y", "z"], ranked, Outcomes(), [0.9, None, 0.2])
+    assert final.to_pydict()["status"] == ["linked", "no_candidate", "needs_review"]
+    assert final.to_pydict()["confidence"] == [0.9, None, 0.2]
+    assert final.to_pydict()["score"] == [1.25, None, 0.5]  # the ranker's score, else retrieval
+    assert final.to_pydict()["code"] == ["E11.9", None, "J18"]
+    assert _from_arrow(final.column("candidates")) == ranked
 
 
 def test_task_device_uses_the_gpu_a_task_holds():

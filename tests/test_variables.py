@@ -78,6 +78,7 @@ def test_definition_file_with_list_and_single_mapping(tmp_path):
                                          labels=("DIAGNOSTICO",), min_score=0.9)
     assert defs[1].codes == ("E11.9", "44054006")  # an integer SNOMED id becomes a string
     assert defs[1].include_negated is False and defs[1].include_uncertain is False
+    assert defs[1].include_needs_review is False
 
 
 @pytest.mark.parametrize("item, message", [
@@ -87,6 +88,8 @@ def test_definition_file_with_list_and_single_mapping(tmp_path):
     ({"name": "x", "codes": "E11"}, "codes must be a list"),
     ({"name": "x", "codes": ["E11"], "min_score": "high"}, "min_score must be a number"),
     ({"name": "x", "codes": ["E11"], "include_negated": "yes"}, "true or false"),
+    ({"name": "x", "codes": ["E11"], "include_needs_review": "si"}, "true or false"),
+    ({"name": "x", "codes": ["E11"], "include_review": True}, "variables[0].include_review"),
     ({"name": "bad name", "codes": ["E11"]}, "must match"),
     ({"name": "x", "codes": ["E11", " "]}, "empty entry"),
 ])
@@ -246,8 +249,12 @@ def test_definition_hash_changes_with_what_decides_rows():
     assert expand_definition(variable(**same)).definition_hash == h
     for change in ({"code_prefixes": ("E11", "E13")}, {"codes": ("E10",)},
                    {"labels": ()}, {"min_score": 0.8}, {"min_score": None},
-                   {"include_negated": True}, {"include_uncertain": True}, {"name": "dm2b"}):
+                   {"include_negated": True}, {"include_uncertain": True},
+                   {"include_needs_review": True}, {"name": "dm2b"}):
         assert expand_definition(variable(**{**base, **change})).definition_hash != h, change
+    # a definition without include_needs_review keeps the hash it had before the key existed
+    assert h == "c2620dd9bd23a9cbcdfa744e7be291eed108cdb338a1bf41b8cb6427d6308d6e"
+    assert expand_definition(variable(**base, include_needs_review=False)).definition_hash == h
     # a new is-a release that adds a descendant changes the hash too
     roots = dict(name="dm", descendants_of=("73211009",))
     before = expand_definition(variable(**roots), IsaGraph.from_edges(ISA_EDGES))
@@ -283,6 +290,22 @@ def test_only_linked_rows_count():
     frame = rows({"code": "I10"}, {"code": "I10", "status": "no_candidate"},
                  {"code": "I10", "status": "invalid_input"})
     assert matched([v], frame) == [(0, "v")]
+
+
+def test_needs_review_rows_count_only_for_variables_that_include_them():
+    strict = expand_definition(variable(name="strict", code_prefixes=("I10",)))
+    lenient = expand_definition(variable(name="lenient", code_prefixes=("I10",),
+                                         include_needs_review=True))
+    frame = rows({"code": "I10"}, {"code": "I10", "status": "needs_review"},
+                 {"code": "I10", "status": "no_candidate"},
+                 {"code": "I10", "status": "needs_review", "score": 0.5})
+    assert matched([strict, lenient], frame) == [
+        (0, "strict"), (0, "lenient"), (1, "lenient"), (3, "lenient")]
+    assert matched([strict], frame) == [(0, "strict")]
+    # the other filters still apply to needs_review rows
+    picky = expand_definition(variable(name="picky", code_prefixes=("I10",), min_score=0.9,
+                                       include_needs_review=True))
+    assert matched([picky], frame) == [(0, "picky"), (1, "picky")]
 
 
 def test_negation_and_uncertainty_filters_apply_when_columns_exist():

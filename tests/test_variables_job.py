@@ -42,6 +42,7 @@ MENTIONS = [
     ("m10", "d5", "DIAGNOSTICO", "linked", "I10", 0.98, False),      # d5: not in documents
     ("m11", "d6", "DIAGNOSTICO", "invalid_input", None, None, None),  # p4: nothing linked
     ("m12", "d1", "DIAGNOSTICO", "linked", "I11.0", 0.92, False),    # p1 hta + hf
+    ("m13", "d6", "DIAGNOSTICO", "needs_review", "E11.9", 0.95, False),  # p4 dm2 if asked
 ]
 DOCUMENTS = [  # doc_id, patient_id, note_date
     ("d1", "p1", "2024-01-10"), ("d2", "p1", "2024-03-05"), ("d3", "p2", "2023-12-31"),
@@ -84,8 +85,10 @@ def assignments_df(spark, mentions=MENTIONS):
             "mention_id": mention_id, "doc_id": doc_id, "start": 0, "end": 5,
             "text_sha256": "0" * 64, "label": label, "negated": negated, "status": status,
             "reason": None if status == "linked" else "test", "code": code,
-            "term": None, "score": score, "candidates": [], "model_version": "model-a",
-            "index_version": "index-a", "reranker_version": "", "run_id": "link-run",
+            "term": None, "score": score,
+            "confidence": 0.3 if status == "needs_review" else 0.9 if code else None,
+            "candidates": [], "model_version": "model-a", "index_version": "index-a",
+            "reranker_version": "", "ranker_version": "ranker-a", "run_id": "link-run",
             "run_ts": TS,
         })
     return spark.createDataFrame([tuple(r[f] for f in schema.names) for r in records], schema)
@@ -160,8 +163,8 @@ def test_patient_rows_with_evidence_dates_and_lineage(spark, setup):
         {"mention_id": "m01", "doc_id": "d1", "code": "E11.9", "score": 0.97},
         {"mention_id": "m02", "doc_id": "d2", "code": "e11.65", "score": 0.91},
     ]
-    assert (dm2["model_version"], dm2["index_version"], dm2["reranker_version"]) == (
-        "model-a", "index-a", "")
+    assert (dm2["model_version"], dm2["index_version"], dm2["reranker_version"],
+            dm2["ranker_version"]) == ("model-a", "index-a", "", "ranker-a")
     assert dm2["run_id"] == "run-1"
     hf2 = got[("p2", "heart_failure")]  # negated m05 left out
     assert [e["mention_id"] for e in hf2["evidence"]] == ["m06"]
@@ -181,6 +184,7 @@ def test_patient_rows_with_evidence_dates_and_lineage(spark, setup):
     assert table_version(config.output.path) == 0
     assert summary["evidence_without_unit"] == 1  # m10 (d5)
     assert summary["assignments"]["linked"] == 10
+    assert summary["assignments"]["needs_review"] == 1  # m13: not evidence (no opt-in)
     assert summary["variables"]["hypertension"] == {
         "definition_hash": hashes["hypertension"], "status": "no previous rows",
         "units_present": 1, "mentions": 2}
@@ -200,6 +204,32 @@ def test_spark_evidence_equals_core_matcher(spark, setup):
     core = VariableMatcher(load_variables(config)).evidence(frame)
     assert spark_pairs == set(zip(core["mention_id"], core["variable"]))
     assert ("m10", "hypertension") in spark_pairs  # d5 counts when the unit is the document
+
+
+def test_needs_review_rows_count_only_for_variables_that_include_them(spark, setup):
+    from clinlinker_spark.spark.variables_job import run_variables_job
+
+    config, defs = setup
+    run_variables_job(spark, config, run_id="run-1")
+    before = by_unit(table(spark, config.output.path))
+    assert ("p4", "type2_diabetes") not in before  # m13 needs review: ignored by default
+    opted = yaml.safe_load(yaml.safe_dump(DEFINITIONS))
+    opted["variables"][0]["include_needs_review"] = True
+    defs.write_text(yaml.safe_dump(opted), encoding="utf-8")
+    summary = run_variables_job(spark, config, run_id="run-2")
+    after = by_unit(table(spark, config.output.path))
+    assert set(after) == set(before) | {("p4", "type2_diabetes")}
+    assert after[("p4", "type2_diabetes")]["evidence"] == [
+        {"mention_id": "m13", "doc_id": "d6", "code": "E11.9", "score": 0.95}]
+    assert after[("p1", "type2_diabetes")]["evidence"] == before[
+        ("p1", "type2_diabetes")]["evidence"]
+    assert summary["variables"]["type2_diabetes"]["status"] == "changed"
+    assert summary["variables"]["hypertension"]["status"] == "unchanged"
+    # the Spark job and the core matcher agree on the same rows
+    frame = pd.DataFrame(MENTIONS, columns=["mention_id", "doc_id", "label", "status", "code",
+                                            "score", "negated"])
+    core = VariableMatcher(load_variables(config)).evidence(frame)
+    assert ("m13", "type2_diabetes") in set(zip(core["mention_id"], core["variable"]))
 
 
 def test_rerun_replaces_rows_and_adds_one_version(spark, setup):

@@ -562,6 +562,57 @@ def test_new_nullable_column_evolves_the_schema_in_one_commit(spark, tmp_path):
     ]
 
 
+WIDER_CANDIDATE = StructType(  # CANDIDATE with a field between its fields and one after
+    [*CANDIDATE.fields[:2], StructField("lexical_score", DoubleType(), True),
+     *CANDIDATE.fields[2:], StructField("ranker_score", DoubleType(), True)]
+)
+
+
+def wider_df(spark, ids: list[int], run: str):
+    """make_df's rows with WIDER_CANDIDATE candidates (lexical_score = 0.1 * i, ranker 0.5)."""
+    schema = StructType([StructField(f.name, ArrayType(WIDER_CANDIDATE, containsNull=False),
+                                     True) if f.name == "candidates" else f
+                         for f in SCHEMA.fields])
+    rows = [(*r[:5], [(c[0], c[1], 0.1 * i, c[2], c[3], 0.5) for c in r[5]], *r[6:])
+            for i, r in zip(ids, rows_for(ids, run))]
+    return spark.createDataFrame(rows, schema)
+
+
+@pytest.mark.parametrize("staged_by", ["spark", "driver-arrow"])
+def test_new_struct_fields_evolve_the_schema_and_read_null_in_older_rows(spark, tmp_path,
+                                                                          staged_by):
+    path = str(tmp_path / "t")
+    merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer="deltalake")
+    wider = wider_df(spark, [3, 4], "r2")
+    arrow = wider.toArrow() if staged_by == "driver-arrow" else None
+    result = merge_into_delta(spark, wider, path, writer="deltalake", arrow_rows=arrow)
+    assert result.table_version == 1 and result.rows_replaced == 1
+    assert DeltaTable(path).history(1)[0]["clinlinker.full_rewrite"] is True
+    # the table's fields keep their order, the new ones follow
+    names = ["code", "term", "retrieval_score", "rerank_score", "lexical_score", "ranker_score"]
+    element = read_delta(spark, path).schema["candidates"].dataType.elementType
+    assert element.names == names
+    for table in (by_key(read_delta(spark, path)),
+                  {r["mention_id"]: r for r in DeltaTable(path).to_pyarrow_table().to_pylist()}):
+        old, new = table["m001"]["candidates"][0], table["m004"]["candidates"][0]
+        assert list(old) == list(new) == names
+        assert (old["code"], old["lexical_score"], old["ranker_score"]) == ("C1-r1", None, None)
+        assert (new["code"], new["lexical_score"], new["ranker_score"]) == ("C4-r2", 0.4, 0.5)
+        assert new["retrieval_score"] == pytest.approx(0.86)
+        assert table["m003"]["run_id"] == "r2" and len(table) == 4
+    # the same fields in the DataFrame's other order are the table's type: no schema change,
+    # only the files holding replaced keys are rewritten
+    again = merge_into_delta(spark, wider_df(spark, [4, 5], "r2"), path, writer="deltalake")
+    assert again.rows_replaced == 1
+    assert DeltaTable(path).history(1)[0]["clinlinker.full_rewrite"] is False
+    assert by_key(read_delta(spark, path))["m005"]["candidates"][1]["lexical_score"] == 0.5
+    # a struct field whose type changes is still a conflict
+    changed = wider_df(spark, [6], "r2").withColumn("candidates", F.transform(
+        "candidates", lambda c: c.withField("rerank_score", c["rerank_score"].cast("string"))))
+    with pytest.raises(SchemaMismatchError, match="'candidates' is array"):
+        merge_into_delta(spark, changed, path, writer="deltalake")
+
+
 def test_schema_conflicts_are_clear_errors(spark, tmp_path):
     path = str(tmp_path / "t")
     merge_into_delta(spark, make_df(spark, [1, 2], "r1"), path, writer="deltalake")

@@ -104,7 +104,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"variables table: {summary['table_path']} (Delta, version {summary['table_version']}, "
         f"writer {summary['writer']})",
         f"run {summary['run_id']}: unit {summary['unit_type']}; assignments {a['path']} "
-        f"(version {a['version']}): {a['rows']} rows, {a['linked']} linked; "
+        f"(version {a['version']}): {a['rows']} rows, {a['linked']} linked"
+        + (f", {a['needs_review']} needs_review" if a.get("needs_review") else "") + "; "
         f"{summary['evidence_rows']} supporting mention rows"
         + (f" ({summary['evidence_without_unit']} without a {summary['unit_type']})"
            if summary["evidence_without_unit"] else ""),

@@ -41,11 +41,13 @@ import pyarrow.compute as pc
 
 from clinlinker_spark.config import JobConfig
 from clinlinker_spark.errors import ClinLinkerError
+from clinlinker_spark.linker import STATUS_INVALID
 from clinlinker_spark.spark import job as J
 from clinlinker_spark.spark.schemas import (
     ARROW_STAGE_SCHEMA,
     CACHE_KEY_COLUMN,
     LINK_KEY_COLUMN,
+    OUTCOME_COLUMNS,
     STAGE_SCHEMA,
     TEXT_NORM_COLUMN,
 )
@@ -239,9 +241,9 @@ def assemble_output_on_driver(spark: SparkSession, out: DataFrame, validated: pa
         return pc.if_else(valid, values, otherwise)
 
     columns = {name: validated.column(name) for name in validated.column_names}
-    columns["status"] = when_valid("status", pa.scalar(J.STATUS_INVALID))
+    columns["status"] = when_valid("status", pa.scalar(STATUS_INVALID))
     columns["reason"] = when_valid("reason", validated.column("reason"))
-    for name in ("code", "term", "score"):
+    for name in OUTCOME_COLUMNS[2:]:  # code, term, score, confidence
         columns[name] = when_valid(name, pa.scalar(None, res.schema.field(name).type))
     columns["candidates"] = when_valid(
         "candidates", pa.scalar([], schema.field("candidates").type))

@@ -8,13 +8,16 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
 2. :func:`resolve_artifacts` (driver, no Spark): the encoder (the base encoder is built when
    missing and ``build_missing``), the index (built from ``terminology`` when missing), the
    index manifest checked against the encoder's fingerprint (EncoderMismatchError names
-   both), and the versions (hashes) written into every row.
+   both), the re-ranker, the ranker (trained on the driver when ``ranker.path`` holds none
+   and ``build_missing``, :func:`ensure_ranker`; checked against the encoder, re-ranker and
+   retrievers, :func:`check_ranker`), and the versions (hashes) written into every row.
 3. :func:`identify_mentions`: one row per distinct mention_id (duplicate and null ids).
 4. incremental (``output.incremental``, :func:`mark_linked`): drop mentions the table already
-   holds as linked or no_candidate with the same model, index and re-ranker versions and the
-   same text; then :func:`check_mentions` normalises the rest and gives invalid rows their
-   reasons (an invalid row the table holds with the same text, versions and reason is left
-   alone too).
+   holds as final (``linker.FINAL_STATUSES``: linked, needs_review, no_candidate) with the
+   same model, index, re-ranker and ranker versions and the same text (a table written
+   before a version column existed holds none such: its rows are linked again); then
+   :func:`check_mentions` normalises the rest and gives invalid rows their reasons (an
+   invalid row the table holds with the same text, versions and reason is left alone too).
 5. de-duplicate surface forms (``spark.dedupe_surface_forms``); with a form cache
    (``output.form_cache_path``) take the forms already linked with the same versions and
    settings from it (:func:`split_by_cache`). Steps 3-5 are the stage ``prepare``: one Spark
@@ -22,8 +25,10 @@ call it with a SparkSession they built. Steps, each a DataFrame -> DataFrame fun
    from unions of :func:`tally` rows),
    or for an input of at most ``spark.driver_prepare_rows`` rows the same work on the driver
    (:mod:`clinlinker_spark.spark.driver_prepare`), Spark only scanning the table and the
-   cache. Then embed + FAISS search the other forms
-   (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set.
+   cache. Then retrieve candidates for the other forms
+   (:func:`~clinlinker_spark.spark.udfs.make_retrieve_fn`), re-rank when a re-ranker is set;
+   the last of these stages ranks them (the ranker's order and confidence) and gives the
+   outcome (status ``needs_review`` below ``linking.review_below``).
 6. join the results back to every mention, add lineage, MERGE into the Delta table on
    mention_id (:mod:`clinlinker_spark.spark.writer`); then MERGE the newly computed forms
    into the form cache.
@@ -58,12 +63,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from clinlinker_spark.config import GOLD_FORMATS, EncoderConfig, InputConfig, JobConfig, to_dict
-from clinlinker_spark.errors import ConfigError, InputDataError
+from clinlinker_spark.errors import ArtifactError, ConfigError, InputDataError
+from clinlinker_spark.linker import FINAL_STATUSES, STATUS_INVALID, STATUSES
 from clinlinker_spark.spark import schemas
 from clinlinker_spark.spark.schemas import (
     CACHE_KEY_COLUMN,
     CACHE_OUTCOME_COLUMNS,
     LINK_KEY_COLUMN,
+    OUTCOME_COLUMNS,
     TEXT_NORM_COLUMN,
     VERSION_COLUMNS,
 )
@@ -76,12 +83,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-STATUS_LINKED = "linked"
-STATUS_NO_CANDIDATE = "no_candidate"
-STATUS_INVALID = "invalid_input"
 # the error of a row to link without a result in assemble_output (a broken invariant)
 NO_RESULT = "a mention to link has no result"
-FINAL_STATUSES = (STATUS_LINKED, STATUS_NO_CANDIDATE)
 # an input of at most this many mentions is broadcast when matched against the output table
 BROADCAST_INPUT_ROWS = 200_000
 # with de-duplication, the results of at most this many surface forms (~2 KB each with 25
@@ -207,15 +210,19 @@ class ResolvedArtifacts:
     encoder_path: str
     index_path: str
     reranker_path: str
+    ranker_path: str
     model_version: str
     index_version: str
     reranker_version: str
+    ranker_version: str
     index_manifest: dict[str, Any]
 
     @property
     def versions(self) -> dict[str, str]:
+        """The lineage versions, as ``Linker.versions`` gives them ("" = none)."""
         return {"model_version": self.model_version, "index_version": self.index_version,
-                "reranker_version": self.reranker_version}
+                "reranker_version": self.reranker_version,
+                "ranker_version": self.ranker_version}
 
 
 # Encoder fingerprints this driver process computed, by _encoder_key: a later job in the same
@@ -237,12 +244,14 @@ def _encoder_key(config: EncoderConfig) -> str | None:
 
 
 def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
-    """Find (or build, with ``build_missing``) the encoder and index; check they match.
+    """Find (or build, with ``build_missing``) the encoder, index and ranker; check they match.
 
     The encoder is loaded on the driver (CPU unless configured otherwise) for its fingerprint,
     once per process and unchanged encoder directory; the index is not loaded, only its
-    manifest is read. Raises EncoderMismatchError when the index was built with another
-    encoder, ArtifactError/ModelLoadError when something is missing.
+    manifest is read. The ranker is trained when missing (:func:`ensure_ranker`) and checked
+    against the encoder, re-ranker and retrievers (:func:`check_ranker`). Raises
+    EncoderMismatchError when the index was built with another encoder, ConfigError for a
+    ranker the job cannot use, ArtifactError/ModelLoadError when something is missing.
     """
     from clinlinker_spark.index import MANIFEST_FILE, check_encoder, ensure_index, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
@@ -276,24 +285,84 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
     if config.reranker.path:
         reranker_path = str(check_model_dir(config.reranker.path).resolve())
         reranker_version = model_hash(reranker_path)
+    ranker_path = ""
+    ranker_version = ""
+    ranker_dir = ensure_ranker(config)
+    if ranker_dir is not None:
+        from clinlinker_spark.ranker import ranker_hash
+
+        ranker_path = str(ranker_dir.resolve())
+        ranker_version = ranker_hash(Path(ranker_path))
+        check_ranker(ranker_path, config, str(fingerprint["model_hash"]),
+                     str(manifest["content_hash"]))
     resolved = ResolvedArtifacts(
         encoder_path=str(encoder_path.resolve()),
         index_path=str(Path(index_path).resolve()),
         reranker_path=reranker_path,
+        ranker_path=ranker_path,
         model_version=str(fingerprint["model_hash"]),
         index_version=str(manifest["content_hash"]),
         reranker_version=reranker_version,
+        ranker_version=ranker_version,
         index_manifest=manifest,
     )
     # linking.reuse_index_vectors needs the precision the terms were embedded in: an index
     # built before it was recorded encodes every form (rebuild it to reuse term vectors)
     built_in = manifest.get("build", {}).get("precision") or "not recorded"
     log.info("artifacts: model %s, index %s (%s rows, %s, recall@k %s, vectors computed in "
-             "%s), re-ranker %s", resolved.model_version[:12], resolved.index_version[:12],
-             manifest.get("terminology", {}).get("rows", "?"),
+             "%s), re-ranker %s, ranker %s", resolved.model_version[:12],
+             resolved.index_version[:12], manifest.get("terminology", {}).get("rows", "?"),
              manifest.get("index", {}).get("type", "?"), index_recall(manifest) or "not measured",
-             built_in, resolved.reranker_version[:12] or "none")
+             built_in, resolved.reranker_version[:12] or "none",
+             resolved.ranker_version[:12] or "none")
     return resolved
+
+
+def ensure_ranker(config: JobConfig) -> Path | None:
+    """``config.ranker.path`` (None when no ranker is configured), trained on the driver first
+    when it holds no ranker and ``build_missing`` is true (as ``index.ensure_index`` builds a
+    missing index): ``training.ranker.train_ranker`` with the job's encoder, index,
+    terminology, re-ranker and linking settings. Without ``build_missing`` a missing ranker is
+    an ArtifactError."""
+    from clinlinker_spark.ranker import RANKER_FILE
+
+    if not config.ranker.path:
+        return None
+    path = Path(config.ranker.path)
+    if (path / RANKER_FILE).is_file():
+        return path
+    if not config.build_missing:
+        raise ArtifactError(f"no ranker at {path} (no {RANKER_FILE}): set build_missing: true "
+                            "to train it, or run clinlinker train-ranker")
+    from clinlinker_spark.training.ranker import train_ranker
+
+    started = time.perf_counter()
+    log.info("ranker missing: training it on the driver (%d terminology source(s), %d folds)",
+             len(config.terminology.sources), config.ranker.folds)
+    # the driver's device, as for the encoder's fingerprint (a GPU may be the executors' only)
+    driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
+    spec = train_ranker(dataclasses.replace(config, encoder=dataclasses.replace(
+        config.encoder, device=driver_device)), path)
+    metrics = spec["metrics"]
+    log.info("ranker trained: %d training mentions, %d candidates, %.1f s",
+             metrics["mentions"], metrics["candidates"], time.perf_counter() - started)
+    return path
+
+
+def check_ranker(path: str, config: JobConfig, model_version: str,
+                 index_version: str) -> None:
+    """Refuse, before any Spark work, a ranker the executors' Linker would refuse
+    (``Ranker.check_compatible``: trained with another bi-encoder, with or without a
+    re-ranker unlike the job, with other retrievers; it warns for another index). The check
+    reads only these attributes of a Linker, so it gets them without loading any model."""
+    from types import SimpleNamespace
+
+    from clinlinker_spark.ranker import Ranker
+
+    job = SimpleNamespace(encoder=SimpleNamespace(model_hash=model_version),
+                          index=SimpleNamespace(content_hash=index_version),
+                          reranker=config.reranker.path or None, linking=config.linking)
+    Ranker.load(path).check_compatible(job)  # type: ignore[arg-type]
 
 
 def index_recall(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -332,9 +401,11 @@ def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) 
         encoder=ref(art.encoder_path, art.model_version),
         index=ref(art.index_path, art.index_version),
         reranker=ref(art.reranker_path, art.reranker_version) if art.reranker_path else None,
+        ranker=ref(art.ranker_path, art.ranker_version) if art.ranker_path else None,
         model_version=art.model_version,
         index_version=art.index_version,
         reranker_version=art.reranker_version,
+        ranker_version=art.ranker_version,
         mmap_index=config.spark.mmap_index,
         local_master=is_local_master(master),
     )
@@ -595,8 +666,11 @@ def surface_forms(to_link: DataFrame, dedupe: bool, partitions: int | None) -> D
 
 
 def linking_version(config: JobConfig) -> str:
-    """Hash of the settings besides the artifacts that decide a form's outcome (linking, the
-    encoder's input contract and precision, the re-ranker's ordering), for the form cache."""
+    """Hash of the settings besides the artifacts that decide a form's outcome, for the form
+    cache: every ``linking`` key (retrievers, search_k, lexical_k, top_k, exact_match_prior,
+    max_text_length, min_score, review_below) but reuse_index_vectors, the encoder's input
+    contract and precision, the re-ranker's ordering. A ranker is covered by its version
+    (ranker_version), not by its training settings."""
     enc, rr = config.encoder, config.reranker
     linking = to_dict(config.linking)
     # a reused term vector is what encoding the text gives (up to the last bits, as a text's
@@ -630,12 +704,19 @@ def usable_cache(cache: DataFrame | None) -> DataFrame | None:
     them (warning: a damaged cache costs time, never wrong rows)."""
     if cache is None:
         return None
+    from pyspark.sql import functions as F
+
     needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
     if not needed.issubset(cache.columns):
         log.warning("form cache lacks columns %s: not used in this run",
                     sorted(needed - set(cache.columns)))
         return None
-    return cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
+    # the stage struct's fields by name: a cache whose struct gained fields keeps its older
+    # fields first (the writer appends new ones)
+    fields = schemas.STAGE_CANDIDATE_STRUCT.names
+    candidates = F.transform(F.col("candidates"), lambda c: F.struct(
+        *[c[f].alias(f) for f in fields])).cast(schemas.STAGE_CANDIDATES_TYPE)
+    return cache.select(CACHE_KEY_COLUMN, *OUTCOME_COLUMNS, candidates.alias("candidates"))
 
 
 def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
@@ -868,7 +949,7 @@ def assemble_output(
     passthrough = list(config.input.passthrough_columns)
     mention_cols = ["mention_id", "doc_id", "start", "end", "text", "text_sha256", "label",
                     *passthrough]
-    outcome = ["status", "reason", "code", "term", "score"]
+    outcome = list(OUTCOME_COLUMNS)
     valid = validated["reason"].isNull()
     mention = [validated[_quoted(c)] for c in mention_cols]
     no_result = F.raise_error(F.lit(NO_RESULT))
@@ -880,6 +961,7 @@ def assemble_output(
             F.lit(None).cast("string").alias("code"),
             F.lit(None).cast("string").alias("term"),
             F.lit(None).cast("double").alias("score"),
+            F.lit(None).cast("double").alias("confidence"),
             F.array().cast(schemas.CANDIDATES_TYPE).alias("candidates"),
         )
     else:
@@ -901,7 +983,7 @@ def assemble_output(
             .when(missing, no_result)
             .otherwise(res["_r_status"]).alias("status"),
             F.when(valid, res["_r_reason"]).otherwise(validated["reason"]).alias("reason"),
-            *[F.when(valid, res[f"_r_{c}"]).alias(c) for c in ("code", "term", "score")],
+            *[F.when(valid, res[f"_r_{c}"]).alias(c) for c in outcome[2:]],
             F.when(valid, res["_r_candidates"])
             .otherwise(F.array().cast(schemas.CANDIDATES_TYPE)).alias("candidates"),
         )
@@ -1089,7 +1171,7 @@ def run_link_job(
 
             arrow_rows = assemble_output_on_driver(spark, out, prep.validated_rows, results,
                                                    art.versions, run_id, run_ts, dedupe)
-        by_status = {s: 0 for s in (STATUS_LINKED, STATUS_NO_CANDIDATE, STATUS_INVALID)}
+        by_status = {s: 0 for s in STATUSES}
         if n_out:
             written = merge_into_delta(spark, out, config.output.path, key="mention_id",
                                        writer=config.output.writer, count_by="status",

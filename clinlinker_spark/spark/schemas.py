@@ -9,12 +9,20 @@ Code-assignment table (one row per distinct input ``mention_id``)::
     text_sha256      string     SHA-256 (hex) of the mention as given; always present
     label            string
     <pass-through>   as input   input.passthrough_columns, in order, types unchanged
-    status           string     linked | no_candidate | invalid_input
-    reason           string     why a row is invalid_input / no_candidate; null when linked
-    code, term       string     the best candidate (null unless linked)
-    score            double     its final score (re-rank score when re-ranked, else retrieval)
-    candidates       array<struct<code, term, retrieval_score, rerank_score>>, best first
-    model_version, index_version, reranker_version   string   artifact hashes ("" = none)
+    status           string     linked | needs_review | no_candidate | invalid_input
+                                needs_review: linked, with a confidence below
+                                linking.review_below (the code and candidates are kept)
+    reason           string     why a row is needs_review / no_candidate / invalid_input;
+                                null when linked
+    code, term       string     the best candidate (null unless linked or needs_review)
+    score            double     its final score (the ranker's score with a ranker, else the
+                                sigmoid of the re-rank logit when re-ranked, else retrieval)
+    confidence       double     calibrated probability that ``code`` is right; null without
+                                a ranker
+    candidates       array<struct<code, term, retrieval_score, rerank_score, lexical_score,
+                     ranker_score>>, best first (a score is null where its stage did not run)
+    model_version, index_version, reranker_version, ranker_version
+                     string     artifact hashes ("" = none)
     run_id           string
     run_ts           timestamp  UTC, one value per run
 
@@ -24,6 +32,11 @@ whose text changed is linked again) work the same whether or not text may be cop
 cannot leak, and no reader mistakes a null text for an invalid row). Turning ``store_text``
 off for an existing table that has ``text`` is refused by the writer (a table column would be
 missing); write to a new table instead. Turning it on adds the column (older rows read null).
+
+Tables written before a column existed (``confidence``, ``ranker_version``, a candidate's
+``lexical_score`` / ``ranker_score``) take it on their next write: the writer adds columns and
+struct fields (:mod:`clinlinker_spark.spark.writer`), older rows read them as null. Such rows
+lack a version column, so an incremental run links them again.
 """
 
 from __future__ import annotations
@@ -47,31 +60,26 @@ STATUS_COLUMN = "status"
 KEY_COLUMN = "mention_id"
 TEXT_NORM_COLUMN = "text_norm"
 
-CANDIDATE_FIELDS = ("code", "term", "retrieval_score", "rerank_score")
+# a candidate's fields in the table, in order (linker.Candidate without ``exact``)
+CANDIDATE_FIELDS = ("code", "term", "retrieval_score", "rerank_score", "lexical_score",
+                    "ranker_score")
 
 CANDIDATE_STRUCT = StructType(
-    [
-        StructField("code", StringType(), True),
-        StructField("term", StringType(), True),
-        StructField("retrieval_score", DoubleType(), True),
-        StructField("rerank_score", DoubleType(), True),
-    ]
+    [StructField("code", StringType(), True), StructField("term", StringType(), True)]
+    + [StructField(name, DoubleType(), True) for name in CANDIDATE_FIELDS[2:]]
 )
 CANDIDATES_TYPE = ArrayType(CANDIDATE_STRUCT, containsNull=False)
 
 # The same types in Arrow, for the mapInArrow UDFs.
 ARROW_CANDIDATE_STRUCT = pa.struct(
-    [
-        pa.field("code", pa.string()),
-        pa.field("term", pa.string()),
-        pa.field("retrieval_score", pa.float64()),
-        pa.field("rerank_score", pa.float64()),
-    ]
+    [pa.field("code", pa.string()), pa.field("term", pa.string())]
+    + [pa.field(name, pa.float64()) for name in CANDIDATE_FIELDS[2:]]
 )
 ARROW_CANDIDATES_TYPE = pa.list_(pa.field("element", ARROW_CANDIDATE_STRUCT, nullable=False))
 
 # Between the UDF stages a candidate also carries ``exact`` (its term equals the mention), which
-# the re-ranker needs to keep exact matches first; the table does not store it.
+# the re-ranker needs to keep exact matches first and the ranker reads as a feature; the table
+# does not store it. Every field of linker.Candidate, ``exact`` last.
 STAGE_CANDIDATE_STRUCT = StructType(
     list(CANDIDATE_STRUCT.fields) + [StructField("exact", BooleanType(), True)]
 )
@@ -96,7 +104,8 @@ REQUIRED_MENTION_COLUMNS = ("mention_id", "text")
 
 # What the UDF stages take and return per surface form (or per mention when de-duplication is
 # off): ``link_key`` is the normalised text (or the mention_id). The outcome columns (status ...
-# score) are filled by the last stage that runs (retrieval without a re-ranker, else re-rank).
+# confidence) are filled by the last stage that runs (retrieval without a re-ranker, else
+# re-rank), after the ranker; a stage before it passes every candidate of the retrievers on.
 LINK_KEY_COLUMN = "link_key"
 STAGE_SCHEMA = StructType(
     [
@@ -107,6 +116,7 @@ STAGE_SCHEMA = StructType(
         StructField("code", StringType(), True),
         StructField("term", StringType(), True),
         StructField("score", DoubleType(), True),
+        StructField("confidence", DoubleType(), True),
         StructField("candidates", STAGE_CANDIDATES_TYPE, True),
     ]
 )
@@ -119,6 +129,7 @@ ARROW_STAGE_SCHEMA = pa.schema(
         pa.field("code", pa.string()),
         pa.field("term", pa.string()),
         pa.field("score", pa.float64()),
+        pa.field("confidence", pa.float64()),
         pa.field("candidates", ARROW_STAGE_CANDIDATES_TYPE),
     ]
 )
@@ -137,12 +148,16 @@ LINK_RESULT_COLUMNS: tuple[tuple[str, DataType], ...] = (
     ("code", StringType()),
     ("term", StringType()),
     ("score", DoubleType()),
+    ("confidence", DoubleType()),
     ("candidates", CANDIDATES_TYPE),
 )
+# a mention's outcome (linker.Linker.outcome), as the stages and the table carry it
+OUTCOME_COLUMNS = ("status", "reason", "code", "term", "score", "confidence")
 LINEAGE_COLUMNS: tuple[tuple[str, DataType], ...] = (
     ("model_version", StringType()),
     ("index_version", StringType()),
     ("reranker_version", StringType()),
+    ("ranker_version", StringType()),
     ("run_id", StringType()),
     ("run_ts", TimestampType()),
 )
@@ -192,10 +207,12 @@ def assignment_schema(
 # linking settings); it never holds the text itself:
 #
 #     cache_key        string   SHA-256 (hex) of text_norm + versions + linking_version (MERGE key)
-#     model_version, index_version, reranker_version, linking_version   string
-#     status, reason, code, term, score, candidates   the linker's outcome for the form
+#     model_version, index_version, reranker_version, ranker_version, linking_version   string
+#     status, reason, code, term, score, confidence, candidates   the linker's outcome for the
+#                      form (candidates with ``exact``, as between the UDF stages)
 #     run_id, run_ts   the run that computed it
 CACHE_KEY_COLUMN = "cache_key"
-CACHE_OUTCOME_COLUMNS = ("status", "reason", "code", "term", "score", "candidates")
-VERSION_COLUMNS = ("model_version", "index_version", "reranker_version", "linking_version")
+CACHE_OUTCOME_COLUMNS = (*OUTCOME_COLUMNS, "candidates")
+VERSION_COLUMNS = ("model_version", "index_version", "reranker_version", "ranker_version",
+                   "linking_version")
 

@@ -4,8 +4,9 @@ Pattern (STYLE.md 4): a factory captures only plain values, a :class:`LinkerSpec
 config as a dict, where each artifact is found, the artifact hashes); the function it returns
 runs on executors in the ``mapInArrow`` iterator form and gets its :class:`Linker` from a
 module-level, per-Python-worker cache keyed by (index content hash, model hash, re-ranker
-hash, config, device). With ``spark.python.worker.reuse`` (Spark's default) a worker loads the
-models and the FAISS index once and keeps them for every later task and stage of the job.
+hash, ranker hash, config, device). With ``spark.python.worker.reuse`` (Spark's default) a
+worker loads the models and the FAISS index once and keeps them for every later task and
+stage of the job.
 
 Artifacts reach executors once: either through ``SparkContext.addFile`` (``spark.ship_artifacts``,
 the default; :func:`ship_artifact` on the driver, ``SparkFiles.get`` on the worker) or from a
@@ -16,18 +17,26 @@ Stages:
 
 - :func:`make_prepare_udf`: per row, the normalised text or the reason it cannot be linked
   (:func:`check_mentions_batch`; no model needed).
-- :func:`make_retrieve_fn`: bi-encoder embedding + FAISS search (``Linker.retrieve``).
+- :func:`make_retrieve_fn`: the retrievers (``Linker.retrieve``: bi-encoder embedding + FAISS
+  search, and the lexical search with ``linking.retrievers: [dense, lexical]``).
 - :func:`make_rerank_fn`: cross-encoder re-ranking (``Linker.rerank``); not used without one.
+
+The last stage that runs (retrieval without a re-ranker, else re-rank) finalises: the ranker
+orders the candidates and gives each form its confidence (``Linker.rank``, which cuts the
+lists to ``linking.top_k``; without a ranker it only cuts them), then ``Linker.outcome`` gives
+the status (``needs_review`` below ``linking.review_below``), code, score and confidence. A
+retrieval stage followed by re-ranking passes every candidate of the retrievers on, uncut, as
+``Linker.link`` does.
 
 Devices and threads: a task that was given a GPU (``TaskContext.resources()["gpu"]``) runs on
 that GPU with the configured precision ("auto": bf16 or fp16); otherwise on CPU. torch and
 FAISS use ``TaskContext.cpus()`` threads (``spark.task.cpus``).
 
 Stage timings: given a :func:`stage_seconds_accumulator`, the linking stages add the worker
-Linker's seconds per stage (``Linker.take_stage_seconds``: encode, search, candidates,
-rerank) to it after every batch, so the driver can split the UDF time; these are task
-seconds summed over tasks, not wall time. The same accumulator sums the Linker's counts of
-texts encoded and of index vectors reused (``Linker.take_counts``).
+Linker's seconds per stage (``Linker.take_stage_seconds``: encode, search, lexical,
+candidates, rerank, rank) to it after every batch, so the driver can split the UDF time;
+these are task seconds summed over tasks, not wall time. The same accumulator sums the
+Linker's counts of texts encoded and of index vectors reused (``Linker.take_counts``).
 
 Test hook: when the Spark local property :data:`FAIL_ONCE_PROPERTY` names a file path, the
 first retrieval task attempt that finds the file missing creates it and fails after emitting
@@ -58,6 +67,7 @@ from clinlinker_spark.errors import ArtifactError
 from clinlinker_spark.spark.schemas import (
     ARROW_STAGE_SCHEMA,
     LINK_KEY_COLUMN,
+    OUTCOME_COLUMNS,
     PREPARED_STRUCT,
     TEXT_NORM_COLUMN,
 )
@@ -74,8 +84,9 @@ FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
 MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
 # The config sections the models a Linker holds are loaded from, and the section it applies
 # to them: another ``linking`` (top_k, search_k, reuse_index_vectors, ...) builds a Linker
-# around the encoder, index and re-ranker the worker holds instead of loading them again.
-MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker")
+# around the encoder, index, re-ranker and ranker the worker holds instead of loading them
+# again.
+MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker", "ranker")
 LINKING_SECTION = "linking"
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
@@ -138,15 +149,24 @@ class LinkerSpec:
     encoder: ArtifactRef
     index: ArtifactRef
     reranker: ArtifactRef | None
+    ranker: ArtifactRef | None
     model_version: str
     index_version: str
     reranker_version: str
+    ranker_version: str
     mmap_index: bool = False
     local_master: bool = True
 
     @property
     def has_reranker(self) -> bool:
         return self.reranker is not None
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """The artifact hashes, as ``Linker.versions`` gives them."""
+        return {"model_version": self.model_version, "index_version": self.index_version,
+                "reranker_version": self.reranker_version,
+                "ranker_version": self.ranker_version}
 
     def cache_key(self, device: str) -> tuple[tuple[str, ...], str]:
         """What makes two specs' Linkers the same: (what their loaded models are: artifact
@@ -159,7 +179,8 @@ class LinkerSpec:
         models = {k: self.config.get(k) for k in MODEL_CONFIG_SECTIONS}
         return (
             (self.index_version, self.model_version, self.reranker_version,
-             json.dumps(models, sort_keys=True, default=str), str(self.mmap_index), device),
+             self.ranker_version, json.dumps(models, sort_keys=True, default=str),
+             str(self.mmap_index), device),
             json.dumps(self.config.get(LINKING_SECTION), sort_keys=True, default=str),
         )
 
@@ -331,18 +352,20 @@ def _build_linker(spec: LinkerSpec, device: str, cpus: int) -> Linker:
             path=spec.reranker.local_path() if spec.reranker is not None else "",
             device=reranker_device,
         ),
+        ranker=dataclasses.replace(
+            config.ranker, path=spec.ranker.local_path() if spec.ranker is not None else ""),
     )
     linker = Linker.from_config(config, index_path, mmap=spec.mmap_index)
-    expected = {"model_version": spec.model_version, "index_version": spec.index_version,
-                "reranker_version": spec.reranker_version}
+    expected = spec.versions
     if linker.versions != expected:
         raise ArtifactError(
             "the artifacts an executor loaded differ from the driver's: "
             + ", ".join(f"{k} {linker.versions[k][:12]} != {v[:12]}"
                         for k, v in expected.items() if linker.versions[k] != v)
         )
-    log.info("executor linker ready: model %s, index %s, device %s, %d threads",
-             spec.model_version[:12], spec.index_version[:12], device, cpus)
+    log.info("executor linker ready: model %s, index %s, ranker %s, device %s, %d threads",
+             spec.model_version[:12], spec.index_version[:12],
+             spec.ranker_version[:12] or "none", device, cpus)
     return linker
 
 
@@ -403,29 +426,41 @@ def make_prepare_udf(max_text_length: int) -> Any:
 
 
 def _to_batch(keys: list[str], texts: list[str], ranked: list[list[Candidate]],
-              linker: Linker | None) -> pa.RecordBatch:
+              linker: Linker | None = None,
+              confidences: list[float | None] | None = None) -> pa.RecordBatch:
+    """STAGE_SCHEMA rows of (key, text, candidates). With ``linker`` (the stage that
+    finalises) the outcome columns are ``linker.outcome`` of each list and its confidence
+    (``confidences``: ``Linker.rank``'s); without it they are null."""
     n = len(keys)
-    outcomes = ([linker.outcome(c) for c in ranked] if linker is not None
-                else [(None, None, None, None, None)] * n)
-    columns = list(zip(*outcomes)) if n else [(), (), (), (), ()]
+    if linker is not None:
+        confidences = confidences if confidences is not None else [None] * n
+        outcomes = [linker.outcome(c, p) for c, p in zip(ranked, confidences)]
+    else:
+        outcomes = [(None,) * len(OUTCOME_COLUMNS)] * n
+    columns = list(zip(*outcomes)) if n else [()] * len(OUTCOME_COLUMNS)
     # a dict literal per candidate: dataclasses.asdict (a deep copy) cost 0.1 s per 1,024
     # forms of 25 candidates, 5% of a task's encode time
     cands = [[{"code": c.code, "term": c.term, "retrieval_score": c.retrieval_score,
-               "rerank_score": c.rerank_score, "exact": c.exact} for c in cs] for cs in ranked]
+               "rerank_score": c.rerank_score, "lexical_score": c.lexical_score,
+               "ranker_score": c.ranker_score, "exact": c.exact} for c in cs] for cs in ranked]
     arrays = [
         pa.array(keys, pa.string()),
         pa.array(texts, pa.string()),
-        *(pa.array(list(col), field.type) for col, field in
-          zip(columns, list(ARROW_STAGE_SCHEMA)[2:7])),
+        *(pa.array(list(col), ARROW_STAGE_SCHEMA.field(name).type)
+          for col, name in zip(columns, OUTCOME_COLUMNS)),
         pa.array(cands, ARROW_STAGE_SCHEMA.field("candidates").type),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=ARROW_STAGE_SCHEMA)
 
 
 def _from_arrow(candidates: pa.Array) -> list[list[Candidate]]:
+    """The Candidates of a STAGE_SCHEMA ``candidates`` column, every field by name."""
     from clinlinker_spark.linker import Candidate
 
-    return [[Candidate(**d) for d in (cs or [])] for cs in candidates.to_pylist()]
+    return [[Candidate(code=d["code"], term=d["term"], retrieval_score=d["retrieval_score"],
+                       rerank_score=d["rerank_score"], exact=bool(d["exact"]),
+                       lexical_score=d["lexical_score"], ranker_score=d["ranker_score"])
+             for d in (cs or [])] for cs in candidates.to_pylist()]
 
 
 def _fail_once_marker(ctx: TaskContext | None) -> str | None:
@@ -451,8 +486,11 @@ def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
               step: Callable[[Linker, list[str], pa.RecordBatch], list[list[Candidate]]],
               finalize: bool, fail_hook: bool) -> ArrowFn:
     """A mapInArrow function that runs ``step`` (one linker stage) on every batch of
-    (link_key, text_norm[, candidates]) rows and emits STAGE_SCHEMA rows; the outcome columns
-    are filled when ``finalize``. ``fail_hook``: honour the injected-failure test hook."""
+    (link_key, text_norm[, candidates]) rows and emits STAGE_SCHEMA rows. With ``finalize``
+    the step's candidates go through ``Linker.rank`` (the ranker's order and confidence, lists
+    cut to top_k) and the outcome columns are filled; otherwise every candidate is passed on
+    and the outcome columns stay null. ``fail_hook``: honour the injected-failure test
+    hook."""
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ctx = _task_context()
@@ -466,10 +504,15 @@ def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
                 linker = get_linker(spec)
             keys = batch.column(LINK_KEY_COLUMN).to_pylist()
             texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
-            ranked = step(linker, texts, batch)
+            candidates = step(linker, texts, batch)
+            if finalize:
+                ranked, confidences = linker.rank(texts, candidates)
+                out = _to_batch(keys, texts, ranked, linker, confidences)
+            else:
+                out = _to_batch(keys, texts, candidates)
             if stage_seconds is not None:
                 stage_seconds.add({**linker.take_stage_seconds(), **linker.take_counts()})
-            yield _to_batch(keys, texts, ranked, linker if finalize else None)
+            yield out
             n_rows += len(keys)
             if marker and _claim_marker(marker):
                 raise InjectedTaskFailure(
@@ -485,8 +528,9 @@ def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
 def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
     """mapInArrow function: (link_key, text_norm) -> STAGE_SCHEMA rows with candidates.
 
-    Without a re-ranker the outcome columns (status, reason, code, term, score) are filled
-    here; with one they are left null for :func:`make_rerank_fn`.
+    Without a re-ranker this stage finalises (ranker, outcome columns: status, reason, code,
+    term, score, confidence); with one it passes every candidate of the retrievers to
+    :func:`make_rerank_fn`, the outcome columns null.
     """
     return _stage_fn(spec, stage_seconds, "retrieval",
                      lambda linker, texts, _batch: linker.retrieve(texts),
@@ -494,7 +538,8 @@ def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None)
 
 
 def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
-    """mapInArrow function: STAGE_SCHEMA rows -> the same rows re-ranked, outcome filled."""
+    """mapInArrow function: STAGE_SCHEMA rows -> the same rows re-ranked, then ranked, outcome
+    filled."""
     if not spec.has_reranker:
         raise ValueError("make_rerank_fn needs a spec with a re-ranker")
     return _stage_fn(spec, stage_seconds, "re-rank",

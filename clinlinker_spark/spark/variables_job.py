@@ -7,8 +7,9 @@ they built. Steps:
 1. Driver, no Spark: read the variable definitions and the is-a table, expand them
    (:func:`clinlinker_spark.variables.load_variables`); with ``index_path`` set, warn about
    variables whose codes the index cannot produce.
-2. Read the code-assignment table (``writer.read_delta``), keep ``status = linked`` rows, and
-   match them per Arrow batch with :class:`clinlinker_spark.variables.VariableMatcher` (codes,
+2. Read the code-assignment table (``writer.read_delta``), keep ``status = linked`` rows (and
+   ``needs_review`` rows when a variable sets ``include_needs_review``), and match them per
+   Arrow batch with :class:`clinlinker_spark.variables.VariableMatcher` (status, codes,
    prefixes, labels, min_score, negation/uncertainty columns when the table has them).
 3. Attach the unit and the date: the document (``doc_id``) or, with
    ``documents.patient_id_column``, the patient; dates from ``documents.date_column``. Both
@@ -30,9 +31,10 @@ Variables table (one row per (unit_type, unit_id, variable))::
     n_mentions        bigint     supporting mentions
     evidence          array<struct<mention_id, doc_id, code, score>>, by mention_id
     definition_hash   string     ``ExpandedVariable.definition_hash`` of the run
-    model_version, index_version, reranker_version
+    model_version, index_version, reranker_version, ranker_version
                       string     the distinct versions of the supporting rows, sorted and
-                                 comma-joined ("" = none; null on absent rows)
+                                 comma-joined ("" = none, or a column the code-assignment
+                                 table lacks; null on absent rows)
     run_id            string
     run_ts            timestamp  UTC, one value per run
 
@@ -64,8 +66,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from clinlinker_spark.errors import InputDataError
+from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW
 from clinlinker_spark.variables import (
-    STATUS_LINKED,
     ExpandedVariable,
     VariableMatcher,
     VariablesJobConfig,
@@ -81,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 KEY_COLUMN = "variable_key"
-VERSION_COLUMNS = ("model_version", "index_version", "reranker_version")
+VERSION_COLUMNS = ("model_version", "index_version", "reranker_version", "ranker_version")
 EVIDENCE_FIELDS = ("mention_id", "doc_id", "code", "score")
 REQUIRED_ASSIGNMENT_COLUMNS = ("mention_id", "doc_id", "status", "code", "score")
 VARIABLE_COLUMNS = (
@@ -220,13 +222,14 @@ def read_documents(spark: SparkSession, config: VariablesJobConfig) -> DataFrame
 
 def make_match_fn(variables: Sequence[ExpandedVariable]
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow function: linked rows -> one row per (row, variable it counts for).
+    """mapInArrow function: linked (and needs_review) rows -> one row per (row, variable it
+    counts for), by the rows' status, code, label, score and flags.
 
     Captures only the expanded variables (plain values). Output rows are the input rows
     (all columns) plus a ``variable`` column.
     """
     plain = tuple(variables)
-    match_columns = ("code", "label", "score", _NEGATED, _UNCERTAIN)
+    match_columns = ("status", "code", "label", "score", _NEGATED, _UNCERTAIN)
 
     def match_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pandas as pd
@@ -239,7 +242,7 @@ def make_match_fn(variables: Sequence[ExpandedVariable]
             names = batch.schema.names
             frame = pd.DataFrame({c: batch.column(c).to_pylist()
                                   for c in match_columns if c in names})
-            pairs = matcher.match(frame, status_column="", negated_column=_NEGATED,
+            pairs = matcher.match(frame, status_column="status", negated_column=_NEGATED,
                                   uncertain_column=_UNCERTAIN)
             if pairs.empty:
                 continue
@@ -253,11 +256,12 @@ def make_match_fn(variables: Sequence[ExpandedVariable]
 
 def matched_evidence(assignments: DataFrame, config: VariablesJobConfig,
                      variables: Sequence[ExpandedVariable]) -> DataFrame:
-    """Linked rows that count for a variable, one row per (mention, variable).
+    """Linked rows (and needs_review rows, for the variables that include them) that count for
+    a variable, one row per (mention, variable).
 
-    Columns: mention_id, doc_id, code, label, score, the version columns, the negation /
-    uncertainty flags (when present), ``_unit_id`` / ``_event_date`` when they come from the
-    assignments table, and ``variable``.
+    Columns: mention_id, doc_id, status, code, label, score, the version columns, the
+    negation / uncertainty flags (when present), ``_unit_id`` / ``_event_date`` when they come
+    from the assignments table, and ``variable``.
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
@@ -267,6 +271,7 @@ def matched_evidence(assignments: DataFrame, config: VariablesJobConfig,
     projection = [
         _col("mention_id").cast("string").alias("mention_id"),
         _col("doc_id").cast("string").alias("doc_id"),
+        _col("status").cast("string").alias("status"),
         _col("code").cast("string").alias("code"),
         (_col("label") if "label" in cols else F.lit(None)).cast("string").alias("label"),
         _col("score").cast("double").alias("score"),
@@ -283,8 +288,10 @@ def matched_evidence(assignments: DataFrame, config: VariablesJobConfig,
             projection.append(_col(d_cfg.patient_id_column).cast("string").alias(_UNIT))
         if d_cfg.date_column:
             projection.append(_as_date(assignments, d_cfg.date_column).alias(_DATE))
+    statuses = [STATUS_LINKED] + ([STATUS_NEEDS_REVIEW] if any(
+        v.include_needs_review for v in variables) else [])
     linked = (assignments
-              .where((F.col("status") == STATUS_LINKED) & F.col("code").isNotNull())
+              .where(F.col("status").isin(*statuses) & F.col("code").isNotNull())
               .select(*projection))
     out_schema = StructType([*linked.schema.fields,
                              StructField(_VARIABLE, StringType(), False)])
@@ -417,7 +424,8 @@ def run_variables_job(
     """Build the variables table from the code assignments; returns a summary.
 
     Summary: run_id, run_ts, table_path, writer, table_version, rows_written, rows_replaced,
-    stale_rows_removed, unit_type, assignments (path, Delta version, rows, linked rows),
+    stale_rows_removed, unit_type, assignments (path, Delta version, rows, linked rows,
+    needs_review rows),
     evidence_rows and evidence_without_unit, per-variable {definition_hash, status
     (changed / unchanged / no previous rows), units_present, mentions, can_produce (when
     index_path is set)}, and wall time per stage in seconds.
@@ -464,6 +472,8 @@ def run_variables_job(
         counts = assignments.agg(
             F.count(F.lit(1)).alias("rows"),
             F.sum(F.when(F.col("status") == STATUS_LINKED, 1).otherwise(0)).alias("linked"),
+            F.sum(F.when(F.col("status") == STATUS_NEEDS_REVIEW, 1).otherwise(0))
+            .alias("needs_review"),
         ).collect()[0]
         matched = attach_units(matched_evidence(assignments, config, variables), documents,
                                config)
@@ -542,7 +552,8 @@ def run_variables_job(
         "unit_type": unit_type,
         "emit_absent": config.output.emit_absent,
         "assignments": {"path": config.assignments.path, "version": assignments_version,
-                        "rows": int(counts["rows"]), "linked": int(counts["linked"] or 0)},
+                        "rows": int(counts["rows"]), "linked": int(counts["linked"] or 0),
+                        "needs_review": int(counts["needs_review"] or 0)},
         "evidence_rows": n_evidence,
         "evidence_without_unit": n_matched - n_evidence,
         "rows": n_rows,

@@ -8,11 +8,12 @@ the same rows and adds one Delta version. Two writers implement it:
     Where the session has Delta Lake (Databricks, clusters started with ``io.delta:delta-spark``
     and the ``DeltaSparkSessionExtension``): ``DeltaTable.forPath(...).merge(...)
     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()``, with
-    ``withSchemaEvolution()`` when ``df`` adds columns; ``df.write.format("delta")`` creates a
-    missing table. With ``replace_keys_df`` the MERGE source carries a delete marker
-    (``whenMatchedDelete`` / ``whenMatchedUpdate`` / ``whenNotMatchedInsert`` with explicit
-    columns); new columns are then added first by an empty ``mergeSchema`` append, one extra
-    metadata-only version. ``rows_replaced`` comes from the commit's ``operationMetrics``.
+    ``withSchemaEvolution()`` when ``df`` adds columns or struct fields;
+    ``df.write.format("delta")`` creates a missing table. With ``replace_keys_df`` the MERGE
+    source carries a delete marker (``whenMatchedDelete`` / ``whenMatchedUpdate`` /
+    ``whenNotMatchedInsert`` with explicit columns); new columns and struct fields are then
+    added first by an empty ``mergeSchema`` append, one extra metadata-only version.
+    ``rows_replaced`` comes from the commit's ``operationMetrics``.
 
 ``deltalake``
     Everywhere else (plain pip installs, CI). Spark writes the Parquet files, the driver commits
@@ -45,8 +46,9 @@ the same rows and adds one Delta version. Two writers implement it:
     ``create_write_transaction(adds, mode="overwrite")`` (delta-rs then writes the removes of
     every current file itself, also one commit):
 
-    * ``df`` adds columns: an ``append`` commit does not change the table schema in delta-rs
-      (it keeps the old schema and readers would drop the new column); ``overwrite`` does.
+    * ``df`` adds columns or struct fields: an ``append`` commit does not change the table
+      schema in delta-rs (it keeps the old schema and readers would drop the new column);
+      ``overwrite`` does. Every surviving row is written in the new schema (new fields null).
     * an older ``deltalake`` 1.x without ``deltalake.transaction.RemoveAction`` (1.6.6 has
       it): ``append`` cannot remove files there. The tempting shortcut, ``overwrite`` that
       re-adds the untouched files under their old paths, is NOT used: delta-rs (checked with
@@ -62,7 +64,9 @@ the same rows and adds one Delta version. Two writers implement it:
 
 Both writers: ``df`` must hold one row per non-null key (checked, error otherwise); it must
 have every column of an existing table (a missing column is an error, not silently null), may
-add new columns (stored nullable), and may not change a column's type. ``replace_keys_df``
+add new columns and new fields to a column's structs, at any depth (stored nullable; the
+table's fields keep their order, new ones follow; older rows read them as null), and may not
+otherwise change a column's type. ``replace_keys_df``
 (a DataFrame with the key column) names further keys whose old rows are deleted even when
 ``df`` has no row for them; the table then holds (old rows whose key is in neither) + ``df``.
 The ``deltalake`` writer supports unpartitioned tables without deletion vectors or column
@@ -92,7 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     from deltalake import DeltaTable
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import DataType, StructType
 
 log = logging.getLogger(__name__)
@@ -332,13 +336,19 @@ def _nullable(data_type: DataType) -> DataType:
 def _merged_schema(
     table: StructType | None, incoming: StructType, key: str
 ) -> tuple[StructType, list[str]]:
-    """The table schema after writing ``incoming``, and the names of the columns it adds.
+    """The table schema after writing ``incoming``, and the names of the columns whose type
+    it adds or widens (the write changes the table's schema when there are any).
 
-    Columns are matched by exact name. A column whose type differs (nullability aside), a
-    column that differs only in case, or a table column missing from ``incoming`` is a
-    :class:`SchemaMismatchError`. New columns are appended, nullable.
+    Columns are matched by exact name. A new column is appended, nullable. A column whose
+    struct type (at any depth: a struct, an array's element, a map's value) gains fields is
+    widened: the table's fields keep their order and the new ones follow, nullable (older
+    rows read them as null; :func:`_widen` converts a column). Struct fields are matched by
+    name: the same fields in another order are the table's type. A column whose type differs
+    otherwise (nullability aside, a field that differs only in case, a struct field the
+    DataFrame lacks), a column that differs only in case, or a table column missing from
+    ``incoming`` is a :class:`SchemaMismatchError`.
     """
-    from pyspark.sql.types import StructType
+    from pyspark.sql.types import StructField, StructType
 
     lowered = [name.lower() for name in incoming.names]
     if len(set(lowered)) != len(lowered):
@@ -354,6 +364,7 @@ def _merged_schema(
     by_lower = {f.name.lower(): f for f in table.fields}
     problems: list[str] = []
     added = []
+    widened: dict[str, DataType] = {}
     for field in new_incoming.fields:
         existing = by_lower.get(field.name.lower())
         if existing is None:
@@ -361,10 +372,14 @@ def _merged_schema(
         elif existing.name != field.name:
             problems.append(f"column {field.name!r} is {existing.name!r} in the table")
         elif _nullable(existing.dataType) != field.dataType:
-            problems.append(
-                f"column {field.name!r} is {existing.dataType.simpleString()} in the table but "
-                f"{field.dataType.simpleString()} in the DataFrame"
-            )
+            wider = _widened_type(_nullable(existing.dataType), field.dataType)
+            if wider is None:
+                problems.append(
+                    f"column {field.name!r} is {existing.dataType.simpleString()} in the table "
+                    f"but {field.dataType.simpleString()} in the DataFrame"
+                )
+            elif wider != _nullable(existing.dataType):  # not only its fields in another order
+                widened[field.name] = wider
     missing = [name for name in table.names if name not in incoming.names]
     if missing:
         problems.append(
@@ -375,14 +390,90 @@ def _merged_schema(
             "cannot merge into the existing Delta table: " + "; ".join(problems)
             + " (type changes and dropped columns need a new table or an explicit migration)"
         )
-    return StructType(list(table.fields) + added), [f.name for f in added]
+    fields = [StructField(f.name, widened[f.name], True) if f.name in widened else f
+              for f in table.fields]
+    return StructType(fields + added), [*widened, *[f.name for f in added]]
+
+
+def _widened_type(old: DataType, new: DataType) -> DataType | None:
+    """``old`` with the struct fields ``new`` adds (both nullable, as :func:`_nullable` gives
+    them), or None when ``new`` is not ``old`` plus fields."""
+    from pyspark.sql.types import ArrayType, MapType, StructField, StructType
+
+    if old == new:
+        return old
+    if isinstance(old, StructType) and isinstance(new, StructType):
+        by_name = {f.name: f for f in new.fields}
+        if {n.lower() for n in old.names} & {n.lower() for n in new.names
+                                             if n not in old.names}:
+            return None  # a field that differs only in case
+        fields = []
+        for f in old.fields:
+            if f.name not in by_name:
+                return None
+            wider = _widened_type(f.dataType, by_name[f.name].dataType)
+            if wider is None:
+                return None
+            fields.append(StructField(f.name, wider, True))
+        return StructType(fields + [f for f in new.fields if f.name not in old.names])
+    if isinstance(old, ArrayType) and isinstance(new, ArrayType):
+        element = _widened_type(old.elementType, new.elementType)
+        return None if element is None else ArrayType(element, True)
+    if isinstance(old, MapType) and isinstance(new, MapType) and old.keyType == new.keyType:
+        value = _widened_type(old.valueType, new.valueType)
+        return None if value is None else MapType(old.keyType, value, True)
+    return None
+
+
+def _widen(column: Column, source: DataType, target: DataType) -> Column:
+    """``column`` (of type ``source``) as ``target``, a type :func:`_widened_type` gave for
+    it: struct fields taken by name, in ``target``'s order, the fields ``source`` lacks null."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, MapType, StructType
+
+    if _nullable(source) == _nullable(target):
+        return column
+    if isinstance(source, StructType) and isinstance(target, StructType):
+        have = {f.name: f.dataType for f in source.fields}
+        fields = [
+            (_widen(column[f.name], have[f.name], f.dataType) if f.name in have
+             else F.lit(None).cast(f.dataType)).alias(f.name)
+            for f in target.fields
+        ]
+        return F.when(column.isNull(), F.lit(None).cast(target)).otherwise(F.struct(*fields))
+    if isinstance(source, ArrayType) and isinstance(target, ArrayType):
+        return F.transform(column, lambda e: _widen(e, source.elementType, target.elementType))
+    if isinstance(source, MapType) and isinstance(target, MapType):
+        return F.transform_values(
+            column, lambda _k, v: _widen(v, source.valueType, target.valueType))
+    return column.cast(target)
 
 
 def _conform(df: DataFrame, schema: StructType) -> DataFrame:
-    """``df``'s columns in ``schema``'s order (every column of ``schema`` is in ``df``)."""
+    """``df``'s columns in ``schema``'s order (every column of ``schema`` is in ``df``), each
+    of a type :func:`_merged_schema` widened taken to ``schema``'s type (:func:`_widen`)."""
     from pyspark.sql import functions as F
 
-    return df.select(*[F.col(_quoted(name)) for name in schema.names])
+    have = {f.name: f.dataType for f in df.schema.fields}
+    return df.select(*[
+        F.col(_quoted(f.name)) if _nullable(have[f.name]) == _nullable(f.dataType)
+        else _widen(F.col(_quoted(f.name)), have[f.name], f.dataType).alias(f.name)
+        for f in schema.fields
+    ])
+
+
+def _conform_arrow(rows: pa.Table, df: DataFrame, schema: StructType) -> pa.Table:
+    """``rows`` (``df``'s rows as Arrow) as :func:`_conform` gives ``df``: the columns of
+    ``schema`` in its order, a type :func:`_merged_schema` widened cast to it (struct fields
+    matched by name, the ones ``df`` lacks null)."""
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    rows = rows.select(schema.names)
+    have = {f.name: f.dataType for f in df.schema.fields}
+    for i, f in enumerate(schema.fields):
+        if _nullable(have[f.name]) != _nullable(f.dataType):
+            rows = rows.set_column(i, f.name, rows.column(i).cast(to_arrow_type(f.dataType)))
+    return rows
 
 
 def _quoted(name: str) -> str:
@@ -612,7 +703,7 @@ def _merge_delta_spark(
 
     exists = bool(SparkDeltaTable.isDeltaTable(spark, path))
     table_schema = spark.read.format("delta").load(path).schema if exists else None
-    merged, added = _merged_schema(table_schema, df.schema, key)
+    merged, changed = _merged_schema(table_schema, df.schema, key)
     source = df.select(*[F.col(_quoted(name)) for name in df.columns])
     # df is read by the key check and again by the MERGE: keep it rather than recompute it.
     source = source.persist(StorageLevel.MEMORY_AND_DISK)
@@ -623,7 +714,7 @@ def _merge_delta_spark(
                 _conform(source, merged).write.format("delta").mode("errorifexists").save(path)
             else:
                 _delta_spark_merge(
-                    spark, SparkDeltaTable, source, path, key, merged, added, replace_keys_df
+                    spark, SparkDeltaTable, source, path, key, merged, changed, replace_keys_df
                 )
         last = (
             SparkDeltaTable.forPath(spark, path).history(1)
@@ -649,11 +740,11 @@ def _delta_spark_merge(
     path: str,
     key: str,
     merged: StructType,
-    added: Sequence[str],
+    changed: Sequence[str],
     replace_keys_df: DataFrame | None,
 ) -> None:
-    """Run the MERGE into an existing table (one commit, plus one when columns are added
-    together with ``replace_keys_df``)."""
+    """Run the MERGE into an existing table (one commit, plus one when columns are added or
+    widened together with ``replace_keys_df``)."""
     from pyspark.sql import functions as F
 
     condition = f"t.{_quoted(key)} = s.{_quoted(key)}"
@@ -664,10 +755,10 @@ def _delta_spark_merge(
             .whenMatchedUpdateAll()
             .whenNotMatchedInsertAll()
         )
-        if added:
+        if changed:
             builder = builder.withSchemaEvolution()
     else:
-        if added:
+        if changed:
             # Add the new columns first (a metadata-only commit): the MERGE below assigns
             # columns explicitly, and explicit assignments do not evolve a schema everywhere.
             spark.createDataFrame([], merged).write.format("delta").mode("append").option(
@@ -991,7 +1082,9 @@ def _merge_deltalake(
     if table is not None:
         _check_readable(table, loc)
         table_schema = _spark_schema(table)
-    merged, added = _merged_schema(table_schema, df.schema, key)
+    merged, changed = _merged_schema(table_schema, df.schema, key)
+    if arrow_rows is not None:
+        arrow_rows = _conform_arrow(arrow_rows, df, merged)
     write_id = uuid.uuid4().hex
     staging = loc.child(STAGING_DIR, write_id)
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
@@ -999,7 +1092,7 @@ def _merge_deltalake(
     try:
         staged_new, staged_rows = _stage(
             spark, _conform(df, merged), loc, staging + "/new", spark_staging + "/new",
-            on_driver, None if arrow_rows is None else arrow_rows.select(merged.names))
+            on_driver, arrow_rows)
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
@@ -1049,7 +1142,7 @@ def _merge_deltalake(
                 relative = index.lookup(row[_FILE_COLUMN])
                 hits[relative] = hits.get(relative, 0) + int(row["count"])
         replaced = sum(hits.values())
-        full_rewrite = bool(added) or _RemoveAction is None
+        full_rewrite = bool(changed) or _RemoveAction is None
         rewrite = [a["path"] for a in actions] if full_rewrite else sorted(hits)
         staged_rewrite: list[str] = []
         if rewrite:
@@ -1060,7 +1153,8 @@ def _merge_deltalake(
             with _parquet_write_conf(spark):
                 survivors.select(
                     *[
-                        F.col(_quoted(f.name)) if f.name in table_schema.names
+                        _widen(F.col(_quoted(f.name)), table_schema[f.name].dataType,
+                               f.dataType).alias(f.name) if f.name in table_schema.names
                         else F.lit(None).cast(f.dataType).alias(f.name)
                         for f in merged.fields
                     ]
