@@ -1,6 +1,6 @@
 """Exact search time per query batch size: FAISS's per-query kernel against its matrix multiply.
 
-    .venv/bin/python benchmarks/bench_search_batch.py [--index artifacts/indexes/cie10-codiesp-sample]
+    .venv/bin/python benchmarks/bench_search_batch.py [--index artifacts/indexes/cie10-icd10cm-codiesp-train]
 
 FAISS picks its kernel by the number of queries in one call
 (``faiss.cvar.distance_compute_blas_threshold``: faiss-cpu 1.15 ships 128,000; the index sets
@@ -35,7 +35,7 @@ def per_call_ms(index: TerminologyIndex, queries: np.ndarray, k: int, threshold:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--index", default="artifacts/indexes/cie10-codiesp-sample")
+    parser.add_argument("--index", default="artifacts/indexes/cie10-icd10cm-codiesp-train")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
