@@ -332,7 +332,9 @@ def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spa
     path = str(tmp_path / "t")
     merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer="deltalake")
     table, version = read_delta_snapshot(spark, path)
-    assert version == 0 and table is not None and table.count() == 3
+    # delta-spark reads the latest version without naming it (read_delta_snapshot)
+    assert version == (None if delta_spark_available(spark) else 0)
+    assert table is not None and table.count() == 3
     assert read_delta_snapshot(spark, str(tmp_path / "none")) == (None, None)
 
     # keys 4-5 are new at version 0: the MERGE appends without searching the table (fewer
@@ -735,4 +737,5 @@ def test_merge_with_delta_spark(spark, tmp_path):
     assert result.rows_replaced == 1
     assert sorted(by_key(read_delta(spark, path))) == ["m001", "m003", "m004", "m005"]
     with pytest.raises(DuplicateKeyError):
-        merge_into_delta(spark, make_df(spark, [6, 6], "r2"), path, writer="delta-spark")
+        merge_into_delta(spark, make_df(spark, [6, 6], "r2").withColumn("reason", F.lit("x")),
+                         path, writer="delta-spark")
