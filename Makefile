@@ -23,6 +23,9 @@ run: venv
 	$(BIN)/clinlinker link --config $(CONFIG)
 
 test: venv
+	# delta-spark's jars from Maven Central into the Ivy cache, once (the delta-spark tests
+	# are skipped where this cannot reach Maven)
+	-$(BIN)/python tests/fetch_delta_jars.py
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 dist: venv

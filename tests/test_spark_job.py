@@ -259,7 +259,10 @@ def test_job_matches_core_linker_on_package_samples(
         monkeypatch.setattr(job_module, "BROADCAST_RESULT_FORMS", 0)
     use_prepare(monkeypatch, prepare)
     reranker = tiny_cross_encoder_dir if with_reranker else None
-    config = job_config(tmp_path, tiny_encoder_dir, sample_index, reranker=reranker)
+    # the deltalake writer: the one that can take rows the driver assembled (delta-spark
+    # MERGEs a DataFrame)
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.writer=deltalake",
+                        reranker=reranker)
     summary = run_job(spark, config, run_id="run-a")
     check_prepared_on(summary, prepare)
     # the driver joins few results to the rows it prepared; Spark joins the others
@@ -704,8 +707,10 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     monkeypatch, prepare,
 ):
     use_prepare(monkeypatch, prepare)
+    # the file counts below are the deltalake writer's copy-on-write (delta-spark's MERGE
+    # lays out its files its own way)
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.incremental=true",
-                        "input.passthrough_columns=[]")
+                        "input.passthrough_columns=[]", "output.writer=deltalake")
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
     old, new = dev_mentions.iloc[:400][columns], dev_mentions.iloc[400:][columns]
 
