@@ -510,7 +510,10 @@ class Linker:
         if config.ranker.path:
             from clinlinker_spark.ranker import Ranker
 
-            ranker = Ranker.load(config.ranker.path)
+            # prediction threads: the ranker's own setting, else the encoder's (a Spark task's
+            # cores), else LightGBM's default
+            ranker = Ranker.load(config.ranker.path,
+                                 config.ranker.num_threads or config.encoder.num_threads)
         return cls(encoder, index, config.linking, reranker, config.reranker, ranker)
 
     @property

@@ -318,6 +318,9 @@ class Ranker:
     means: np.ndarray | None = None  # logistic: feature standardisation
     scales: np.ndarray | None = None
     calibration: Calibration = field(default_factory=lambda: Calibration((), ()))
+    # LightGBM prediction threads; 0: its default (every core, which oversubscribes a Spark
+    # executor running one task per core)
+    num_threads: int = 0
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -328,7 +331,9 @@ class Ranker:
         return bool(set(RERANK_FEATURES) & set(self.features))
 
     @classmethod
-    def load(cls, path: str | Path) -> Ranker:
+    def load(cls, path: str | Path, num_threads: int = 0) -> Ranker:
+        """The ranker directory ``path``; ``num_threads``: LightGBM's prediction threads
+        (0: its default)."""
         p = Path(path)
         spec_file = p / RANKER_FILE
         if not spec_file.is_file():
@@ -343,7 +348,8 @@ class Ranker:
                                 f"{sorted(unknown)}")
         calibration = Calibration(tuple(spec["calibration"]["x"]),
                                   tuple(spec["calibration"]["y"]))
-        ranker = cls(p, spec, ranker_hash(p), calibration=calibration)
+        ranker = cls(p, spec, ranker_hash(p), calibration=calibration,
+                     num_threads=max(0, int(num_threads)))
         if spec["model_type"] == "lightgbm":
             import lightgbm
 
@@ -395,7 +401,8 @@ class Ranker:
             return np.zeros(0, np.float64)
         picked = features[:, [FEATURES.index(f) for f in self.features]]
         if self.booster is not None:
-            return np.asarray(self.booster.predict(picked), np.float64)
+            threads = {"num_threads": self.num_threads} if self.num_threads else {}
+            return np.asarray(self.booster.predict(picked, **threads), np.float64)
         assert self.coefficients is not None and self.means is not None
         x = np.nan_to_num(picked.astype(np.float64), nan=0.0)
         return ((x - self.means) / self.scales) @ self.coefficients + self.intercept
