@@ -64,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preview_rows(table: Any, run_id: str, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` linked and needs_review rows of run ``run_id`` in the code-assignment
-    ``table`` (a DataFrame), by mention_id: mention_id, text, status, code, term, score, and
-    confidence and gold_code where the table has them."""
+    """Up to ``n`` rows of run ``run_id`` in the code-assignment ``table`` (a DataFrame): the
+    first linked rows by mention_id (half of ``n``, rounded up) and the first needs_review
+    rows, either status filling what the other lacks; linked rows first. Columns:
+    mention_id, text, status, code, term, score, and confidence and gold_code where the table
+    has them."""
     from pyspark.sql import functions as F
 
     from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW
@@ -74,10 +76,13 @@ def preview_rows(table: Any, run_id: str, n: int) -> list[dict[str, Any]]:
     wanted = ("mention_id", "text", "status", "code", "term", "score", "confidence",
               GOLD_COLUMN)
     columns = [c for c in wanted if c in table.columns]
-    rows = (table.filter((F.col("run_id") == run_id)
-                         & F.col("status").isin(STATUS_LINKED, STATUS_NEEDS_REVIEW))
-            .orderBy("mention_id").select(*columns).limit(n).collect())
-    return [r.asDict() for r in rows]
+    run = table.filter(F.col("run_id") == run_id)
+    first = {status: [r.asDict() for r in run.filter(F.col("status") == status)
+                      .orderBy("mention_id").select(*columns).limit(n).collect()]
+             for status in (STATUS_LINKED, STATUS_NEEDS_REVIEW)}
+    linked, review = first[STATUS_LINKED], first[STATUS_NEEDS_REVIEW]
+    n_linked = max(n - len(review), (n + 1) // 2)
+    return linked[:n_linked] + review[:n - min(n_linked, len(linked))]
 
 
 def gold_agreement(table: Any, run_id: str) -> dict[str, int] | None:
