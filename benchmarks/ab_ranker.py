@@ -117,7 +117,8 @@ def run(config_path: str, overrides: list[str], rounds: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"night 1: {results['mentions']} mentions; runs alternate off/on",
-             "", "| run | arm | wall s | mentions/s | stage seconds | statuses | others' busy cores |",
+             "", "| run | arm | wall s | mentions/s | stage seconds | statuses "
+             "| others' busy cores |",
              "|---|---|---|---|---|---|---|"]
     for i, row in enumerate(results["runs"], 1):
         stages = ", ".join(f"{k} {v:.1f}" for k, v in row["timings_s"].items())

@@ -235,8 +235,8 @@ def run(out: Path, quick: bool) -> None:
         "index": {"path": str(index)},
         "terminology": {"name": "cie10+icd10cm+codiesp_train_diag", "sources": sources},
         "reranker": {"path": "", "top_n": 25, "batch_size": 1024},
-        "linking": {"retrievers": ["dense", "lexical"], "search_k": 200, "top_k": 25,
-                    "exact_match_prior": True},
+        "linking": {"retrievers": ["dense", "lexical"], "search_k": 200, "lexical_k": 25,
+                    "top_k": 25, "exact_match_prior": True},
         "ranker": {"path": str(work / "ranker"), "folds": 5, "num_threads": 16},
     }
     (work / "job.yaml").write_text(yaml.safe_dump(job))
