@@ -17,7 +17,13 @@ scores and from the index artifact (rows, codes and hierarchy):
   mentions of m's exact text (``exact_share``) and of its parent's children
   (``sibling_share``), whether t is c's main term, how many terms c has;
 - hierarchy: whether c is a leaf (assignable in ICD-10-CM), its depth, whether another
-  candidate is an ancestor or a descendant of c.
+  candidate is an ancestor or a descendant of c;
+- what c's description says (its main terms, Spanish or English): the body side it names
+  (right, left, both, or an unspecified side), whether it is an unspecified, "other" or
+  "with" / "without" variant, whether c has a description at all; and the side m names,
+  with whether the two agree or conflict. ICD-10-CM spells laterality and these defaults in
+  its leaves ('hemiparesia derecha' is G81.91, not G81.94), where the bi-encoder's scores of
+  sibling leaves differ by little.
 
 The artifact is a directory (no pickle): ``ranker.json`` (kind, model type, features, the
 settings and artifacts it was trained with, calibration, thresholds, metrics, data hashes),
@@ -31,6 +37,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -60,10 +67,41 @@ FEATURES: tuple[str, ...] = (
     "term_mentions", "code_mentions", "exact_share", "exact_text_mentions", "sibling_share",
     "is_main_term", "term_is_mention", "code_terms",
     "is_leaf", "depth", "has_ancestor", "has_descendant",
+    "mention_side", "candidate_side", "side_agrees", "side_conflicts",
+    "says_unspecified", "says_other", "says_without", "says_with", "has_description",
 )
 RERANK_FEATURES = ("rerank", "rerank_rank", "rerank_gap")
 # longest parent chain followed for the ancestor / descendant features
 MAX_DEPTH = 12
+
+# Sides, as the side features code them
+SIDE_NONE, SIDE_RIGHT, SIDE_LEFT, SIDE_BOTH, SIDE_UNSPECIFIED = 0, 1, 2, 3, 4
+_RIGHT = re.compile(r"\b(derech[oa]s?|dcha|dcho|od|right)\b")
+_LEFT = re.compile(r"\b(izquierd[oa]s?|izq|izda|izdo|oi|left)\b")
+_BOTH = re.compile(r"\b(bilateral(es)?|ambos|ambas|both)\b")
+_UNSPECIFIED_SIDE = re.compile(
+    r"\bunspecified (side|eye|ear|foot|hand|leg|arm|lower limb|upper limb|limb|knee|hip|"
+    r"shoulder|elbow|wrist|ankle|femur|tibia|fibula|humerus|radius|ulna|kidney|ureter|breast|"
+    r"lung|ovary|fallopian tube|testis|eyelid|orbit|lacrimal)\b"
+    r"|\blateralidad no especificada\b")
+_SAYS = {
+    "says_unspecified": re.compile(r"\b(unspecified|nos|not specified|no especificad[oa]s?)\b"),
+    "says_other": re.compile(r"\b(other|otros|otras|otra|otro)\b"),
+    "says_without": re.compile(r"\b(without|not intractable|not having achieved|sin)\b"),
+    "says_with": re.compile(r"\b(with|con)\b"),
+}
+
+
+def side_of(text_norm: str) -> int:
+    """The body side a normalised mention or description names: :data:`SIDE_RIGHT`,
+    :data:`SIDE_LEFT`, :data:`SIDE_BOTH` (both named, or bilateral), :data:`SIDE_UNSPECIFIED`
+    (an ICD-10-CM "unspecified side" leaf) or :data:`SIDE_NONE`."""
+    if _UNSPECIFIED_SIDE.search(text_norm):
+        return SIDE_UNSPECIFIED
+    right, left = bool(_RIGHT.search(text_norm)), bool(_LEFT.search(text_norm))
+    if _BOTH.search(text_norm) or (right and left):
+        return SIDE_BOTH
+    return SIDE_RIGHT if right else SIDE_LEFT if left else SIDE_NONE
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +137,18 @@ class _IndexStats:
             total = family.get(self.parent.get(key, ""), 0)
             return code_mentions.get(key, 0) / total if total else 0.0
 
+        # each code's description: its main terms (a code may have one per terminology)
+        main = rows[rows["is_main_term"].to_numpy(bool)]
+        described: dict[str, list[str]] = {}
+        for key, term in zip(main["code_key"].astype(str), main["term_norm"].astype(str)):
+            described.setdefault(key, []).append(term)
+        descriptions = {k: " | ".join(v) for k, v in described.items()}
+        code_text: dict[str, list[float]] = {}
+        for key in set(keys):
+            text = descriptions.get(key, "")
+            code_text[key] = [float(side_of(text)) if text else math.nan,
+                              *(float(bool(p.search(text))) for p in _SAYS.values()),
+                              float(bool(text))]
         n = len(rows)
         term_norms = rows["term_norm"].astype(str).tolist()
         # the row-only features, in the order of ROW_FEATURES
@@ -111,6 +161,8 @@ class _IndexStats:
         self.row_features[:, 5] = np.log1p([code_terms.get(k, 0) for k in keys])
         self.row_features[:, 6] = [is_leaf.get(k, True) for k in keys]
         self.row_features[:, 7] = [depth.get(k, 1) for k in keys]
+        if n:
+            self.row_features[:, 8:] = np.asarray([code_text[k] for k in keys], np.float32)
         self.row_term_norm = term_norms
         self.row_key = keys
         self.row_of_code_term = {(c, t): i for i, (c, t) in enumerate(
@@ -140,7 +192,9 @@ class _IndexStats:
 
 # the features that depend only on the candidate's (term, code) row of the index
 ROW_FEATURES = ("term_mentions", "code_mentions", "sibling_share", "is_main_term",
-                "term_is_mention", "code_terms", "is_leaf", "depth")
+                "term_is_mention", "code_terms", "is_leaf", "depth", "candidate_side",
+                "says_unspecified", "says_other", "says_without", "says_with",
+                "has_description")
 
 
 def index_stats(index: TerminologyIndex) -> _IndexStats:
@@ -253,8 +307,16 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     row_values[known] = stats.row_features[rows[known]]
     row_values[~known, ROW_FEATURES.index("is_leaf")] = 1.0
     row_values[~known, ROW_FEATURES.index("depth")] = 1.0
+    row_values[~known, ROW_FEATURES.index("candidate_side")] = np.nan
     for j, name in enumerate(ROW_FEATURES):
         out[:, col[name]] = row_values[:, j]
+    mention_side = np.repeat(np.asarray([side_of(t) for t in texts_norm], np.float32), sizes)
+    candidate_side = out[:, col["candidate_side"]]
+    named = (mention_side > SIDE_NONE) & (mention_side < SIDE_UNSPECIFIED)
+    sided = (candidate_side > SIDE_NONE) & (candidate_side < SIDE_UNSPECIFIED)
+    out[:, col["mention_side"]] = mention_side
+    out[:, col["side_agrees"]] = named & (candidate_side == mention_side)
+    out[:, col["side_conflicts"]] = named & sided & (candidate_side != mention_side)
     n_groups = len(candidates)
     for name, values in (("dense", dense), ("lexical", lexical), ("rerank", rerank)):
         out[:, col[name]] = values
@@ -446,5 +508,5 @@ def ranker_hash(path: Path) -> str:
 
 __all__ = [
     "Calibration", "FEATURES", "MODEL_TYPES", "RERANK_FEATURES", "Ranker",
-    "candidate_features", "raw_confidence", "ranker_hash",
+    "candidate_features", "raw_confidence", "ranker_hash", "side_of",
 ]

@@ -324,3 +324,48 @@ def test_features_see_the_index_hierarchy_and_priors(setup):
     assert f[:, col["lexical_rank"]].tolist() == [2.0, 1.0]
     assert f[1, col["dense_gap"]] == pytest.approx(0.2)
     assert np.isnan(f[:, col["rerank"]]).all()  # no cross-encoder scored them
+
+
+def test_side_and_description_features(tmp_path):
+    """The side a mention names is compared with the side each candidate's description
+    names; descriptions' unspecified / other / with / without variants are flagged."""
+    from clinlinker_spark.linker import Candidate
+    from clinlinker_spark.ranker import SIDE_BOTH, SIDE_LEFT, SIDE_RIGHT, SIDE_UNSPECIFIED, side_of
+    from clinlinker_spark.terminology import build_terminology, read_table
+
+    table = pd.DataFrame({
+        "code": ["G81.9", "G81.91", "G81.92", "H02.409", "H02.40", "R11.10"],
+        "term": ["Hemiplejía, no especificada",
+                 "Hemiplegia, unspecified affecting right dominant side",
+                 "Hemiplegia, unspecified affecting left dominant side",
+                 "Unspecified ptosis of unspecified eyelid",
+                 "Ptosis of eyelid", "Vomiting, unspecified"],
+        "parent": ["", "G81.9", "G81.9", "H02.40", "", ""],
+    })
+    table.to_csv(tmp_path / "codes.csv", index=False)
+    terms = build_terminology([read_table(tmp_path / "codes.csv", parent_column="parent")])
+    path = build_index(terms, FakeEncoder(), IndexConfig(), tmp_path / "index")
+    index = TerminologyIndex.load(path)
+    term_of = dict(zip(index.rows["code"], index.rows["term"]))
+
+    def features(text: str, codes: list[str]) -> dict[str, list[float]]:
+        cands = [[Candidate(c, term_of[c], 0.5) for c in codes]]
+        f = candidate_features(index, [text], cands)
+        return {name: f[:, j].tolist() for j, name in enumerate(FEATURES)}
+
+    f = features("hemiparesia derecha", ["G81.91", "G81.92", "G81.9", "R11.10"])
+    assert f["mention_side"] == [SIDE_RIGHT] * 4
+    assert f["candidate_side"] == [SIDE_RIGHT, SIDE_LEFT, 0.0, 0.0]
+    assert f["side_agrees"] == [1.0, 0.0, 0.0, 0.0]
+    assert f["side_conflicts"] == [0.0, 1.0, 0.0, 0.0]
+    assert f["says_unspecified"] == [1.0, 1.0, 1.0, 1.0]  # "no especificada" too
+    assert f["has_description"] == [1.0] * 4
+    f = features("ptosis palpebral", ["H02.409", "H02.40"])
+    assert f["candidate_side"] == [SIDE_UNSPECIFIED, 0.0]
+    assert f["says_unspecified"] == [1.0, 0.0]
+    assert f["side_conflicts"] == [0.0, 0.0] and f["mention_side"] == [0.0, 0.0]
+    assert side_of("ptosis bilateral") == SIDE_BOTH
+    assert side_of("ojo derecho e izquierdo") == SIDE_BOTH
+    assert side_of("hemorragia prerretiniana od") == SIDE_RIGHT
+    assert side_of("dolor abdominal") == 0
+    assert side_of("fiebre sin foco") == 0
