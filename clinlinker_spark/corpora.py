@@ -135,15 +135,26 @@ _READERS: dict[str, Callable[[str | Path], pd.DataFrame]] = {
 }
 
 
-def read_gold(path: str | Path, format: str) -> pd.DataFrame:  # noqa: A002 (config name)
-    """Read a gold corpus by format name: ``distemist`` | ``medprocner`` | ``codiesp``."""
+def read_gold(path: str | Path, format: str,  # noqa: A002 (config name)
+              text_dir: str | Path | None = None, context_chars: int = 400) -> pd.DataFrame:
+    """Read a gold corpus by format name: ``distemist`` | ``medprocner`` | ``codiesp``.
+
+    With ``text_dir`` (the corpus's folder of ``{doc_id}.txt`` documents), each mention also
+    gets its context: the sentence that holds it and its offsets in that sentence
+    (:func:`clinlinker_spark.context.attach_context`; ``context_chars`` caps its length).
+    """
     try:
         reader = _READERS[format]
     except KeyError:
         raise InputDataError(
             f"unknown gold corpus format {format!r}; known: {', '.join(GOLD_READER_FORMATS)}"
         ) from None
-    return reader(path)
+    mentions = reader(path)
+    if text_dir is None:
+        return mentions
+    from clinlinker_spark.context import attach_context
+
+    return attach_context(mentions, text_dir, context_chars)
 
 
 def clean_mask(mentions: pd.DataFrame) -> pd.Series:
