@@ -75,11 +75,17 @@ class TerminologySourceConfig:
     split: str = "all"  # gold formats only: all | train | test side of a document-level split
     test_fraction: float = 0.2  # gold formats only, with split
     split_seed: int = 13  # gold formats only, with split
+    # gold formats only, optional: the corpus's folder of {doc_id}.txt documents; each mention
+    # then carries the sentence that holds it (context-aware training reads it)
+    text_dir: str = ""
 
     def __post_init__(self) -> None:
         _check_choice(
             "terminology source format", self.format, TERMINOLOGY_FORMATS + GOLD_FORMATS
         )
+        if self.text_dir and self.format not in GOLD_FORMATS:
+            raise ConfigError(f"terminology source {self.path}: text_dir is for gold formats "
+                              f"({', '.join(GOLD_FORMATS)}), not {self.format}")
         _check_choice("terminology source split", self.split, ("all", "train", "test"))
         if not self.path and self.format != "icd10cm":
             raise ConfigError(f"terminology source of format {self.format}: path is required")
@@ -203,6 +209,38 @@ class RankerConfig:
             raise ConfigError("ranker.learning_rate must be > 0 and ranker.num_threads >= 0")
         if any(not 0.0 < p < 1.0 for p in self.target_precisions):
             raise ConfigError("ranker.target_precisions are precisions in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The context stage: a context-aware cross-encoder (``train-crossencoder`` with
+    ``context: true``) and the ranker trained on its scores (``train-ranker`` with
+    ``reranker.path`` set to it) link again the mentions that have a context and whose
+    context-free link is uncertain. The other mentions keep their context-free link."""
+
+    reranker: str = ""  # the context-aware cross-encoder; "": no context stage
+    ranker: str = ""  # the ranker trained with it; required with reranker
+    top_n: int = 10  # candidates it re-scores (as the ranker was trained)
+    # a mention goes through the stage when its context-free confidence is below this (1:
+    # every mention with a context) ...
+    below: float = 0.9
+    # ... or when its first two codes share this many leading characters (the same ICD-10
+    # category); 0: confidence alone decides
+    same_category_chars: int = 3
+    batch_size: int = 64
+    max_length: int = 96  # tokens of a (context window, term) pair
+
+    def __post_init__(self) -> None:
+        if self.reranker and not self.ranker:
+            raise ConfigError("context.reranker needs context.ranker: the ranker trained on "
+                              "its scores (clinlinker train-ranker with reranker.path set to "
+                              "it)")
+        _check_positive("context.top_n", self.top_n)
+        _check_positive("context.batch_size", self.batch_size)
+        _check_positive("context.max_length", self.max_length)
+        if not 0.0 <= self.below <= 1.0 or self.same_category_chars < 0:
+            raise ConfigError("context.below must be in [0, 1] and "
+                              "context.same_category_chars >= 0")
 
 
 @dataclass(frozen=True)
@@ -335,6 +373,7 @@ class JobConfig:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     linking: LinkingConfig = field(default_factory=LinkingConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

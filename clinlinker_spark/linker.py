@@ -33,6 +33,7 @@ retrieval score.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -45,7 +46,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from clinlinker_spark.config import RERANK_FUSIONS, JobConfig, LinkingConfig, RerankerConfig
+from clinlinker_spark.config import (
+    RERANK_FUSIONS,
+    ContextConfig,
+    JobConfig,
+    LinkingConfig,
+    RerankerConfig,
+)
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
 from clinlinker_spark.text import normalize_code, normalize_text
@@ -65,7 +72,10 @@ RESULT_COLUMNS = ["mention_id", "text_norm", "status", "reason", "code", "term",
 RETRIEVERS = ("dense", "lexical")
 # Wall seconds a Linker spends per stage (Linker.stage_seconds): bi-encoder embedding, FAISS
 # search, lexical search, hits -> per-code candidates, cross-encoder re-ranking, the ranker.
-STAGE_TIMERS = ("encode", "search", "lexical", "candidates", "rerank", "rank")
+STAGE_TIMERS = ("encode", "search", "lexical", "candidates", "rerank", "rank", "context")
+# Mentions a Linker saw, those with a context, those its context stage linked again, and the
+# distinct (form, context) lists that stage ranked (Linker.take_context_counts)
+CONTEXT_COUNTS = ("mentions", "with_context", "context_stage", "context_lists")
 # reciprocal-rank fusion constant of the two retrievers' orders (before any ranker)
 RETRIEVER_RRF_K = 60
 # Texts a Linker embedded with the bi-encoder, and texts that took an index term's stored
@@ -406,6 +416,17 @@ def rerank_candidates(
         return order_candidates(scored, top_n, exact_first, fusion, rrf_k)
 
 
+def mention_contexts(mentions: pd.DataFrame, context: str, start: str, end: str
+                     ) -> list[tuple[str, int, int] | None]:
+    """Each row's ``(context, start, end)``, or None where the context is empty or its offsets
+    do not point inside it (:func:`clinlinker_spark.context.has_context`)."""
+    from clinlinker_spark.context import has_context
+
+    usable = has_context(mentions[context], mentions[start], mentions[end]).tolist()
+    return [(c, int(s), int(e)) if ok else None for ok, c, s, e in zip(
+        usable, mentions[context].tolist(), mentions[start].tolist(), mentions[end].tolist())]
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -439,6 +460,8 @@ class Linker:
         reranker: Any | None = None,
         reranker_config: RerankerConfig | None = None,
         ranker: Any | None = None,
+        context_stage: Linker | None = None,
+        context_config: ContextConfig | None = None,
     ):
         check_encoder(index.manifest, encoder.fingerprint(), index.path)
         self.encoder = encoder
@@ -457,6 +480,18 @@ class Linker:
                               "lexical model: rebuild it with clinlinker build-index")
         if ranker is not None:
             ranker.check_compatible(self)
+        #: the context stage (its own Linker: the same encoder and index, the context-aware
+        #: cross-encoder and its ranker); None: every mention is linked from its text alone
+        self.context_stage = context_stage
+        self.context_config = context_config or ContextConfig()
+        if context_stage is not None:
+            if (context_stage.reranker is None or not context_stage.reranker.context_chars
+                    or context_stage.ranker is None):
+                raise ConfigError("the context stage needs a context-aware cross-encoder "
+                                  "(trained with context: true) and a ranker")
+            if context_stage.index is not index:
+                raise ConfigError("the context stage must share the linker's index")
+        self.context_counts: dict[str, int] = dict.fromkeys(CONTEXT_COUNTS, 0)
         self.stage_seconds: dict[str, float] = dict.fromkeys(STAGE_TIMERS, 0.0)
         self.counts: dict[str, int] = dict.fromkeys(VECTOR_COUNTS, 0)
         self.reuses_index_vectors = (self.linking.reuse_index_vectors
@@ -470,17 +505,26 @@ class Linker:
         """A Linker with ``linking`` around this one's encoder, index, re-ranker and ranker
         (nothing is loaded again; counters start at zero)."""
         return Linker(self.encoder, self.index, linking, self.reranker, self.reranker_config,
-                      self.ranker)
+                      self.ranker,
+                      None if self.context_stage is None
+                      else self.context_stage.with_linking(linking), self.context_config)
 
     def with_index(self, index: TerminologyIndex) -> Linker:
         """A Linker over another index with the same vectors (``TerminologyIndex.
         with_terminology``), the same models and settings."""
         return Linker(self.encoder, index, self.linking, self.reranker, self.reranker_config,
-                      self.ranker)
+                      self.ranker,
+                      None if self.context_stage is None
+                      else self.context_stage.with_index(index), self.context_config)
 
     def take_counts(self) -> dict[str, int]:
         """VECTOR_COUNTS since the last call, and reset them."""
         taken, self.counts = self.counts, dict.fromkeys(VECTOR_COUNTS, 0)
+        return taken
+
+    def take_context_counts(self) -> dict[str, int]:
+        """CONTEXT_COUNTS since the last call, and reset them."""
+        taken, self.context_counts = self.context_counts, dict.fromkeys(CONTEXT_COUNTS, 0)
         return taken
 
     def take_stage_seconds(self) -> dict[str, float]:
@@ -514,7 +558,21 @@ class Linker:
             # cores), else LightGBM's default
             ranker = Ranker.load(config.ranker.path,
                                  config.ranker.num_threads or config.encoder.num_threads)
-        return cls(encoder, index, config.linking, reranker, config.reranker, ranker)
+        context_stage = None
+        ctx = config.context
+        if ctx.reranker:
+            from clinlinker_spark.ranker import Ranker
+            from clinlinker_spark.reranker import CrossEncoderReranker
+
+            ctx_reranker_config = dataclasses.replace(
+                config.reranker, path=ctx.reranker, top_n=ctx.top_n,
+                batch_size=ctx.batch_size, max_length=ctx.max_length)
+            context_stage = cls(
+                encoder, index, config.linking,
+                CrossEncoderReranker.from_config(ctx_reranker_config), ctx_reranker_config,
+                Ranker.load(ctx.ranker, config.ranker.num_threads or config.encoder.num_threads))
+        return cls(encoder, index, config.linking, reranker, config.reranker, ranker,
+                   context_stage, ctx)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -579,18 +637,23 @@ class Linker:
             vectors[todo] = self.encoder.encode([texts_norm[i] for i in todo])
         return vectors
 
-    def rerank(self, texts_norm: Sequence[str],
-               candidates: list[list[Candidate]]) -> list[list[Candidate]]:
+    def rerank(self, texts_norm: Sequence[str], candidates: list[list[Candidate]],
+               queries: Sequence[str] | None = None) -> list[list[Candidate]]:
         """Cross-encoder scores of the first ``reranker.top_n`` candidates; without a ranker
-        they also re-order them. The identity when no re-ranker is configured."""
+        they also re-order them. The identity when no re-ranker is configured. ``queries``:
+        what the cross-encoder reads for each mention instead of its text (a context-aware
+        one: :meth:`CrossEncoderReranker.queries`)."""
         if self.reranker is None:
             return candidates
         started = time.perf_counter()
+        firsts = list(texts_norm if queries is None else queries)
+        if len(firsts) != len(candidates):
+            raise ValueError(f"{len(firsts)} queries for {len(candidates)} candidate lists")
         if self.ranker is not None:  # the ranker decides the order, with this score a feature
-            reranked = score_candidates(list(texts_norm), candidates, self.reranker.score,
+            reranked = score_candidates(firsts, candidates, self.reranker.score,
                                         self.reranker_config.top_n)
         else:
-            reranked = rerank_candidates(list(texts_norm), candidates, self.reranker.score,
+            reranked = rerank_candidates(firsts, candidates, self.reranker.score,
                                          self.reranker_config.top_n,
                                          self.linking.exact_match_prior,
                                          self.reranker_config.fusion, self.reranker_config.rrf_k)
@@ -609,15 +672,62 @@ class Linker:
         self.stage_seconds["rank"] += time.perf_counter() - started
         return [c[:top_k] for c in ranked], confidences
 
-    def link_texts(self, texts: Sequence[str]
+    def link_texts(self, texts: Sequence[str], contexts: Sequence[Any] | None = None
                    ) -> tuple[list[list[Candidate]], list[float | None]]:
         """Normalise, retrieve, re-rank and rank; each distinct normal form is processed once.
-        Returns each text's candidates and confidence."""
+        With a context stage and ``contexts`` (per text ``(context, start, end)`` or None),
+        the mentions that :meth:`needs_context` are linked again by it, once per distinct
+        (form, context). Returns each text's candidates and confidence."""
         norms = [normalize_text(t) for t in texts]
         unique = list(dict.fromkeys(norms))
-        ranked, confidences = self.rank(unique, self.rerank(unique, self.retrieve(unique)))
+        retrieved = self.retrieve(unique)
+        ranked, confidences = self.rank(unique, self.rerank(unique, retrieved))
         by_text = dict(zip(unique, zip(ranked, confidences)))
-        return [by_text[n][0] for n in norms], [by_text[n][1] for n in norms]
+        out = [by_text[n][0] for n in norms]
+        conf = [by_text[n][1] for n in norms]
+        if self.context_stage is None or contexts is None:
+            return out, conf
+        if len(contexts) != len(norms):
+            raise ValueError(f"{len(norms)} texts but {len(contexts)} contexts")
+        gated = [i for i, ctx in enumerate(contexts)
+                 if ctx is not None and self.needs_context(out[i], conf[i])]
+        self.context_counts["mentions"] += len(norms)
+        self.context_counts["with_context"] += sum(c is not None for c in contexts)
+        self.context_counts["context_stage"] += len(gated)
+        if not gated:
+            return out, conf
+        started = time.perf_counter()
+        stage = self.context_stage
+        queries = stage.reranker.queries([norms[i] for i in gated],
+                                         [contexts[i] for i in gated])
+        keys = [(norms[i], q) for i, q in zip(gated, queries)]
+        items = list(dict.fromkeys(keys))
+        position = {t: j for j, t in enumerate(unique)}
+        item_texts = [t for t, _ in items]
+        again, again_conf = stage.rank(item_texts, stage.rerank(
+            item_texts, [retrieved[position[t]] for t in item_texts],
+            queries=[q for _, q in items]))
+        result = dict(zip(items, zip(again, again_conf)))
+        for i, key in zip(gated, keys):
+            out[i], conf[i] = result[key]
+        self.context_counts["context_lists"] += len(items)
+        self.stage_seconds["context"] += time.perf_counter() - started
+        return out, conf
+
+    def needs_context(self, candidates: list[Candidate], confidence: float | None) -> bool:
+        """Whether the context stage links a mention again: its context-free confidence is
+        below ``context.below``, or its first two codes share ``context.same_category_chars``
+        leading characters (where the words around it decide between sibling codes)."""
+        if not candidates:
+            return False
+        cfg = self.context_config
+        if cfg.below >= 1.0 or (confidence is not None and confidence < cfg.below):
+            return True  # below 1: every mention with a context
+        chars = cfg.same_category_chars
+        if chars and len(candidates) > 1:
+            first, second = (normalize_code(c.code)[:chars] for c in candidates[:2])
+            return first == second
+        return False
 
     def score_of(self, candidates: list[Candidate]) -> float | None:
         if not candidates:
@@ -647,23 +757,32 @@ class Linker:
         return STATUS_LINKED, None, best.code, best.term, score, confidence
 
     def link(self, mentions: pd.DataFrame | Any, text_column: str = "text",
-             id_column: str = "mention_id") -> pd.DataFrame:
+             id_column: str = "mention_id",
+             context_columns: tuple[str, str, str] | None = None) -> pd.DataFrame:
         """Link a batch (pandas DataFrame or Arrow table): one output row per input row.
 
         Output columns: RESULT_COLUMNS. ``candidates`` is a list of dicts (code, term,
         retrieval_score, rerank_score, exact, lexical_score, ranker_score). Invalid rows get
-        status invalid_input and a reason; they are never dropped.
+        status invalid_input and a reason; they are never dropped. ``context_columns``: the
+        (context, start, end) columns the context stage reads (``corpora.read_gold`` with a
+        ``text_dir`` writes ``context``, ``context_start``, ``context_end``); a row whose
+        context is empty or whose offsets do not fit it is linked from its text alone.
         """
         if not isinstance(mentions, pd.DataFrame):
             mentions = mentions.to_pandas()
-        missing = [c for c in (id_column, text_column) if c not in mentions.columns]
+        wanted = [id_column, text_column, *(context_columns or ())]
+        missing = [c for c in wanted if c not in mentions.columns]
         if missing:
             raise InputDataError(f"mentions are missing column(s) {missing}; "
                                  f"they have {list(mentions.columns)}")
         texts = mentions[text_column].tolist()
         reasons = [invalid_reason(t, self.linking.max_text_length) for t in texts]
         valid = [i for i, r in enumerate(reasons) if r is None]
-        linked, confidences = self.link_texts([texts[i] for i in valid])
+        contexts = None
+        if context_columns is not None:
+            contexts = mention_contexts(mentions, *context_columns)
+            contexts = [contexts[i] for i in valid]
+        linked, confidences = self.link_texts([texts[i] for i in valid], contexts)
         result_of = dict(zip(valid, zip(linked, confidences)))
         records = []
         for i, (mention_id, text) in enumerate(zip(mentions[id_column].tolist(), texts)):

@@ -3,10 +3,15 @@
 A BERT-style sequence-classification model with one output (num_labels == 1), trained on
 hard negatives mined with the bi-encoder. Pairs are scored in batches, like
 sentence-transformers' ``CrossEncoder.predict``; the caller re-orders candidates by score.
+
+A context-aware cross-encoder (``train-crossencoder`` with ``context: true``; its training
+card says so) reads the mention marked inside a window of its sentence instead of the span
+alone: :meth:`CrossEncoderReranker.queries` builds that first text.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +58,16 @@ class CrossEncoderReranker(LoadedModel):
             raise ModelLoadError("no cross-encoder path given (reranker.path is empty)")
         self.batch_size = int(batch_size)
         self._load(path, "sequence-classification", max_length, device, precision, num_threads)
-        log.info("cross-encoder loaded from %s: max_length %d, device %s",
-                 self.path, self.max_length, self._device)
+        card = _training_card(self.path)
+        context = card.get("context") or {}
+        #: characters of context around the mention this model reads; 0: the span alone
+        self.context_chars = int(context.get("chars", 0))
+        #: ``source/doc_id`` of the documents it was trained on (empty when not recorded)
+        self.documents = frozenset(card.get("data", {}).get("documents", ()))
+        log.info("cross-encoder loaded from %s: max_length %d, device %s, %s",
+                 self.path, self.max_length, self._device,
+                 f"context of {self.context_chars} characters" if self.context_chars
+                 else "span only")
 
     @classmethod
     def from_config(cls, cfg: RerankerConfig, num_threads: int = 0) -> CrossEncoderReranker:
@@ -73,7 +86,23 @@ class CrossEncoderReranker(LoadedModel):
             "model_hash": self.model_hash,
             "max_length": self.max_length,
             "model_type": str(getattr(self.model.config, "model_type", "")),
+            "context_chars": self.context_chars,
         }
+
+    def queries(self, texts_norm: Sequence[str], contexts: Sequence[Any] | None = None
+                ) -> list[str]:
+        """The first text of each mention's pairs: for a context-aware model the mention
+        marked in its context window (:func:`clinlinker_spark.context.context_query`),
+        ``contexts[i]`` being ``(context, start, end)`` or None; otherwise, or without a
+        context, the normalised mention itself."""
+        if not self.context_chars or contexts is None:
+            return list(texts_norm)
+        from clinlinker_spark.context import context_query
+
+        if len(contexts) != len(texts_norm):
+            raise ValueError(f"{len(texts_norm)} mentions but {len(contexts)} contexts")
+        return [text if ctx is None else context_query(text, *ctx, self.context_chars)
+                for text, ctx in zip(texts_norm, contexts)]
 
     def score(self, mentions: Sequence[str], terms: Sequence[str]) -> np.ndarray:
         """Logit of each pair (``mentions[i]``, ``terms[i]``): float32 [n]; higher = better.
@@ -107,3 +136,14 @@ class CrossEncoderReranker(LoadedModel):
     def __repr__(self) -> str:
         return (f"CrossEncoderReranker(path={str(self.path)!r}, max_length={self.max_length}, "
                 f"device={self._device})")
+
+
+def _training_card(path: Path) -> dict[str, Any]:
+    """The model directory's training card (``training_card.json``), or {} without one."""
+    card = path / "training_card.json"
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{card}: unreadable training card: {exc}") from exc

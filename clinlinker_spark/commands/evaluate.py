@@ -66,6 +66,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(linked as a job with that ranker links: its retrievers and linking "
                         "settings, the --reranker when it uses the cross-encoder's score) "
                         "and the confidence report")
+    p.add_argument("--gold-text", default="",
+                   help="the corpus's folder of {doc_id}.txt documents: each mention gets its "
+                        "sentence as context (needed by the context stage)")
+    p.add_argument("--context-reranker", default="",
+                   help="context-aware cross-encoder (train-crossencoder with context: true): "
+                        "with --context-ranker, adds the row 'ranker+context', the mentions "
+                        "linked as a job with that context stage links them")
+    p.add_argument("--context-ranker", default="",
+                   help="the ranker trained with the context-aware cross-encoder's score")
+    p.add_argument("--context-top-n", type=int, default=10)
+    p.add_argument("--context-below", type=float, default=0.9,
+                   help="context.below: mentions whose confidence is below it go through the "
+                        "context stage")
+    p.add_argument("--context-category-chars", type=int, default=3,
+                   help="context.same_category_chars: ... or whose first two codes share this "
+                        "many leading characters (0: off)")
     p.add_argument("--target-precision", type=float, default=0.95,
                    help="the confidence report's target: the threshold that reaches it on "
                         "these mentions, and precision and coverage at the threshold the "
@@ -87,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_gold(args: argparse.Namespace):
     from clinlinker_spark.corpora import read_gold, split_by_document
 
-    gold = read_gold(args.gold, args.gold_format)
+    gold = read_gold(args.gold, args.gold_format, text_dir=args.gold_text or None)
     if args.labels:
         gold = gold[gold["label"].isin([s.strip() for s in args.labels.split(",")])]
     if args.gold_split != "all":
@@ -106,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
     if set(fusions) - set(RERANK_FUSIONS) or not fusions:
         raise ConfigError(f"--fusion takes {', '.join(RERANK_FUSIONS)}; got {args.fusion!r}")
+    if (args.context_reranker or args.context_ranker) and not (
+            args.context_reranker and args.context_ranker and args.ranker and args.gold_text):
+        raise ConfigError("the context stage needs --context-reranker, --context-ranker, "
+                          "--ranker (the context-free stage) and --gold-text")
     needs_encoder = bool({"dense", "hybrid"} & set(retrievers)) or args.reranker or args.ranker
     if needs_encoder and not args.encoder:
         raise ConfigError("--encoder is required for the dense and hybrid retrievers, the "
@@ -189,10 +209,13 @@ def run(args: argparse.Namespace) -> int:
                     row = variant + ("+rerank" if fusion == "none" else f"+rerank_{fusion}")
                     results[row] = report_of(reranked)
 
-    confidence = None
+    confidence = context_confidence = context_stage = None
     if args.ranker:
-        confidence = _evaluate_ranker(args, encoder, index, unique, gather, gold, results,
-                                      timings, report_of)
+        confidence, linker = _evaluate_ranker(args, encoder, index, unique, gather, gold,
+                                              results, timings, report_of)
+        if args.context_ranker:
+            context_confidence, context_stage = _evaluate_context(
+                args, linker, index, gold, ks, results, timings)
 
     report = {
         "meta": {
@@ -204,24 +227,32 @@ def run(args: argparse.Namespace) -> int:
             "ranker": args.ranker or "-",
             "rerank_top_n": args.rerank_top_n if args.reranker else 0,
             "rrf_k": args.rrf_k if args.reranker and "rrf" in fusions else 0,
+            **({"context_stage": context_stage} if context_stage is not None else {}),
         },
         "timings_s": timings,
         "results": results,
         **({"confidence": confidence} if confidence is not None else {}),
+        **({"confidence_context": context_confidence}
+           if context_confidence is not None else {}),
     }
     print(format_table(report))
-    if confidence is not None:
-        print(format_confidence(confidence))
-    print(dumps({k: v for k, v in report.items() if k != "confidence"}
-                | ({"confidence": {k: v for k, v in confidence.items() if k != "curve"}}
-                   if confidence is not None else {})))
+    confidences = {name: report[name] for name in ("confidence", "confidence_context")
+                   if name in report}
+    for name, found in confidences.items():
+        print(format_confidence(found, "ranker" if name == "confidence" else "ranker+context"))
+    print(dumps({k: v for k, v in report.items() if k not in confidences}
+                | {name: {k: v for k, v in found.items() if k != "curve"}
+                   for name, found in confidences.items()}))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(dumps(report) + "\n", encoding="utf-8")
     plot = args.plot or (str(Path(args.json_out).with_suffix(".png"))
                          if args.json_out and confidence is not None else "")
     if plot and confidence is not None:
-        plot_precision_coverage({"ranker confidence": confidence["curve"]}, plot,
+        curves = {"ranker confidence": confidence["curve"]}
+        if context_confidence is not None:
+            curves["ranker+context confidence"] = context_confidence["curve"]
+        plot_precision_coverage(curves, plot,
                                 title=f"{Path(str(args.gold)).name}: precision against coverage")
         log.info("precision-coverage plot written to %s", plot)
     return 0
@@ -254,10 +285,18 @@ def _evaluate_ranker(args: argparse.Namespace, encoder, index, unique, gather, g
     ranked, confidences = linker.rank(unique, linker.rerank(unique, linker.retrieve(unique)))
     timings["ranker"] = round(time.perf_counter() - started, 2)
     results["ranker"] = report_of(ranked)
+    report = _confidence_of(args, ranker, gold, [ranked[g] for g in gather],
+                            [confidences[g] for g in gather])
+    return report, linker
+
+
+def _confidence_of(args: argparse.Namespace, ranker, gold, ranked: list,
+                   conf: list) -> dict:
+    """The confidence report of per-mention ranked lists and confidences, with the threshold
+    ``ranker`` picked on its training folds for ``--target-precision``."""
     gold_keys = gold["code"].map(normalize_code).tolist()
-    right = [bool(ranked[g]) and normalize_code(ranked[g][0].code) == key
-             for g, key in zip(gather, gold_keys)]
-    conf = [confidences[g] for g in gather]
+    right = [bool(cands) and normalize_code(cands[0].code) == key
+             for cands, key in zip(ranked, gold_keys)]
     picked = (ranker.spec.get("thresholds") or {}).get(f"{args.target_precision:g}")
     report = confidence_report(conf, right, args.target_precision,
                                picked["threshold"] if picked else None)
@@ -267,8 +306,55 @@ def _evaluate_ranker(args: argparse.Namespace, encoder, index, unique, gather, g
     return report
 
 
-def format_confidence(report: dict) -> str:
-    lines = ["", f"[ranker confidence]  mentions={report['mentions']} "
+def _evaluate_context(args: argparse.Namespace, linker: Linker, index, gold, ks,
+                      results, timings) -> tuple[dict, dict]:
+    """The 'ranker+context' row: the gold mentions linked by ``linker`` (the context-free
+    stage of the 'ranker' row) with a context stage, as a job with ``context.*`` set links
+    them; its confidence report, and what went through the stage."""
+    from clinlinker_spark.config import ContextConfig, RerankerConfig
+    from clinlinker_spark.linker import mention_contexts
+    from clinlinker_spark.ranker import Ranker
+    from clinlinker_spark.reranker import CrossEncoderReranker
+
+    settings = ContextConfig(reranker=args.context_reranker, ranker=args.context_ranker,
+                             top_n=args.context_top_n, below=args.context_below,
+                             same_category_chars=args.context_category_chars,
+                             batch_size=args.batch_size)
+    ranker = Ranker.load(args.context_ranker)
+    reranker_config = RerankerConfig(path=args.context_reranker, top_n=settings.top_n,
+                                     batch_size=settings.batch_size,
+                                     max_length=settings.max_length)
+    reranker = CrossEncoderReranker(args.context_reranker, batch_size=settings.batch_size,
+                                    max_length=settings.max_length, device=args.device,
+                                    num_threads=args.threads)
+    stage = Linker(linker.encoder, index, linker.linking, reranker, reranker_config, ranker)
+    full = Linker(linker.encoder, index, linker.linking, linker.reranker,
+                  linker.reranker_config, linker.ranker, stage, settings)
+    contexts = mention_contexts(gold, "context", "context_start", "context_end")
+    started = time.perf_counter()
+    ranked, confidences = full.link_texts(gold["text"].fillna("").tolist(), contexts)
+    timings["ranker+context"] = round(time.perf_counter() - started, 2)
+    results["ranker+context"] = evaluate_candidates(gold, ranked, index, ks,
+                                                    args.category_chars)
+    counts = full.take_context_counts()
+    seconds = full.take_stage_seconds()
+    stage_report = {
+        **counts,
+        "share_sent": round(counts["context_stage"] / max(1, counts["mentions"]), 4),
+        "seconds": round(seconds["context"], 2),
+        "settings": {"top_n": settings.top_n, "below": settings.below,
+                     "same_category_chars": settings.same_category_chars},
+    }
+    log.info("context stage: %d of %d mentions (%d with a context) linked again, %d distinct "
+             "(form, context) lists, %.1f s", counts["context_stage"], counts["mentions"],
+             counts["with_context"], counts["context_lists"], seconds["context"])
+    # one review threshold for every link, as the job applies linking.review_below: the
+    # context-free ranker's
+    return _confidence_of(args, linker.ranker, gold, ranked, confidences), stage_report
+
+
+def format_confidence(report: dict, name: str = "ranker") -> str:
+    lines = ["", f"[{name} confidence]  mentions={report['mentions']} "
              f"accuracy@1={report['accuracy']:.3f} mean confidence="
              f"{report['mean_confidence']:.3f} ECE={report['ece']:.3f}",
              f"{'threshold':>10}{'precision':>11}{'coverage':>10}"]

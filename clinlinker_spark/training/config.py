@@ -200,6 +200,11 @@ class CrossEncoderTrainConfig:
     # linker shows); "sample" = one of the gold code's other terms, drawn each epoch (covers
     # dictionary descriptions, the only terms of codes without training mentions)
     positive: str = "best"
+    # context-aware: each gold mention with a context (its source's text_dir) is one query,
+    # the mention marked inside the window of its sentence of at most context_chars
+    # characters; mentions without context stay span queries
+    context: bool = False
+    context_chars: int = 200
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=8))
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -209,6 +214,10 @@ class CrossEncoderTrainConfig:
         _check_positive("max_length", self.max_length)
         if self.head_learning_rate < 0:
             raise ConfigError("head_learning_rate must be >= 0")
+        _check_positive("context_chars", self.context_chars)
+        if self.context and not any(s.text_dir for s in self.data.sources):
+            raise ConfigError("context: true needs a gold source with text_dir (the corpus's "
+                              "documents) in data.sources")
         if not self.index:
             raise ConfigError("index: the bi-encoder index to mine hard negatives from is "
                               "required (clinlinker build-index --encoder <biencoder>)")

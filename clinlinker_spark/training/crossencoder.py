@@ -21,6 +21,7 @@ per-step losses, versions, wall time, device). Checkpoints and resume as for the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -29,9 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from clinlinker_spark.config import to_dict
+from clinlinker_spark.context import MENTION_MARKERS, context_query, has_context
+from clinlinker_spark.corpora import clean_mask
+from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.errors import ConfigError, ModelLoadError
 from clinlinker_spark.modeling import (
     _no_progress_bars,
@@ -118,15 +123,62 @@ def mine_for_config(cfg: CrossEncoderTrainConfig) -> tuple[list[MinedQuery], dic
     mined = mine_hard_negatives(
         encoder, index, rows["term_norm"].tolist(), rows["code_key"].tolist(), neg.top_n,
         neg.min_similarity, neg.search_k, neg.exclude_query_text, neg.batch_size)
+    documents = _documents(data.mentions)
+    if cfg.context:
+        mined, documents = contextual_queries(data.mentions, mined, cfg.context_chars)
     info = {
         "sources": data.source_hashes,
         "biencoder": {"path": str(cfg.biencoder), "model_hash": encoder.model_hash},
         "index": {"path": str(cfg.index), "content_hash": index.content_hash,
                   "terms": len(index), "codes": len(index.code_keys)},
         "mining": {**mining_stats(mined), "seconds": round(time.perf_counter() - started, 1)},
+        # the documents whose mentions it learnt from: a ranker that takes this model's score
+        # as a feature does not learn from their mentions (training.ranker)
+        "documents": documents,
     }
     del encoder, index
     return mined, info
+
+
+def _documents(mentions: pd.DataFrame) -> list[str]:
+    """``source/doc_id`` of the documents of the clean gold mentions, sorted."""
+    if mentions.empty or "doc_id" not in mentions:
+        return []
+    clean = mentions[clean_mask(mentions)]
+    return sorted(set(clean["source"].astype(str) + "/" + clean["doc_id"].astype(str)))
+
+
+def contextual_queries(mentions: pd.DataFrame, mined: Sequence[MinedQuery],
+                       context_chars: int) -> tuple[list[MinedQuery], list[str]]:
+    """One query per clean gold mention that has a context: its mined query (negatives and
+    positives of its (text, code)) with the query text replaced by the mention marked inside
+    its context (:func:`clinlinker_spark.context.context_query`). Mentions without context
+    are left out (the context-free stages link them). Returns the queries, in mention order,
+    and the documents they come from."""
+    by_key = {(m.query, m.gold_code): m for m in mined}
+    if "context" not in mentions:
+        raise ConfigError("context: true, but no training mention has a context (set "
+                          "text_dir on the gold sources)")
+    clean = mentions[clean_mask(mentions)]
+    usable = clean[has_context(clean["context"], clean["context_start"],
+                               clean["context_end"])]
+    out: list[MinedQuery] = []
+    documents: set[str] = set()
+    for text, code, context, start, end, source, doc in zip(
+            usable["text"].fillna("").astype(str), usable["code"].astype(str),
+            usable["context"], usable["context_start"], usable["context_end"],
+            usable["source"].astype(str), usable["doc_id"].astype(str)):
+        found = by_key.get((normalize_text(text), normalize_code(code)))
+        if found is None:
+            continue
+        query = context_query(found.query, context, start, end, context_chars)
+        out.append(dataclasses.replace(found, query=query))
+        documents.add(f"{source}/{doc}")
+    log.info("context queries: %d of %d clean mentions (%d with a context) from %d documents",
+             len(out), len(clean), len(usable), len(documents))
+    if not out:
+        raise ConfigError("context: true, but no clean training mention has a usable context")
+    return out, sorted(documents)
 
 
 def _sample_negatives(m: MinedQuery, pool: int, k: int, seed: int, epoch: int,
@@ -282,6 +334,10 @@ def train_crossencoder(
         "created_at": utc_now(),
         "init_model": {"path": str(init_path), "model_hash": init_hash},
         "max_length": max_length,
+        # what the model reads as its first text: the mention marked in a window of its
+        # context (CrossEncoderReranker.context), or null for the span alone
+        "context": ({"chars": cfg.context_chars, "markers": list(MENTION_MARKERS)}
+                    if cfg.context else None),
         "data": {**info, "training_queries": len(examples), "examples_sha256": data_sha},
         "config": config_dict,
         "run_fingerprint": fingerprint,

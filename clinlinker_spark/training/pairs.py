@@ -102,7 +102,7 @@ def load_training_data(sources: Sequence[TerminologySourceConfig]) -> TrainingDa
 
 
 def _read_gold_source(src: TerminologySourceConfig) -> pd.DataFrame:
-    mentions = read_gold(src.path, src.format)
+    mentions = read_gold(src.path, src.format, text_dir=src.text_dir or None)
     if src.labels:
         mentions = mentions[mentions["label"].isin(src.labels)]
         if mentions.empty:

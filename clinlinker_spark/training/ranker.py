@@ -88,7 +88,7 @@ def load_training_mentions(config: JobConfig) -> TrainingMentions:
         if src.format not in GOLD_FORMATS:
             dictionary.append(_load_source(src))
             continue
-        mentions = read_gold(src.path, src.format)
+        mentions = read_gold(src.path, src.format, text_dir=src.text_dir or None)
         if src.labels:
             mentions = mentions[mentions["label"].isin(src.labels)]
         if src.split != "all":
@@ -105,6 +105,13 @@ def load_training_mentions(config: JobConfig) -> TrainingMentions:
             "code_key": mentions["code"].astype(str).map(normalize_code).to_numpy(),
             "doc_key": (name + "/" + mentions["doc_id"].astype(str)).to_numpy(),
             "source": name,
+            # the sentence around the mention (a context-aware re-ranker reads it)
+            "context": (mentions["context"].to_numpy() if "context" in mentions
+                        else np.full(len(mentions), "", object)),
+            "context_start": (mentions["context_start"].to_numpy() if "context" in mentions
+                              else np.full(len(mentions), -1)),
+            "context_end": (mentions["context_end"].to_numpy() if "context" in mentions
+                            else np.full(len(mentions), -1)),
         }))
         names.append(name)
     if not frames:
@@ -163,21 +170,31 @@ def out_of_fold_examples(linker: Any, data: TrainingMentions) -> Examples:
             view.rows["term_norm"], view.rows["mention_count"]) if n > 0}
         log.debug("fold %d: %d texts also carried by other folds' mentions", fold, len(own))
         texts = list(dict.fromkeys(part["text_norm"]))
-        candidates = fold_linker.rerank(texts, fold_linker.retrieve(texts))
-        features = candidate_features(view, texts, candidates)
+        retrieved = fold_linker.retrieve(texts)
+        # one candidate list per distinct text, or per distinct (text, context query) for a
+        # context-aware re-ranker
+        queries = mention_queries(linker, part)
+        keys = list(zip(part["text_norm"], queries))
+        items = list(dict.fromkeys(keys))
+        position = {t: i for i, t in enumerate(texts)}
+        item_texts = [t for t, _ in items]
+        candidates = fold_linker.rerank(item_texts, [retrieved[position[t]] for t in item_texts],
+                                        queries=[q for _, q in items])
+        features = candidate_features(view, item_texts, candidates)
         offsets = np.r_[0, np.cumsum([len(c) for c in candidates])]
-        row_of = {t: i for i, t in enumerate(texts)}
+        row_of = {key: i for i, key in enumerate(items)}
         keys_of = [[normalize_code(c.code) for c in cands] for cands in candidates]
-        for text, gold in zip(part["text_norm"], part["code_key"]):
-            i = row_of[text]
+        for key, gold in zip(keys, part["code_key"]):
+            i = row_of[key]
             labels = np.array([k == gold for k in keys_of[i]], np.int8)
             feature_blocks.append(features[offsets[i]:offsets[i + 1]])
             label_blocks.append(labels)
             sizes.append(len(labels))
             found.append(bool(labels.any()))
             folds.append(fold)
-        log.info("ranker fold %d: %d mentions, %d distinct texts, %d candidates, gold among "
-                 "them for %.3f (%.1f s)", fold, len(part), len(texts), int(offsets[-1]),
+        log.info("ranker fold %d: %d mentions, %d distinct texts (%d lists), %d candidates, "
+                 "gold among them for %.3f (%.1f s)", fold, len(part), len(texts), len(items),
+                 int(offsets[-1]),
                  float(np.mean(found[-len(part):])) if len(part) else 0.0,
                  time.perf_counter() - started)
     sizes_arr = np.asarray(sizes, np.int64)
@@ -188,6 +205,44 @@ def out_of_fold_examples(linker: Any, data: TrainingMentions) -> Examples:
         group=np.repeat(np.arange(len(sizes_arr)), sizes_arr),
         fold=np.asarray(folds, np.int64), sizes=sizes_arr, gold_found=np.asarray(found, bool),
     )
+
+
+def mention_queries(linker: Any, mentions: pd.DataFrame) -> list[str]:
+    """What the linker's re-ranker reads for each training mention: the mention marked in its
+    context for a context-aware re-ranker (:meth:`CrossEncoderReranker.queries`), else the
+    normalised text."""
+    texts = mentions["text_norm"].tolist()
+    reranker = linker.reranker
+    if reranker is None or not reranker.context_chars:
+        return texts
+    contexts = [(c, s, e) if isinstance(c, str) and c else None for c, s, e in zip(
+        mentions["context"], mentions["context_start"], mentions["context_end"])]
+    return reranker.queries(texts, contexts)
+
+
+def unseen_by_reranker(linker: Any, data: TrainingMentions) -> TrainingMentions:
+    """For a context-aware re-ranker: the training mentions of the documents it did not learn
+    from (its card lists those it did), so that the ranker learns how far to trust the scores
+    it gives to mentions it has not seen, as in the job. A mention without context is kept
+    (the re-ranker reads its span alone). Other re-rankers: ``data`` unchanged."""
+    reranker = linker.reranker
+    if reranker is None or not reranker.context_chars:
+        return data
+    table = data.mentions
+    seen = table["doc_key"].isin(reranker.documents)
+    if seen.all():
+        raise ConfigError("every training mention comes from a document the context-aware "
+                          "re-ranker learnt from: train it on one part of the documents "
+                          "(split: train) and the ranker on the rest")
+    with_context = (table["context"].astype(str) != "").sum()
+    if with_context == 0:
+        raise ConfigError("the re-ranker is context-aware, but no training mention has a "
+                          "context: set text_dir on the gold sources of terminology.sources")
+    log.info("context-aware re-ranker: %d of %d training mentions (%d documents) left out, "
+             "seen in its training; %d of the rest have a context", int(seen.sum()),
+             len(table), table.loc[seen, "doc_key"].nunique(),
+             int((table.loc[~seen, "context"].astype(str) != "").sum()))
+    return dataclasses.replace(data, mentions=table[~seen].reset_index(drop=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +364,7 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
                           "--overwrite)")
     if linker is None:
         linker = Linker.from_config(dataclasses.replace(config, ranker=RankerConfig()))
-    data = load_training_mentions(config)
+    data = unseen_by_reranker(linker, load_training_mentions(config))
     examples = out_of_fold_examples(linker, data)
     with_rerank = linker.reranker is not None
     names = feature_names(with_rerank)
@@ -383,5 +438,6 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
 __all__ = [
     "Examples", "TrainingMentions", "cross_fitted_scores", "feature_names", "fit_model",
     "fold_of_documents", "fold_terminology", "list_outcomes", "load_training_mentions",
-    "out_of_fold_examples", "predict", "train_ranker",
+    "mention_queries", "out_of_fold_examples", "predict", "train_ranker",
+    "unseen_by_reranker",
 ]
