@@ -86,15 +86,21 @@ def test_the_context_ranker_learns_only_from_documents_the_cross_encoder_did_not
     linker = Linker(setup.encoder, setup.index, LINKING, stage.reranker,
                     RerankerConfig(top_n=5, max_length=48))
     kept = training.unseen_by_reranker(linker, data)
-    assert not kept.mentions["doc_key"].isin(stage.seen).any()
-    assert len(kept.mentions) == int((~data.mentions["doc_key"].isin(stage.seen)).sum()) > 0
-    assert stage.spec["metrics"]["mentions"] == len(kept.mentions)
+    seen = kept.mentions["doc_key"].isin(stage.seen)
+    # the seen documents' mentions stay in every fold's view of the index (fold -1) and give
+    # no example; the others keep their folds
+    assert (kept.mentions.loc[seen, "fold"] == -1).all() and seen.any()
+    assert (kept.mentions.loc[~seen, "fold"] == data.mentions.loc[~seen, "fold"]).all()
+    view = training.fold_terminology(kept, 0)
+    assert set(kept.mentions.loc[seen, "text_norm"]) <= set(view["term_norm"])
+    assert stage.spec["metrics"]["mentions"] == int((~seen).sum()) > 0
     assert "rerank" in stage.spec["features"]
     # each training mention's query is its marked context, not its text
-    queries = training.mention_queries(linker, kept.mentions.head(20))
+    unseen = kept.mentions[~seen].head(20)
+    queries = training.mention_queries(linker, unseen)
     assert all("<<" in q and ">>" in q for q in queries)
-    contiguous = kept.mentions.head(20)["context_end"] - kept.mentions.head(20)["context_start"]
-    for query, text, width in zip(queries, kept.mentions["text_norm"].head(20), contiguous):
+    contiguous = unseen["context_end"] - unseen["context_start"]
+    for query, text, width in zip(queries, unseen["text_norm"], contiguous):
         if width == len(text):  # a contiguous mention: its text is what is marked
             assert f"<< {text} >>" in query
     everything = copy.copy(stage.reranker)
@@ -233,3 +239,20 @@ def test_context_training_queries_are_one_per_mention_with_a_context():
     assert documents == ["codiesp/d1", "codiesp/d2", "codiesp/d3"]
     with pytest.raises(ConfigError, match="text_dir"):
         contextual_queries(mentions.drop(columns=["context"]), mined, 200)
+
+
+def test_context_training_config_is_checked():
+    from clinlinker_spark.config import TerminologySourceConfig
+    from clinlinker_spark.training.config import CrossEncoderTrainConfig, TrainDataConfig
+
+    gold = TerminologySourceConfig(path="gold.tsv", format="codiesp")
+    with pytest.raises(ConfigError, match="text_dir"):
+        CrossEncoderTrainConfig(index="idx", context=True,
+                                data=TrainDataConfig(sources=(gold,)))
+    with_text = dataclasses.replace(gold, text_dir="docs")
+    CrossEncoderTrainConfig(index="idx", context=True, document_share=0.5,
+                            data=TrainDataConfig(sources=(with_text,)))
+    with pytest.raises(ConfigError, match="document_share"):
+        CrossEncoderTrainConfig(index="idx", document_share=0.0)
+    with pytest.raises(ConfigError, match="gold formats"):
+        TerminologySourceConfig(path="t.csv", format="table", text_dir="docs")

@@ -205,6 +205,9 @@ class CrossEncoderTrainConfig:
     # characters; mentions without context stay span queries
     context: bool = False
     context_chars: int = 200
+    # the share of the gold sources' documents it learns from (a document-level split with
+    # run.seed); the rest are left to the ranker trained on its scores. 1: all of them
+    document_share: float = 1.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=8))
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -215,6 +218,8 @@ class CrossEncoderTrainConfig:
         if self.head_learning_rate < 0:
             raise ConfigError("head_learning_rate must be >= 0")
         _check_positive("context_chars", self.context_chars)
+        if not 0.0 < self.document_share <= 1.0:
+            raise ConfigError(f"document_share must be in (0, 1]; got {self.document_share}")
         if self.context and not any(s.text_dir for s in self.data.sources):
             raise ConfigError("context: true needs a gold source with text_dir (the corpus's "
                               "documents) in data.sources")

@@ -35,7 +35,7 @@ import torch
 
 from clinlinker_spark.config import to_dict
 from clinlinker_spark.context import MENTION_MARKERS, context_query, has_context
-from clinlinker_spark.corpora import clean_mask
+from clinlinker_spark.corpora import clean_mask, split_by_document
 from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.errors import ConfigError, ModelLoadError
 from clinlinker_spark.modeling import (
@@ -108,6 +108,11 @@ def mine_for_config(cfg: CrossEncoderTrainConfig) -> tuple[list[MinedQuery], dic
 
     started = time.perf_counter()
     data = load_training_data(cfg.data.sources)
+    if cfg.document_share < 1.0 and not data.mentions.empty:
+        kept, _ = split_by_document(data.mentions, 1.0 - cfg.document_share, cfg.run.seed)
+        log.info("document_share %.2f: %d of %d gold mentions kept", cfg.document_share,
+                 len(kept), len(data.mentions))
+        data = dataclasses.replace(data, mentions=kept.reset_index(drop=True))
     rows = clean_mention_rows(data.mentions)
     if rows.empty:
         raise ConfigError("no clean training mentions in data.sources (the cross-encoder "

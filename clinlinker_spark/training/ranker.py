@@ -161,7 +161,7 @@ def out_of_fold_examples(linker: Any, data: TrainingMentions) -> Examples:
     linking settings; its ranker is not used)."""
     feature_blocks, label_blocks, folds, sizes, found = [], [], [], [], []
     mentions = data.mentions
-    for fold in sorted(mentions["fold"].unique().tolist()):
+    for fold in sorted(f for f in mentions["fold"].unique().tolist() if f >= 0):
         started = time.perf_counter()
         view = linker.index.with_terminology(fold_terminology(data, fold))
         fold_linker = linker.with_index(view)
@@ -221,10 +221,11 @@ def mention_queries(linker: Any, mentions: pd.DataFrame) -> list[str]:
 
 
 def unseen_by_reranker(linker: Any, data: TrainingMentions) -> TrainingMentions:
-    """For a context-aware re-ranker: the training mentions of the documents it did not learn
-    from (its card lists those it did), so that the ranker learns how far to trust the scores
-    it gives to mentions it has not seen, as in the job. A mention without context is kept
-    (the re-ranker reads its span alone). Other re-rankers: ``data`` unchanged."""
+    """For a context-aware re-ranker: the ranker learns only from the mentions of the
+    documents the re-ranker did not learn from (its card lists those it did), so that it
+    learns how far to trust the scores given to mentions the re-ranker has not seen, as in
+    the job. The others get fold -1: they stay in every fold's view of the index (as they are
+    in the index) and give no example. Other re-rankers: ``data`` unchanged."""
     reranker = linker.reranker
     if reranker is None or not reranker.context_chars:
         return data
@@ -242,7 +243,8 @@ def unseen_by_reranker(linker: Any, data: TrainingMentions) -> TrainingMentions:
              "seen in its training; %d of the rest have a context", int(seen.sum()),
              len(table), table.loc[seen, "doc_key"].nunique(),
              int((table.loc[~seen, "context"].astype(str) != "").sum()))
-    return dataclasses.replace(data, mentions=table[~seen].reset_index(drop=True))
+    return dataclasses.replace(data, mentions=table.assign(
+        fold=np.where(seen.to_numpy(), -1, table["fold"].to_numpy())))
 
 
 # --------------------------------------------------------------------------------------------
