@@ -256,6 +256,10 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
     from clinlinker_spark.index import MANIFEST_FILE, check_encoder, ensure_index, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
 
+    if config.context.reranker:
+        raise ConfigError("context.reranker is set, but the Spark job links from the mention "
+                          "text alone: the context stage runs in the core Linker and in "
+                          "clinlinker evaluate; leave context empty for the job")
     encoder_path = Path(config.encoder.path)
     if config.build_missing and not (encoder_path / "config.json").is_file():
         from clinlinker_spark.base_encoder import ensure_base_encoder
