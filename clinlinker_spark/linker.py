@@ -559,20 +559,29 @@ class Linker:
             ranker = Ranker.load(config.ranker.path,
                                  config.ranker.num_threads or config.encoder.num_threads)
         context_stage = None
-        ctx = config.context
-        if ctx.reranker:
-            from clinlinker_spark.ranker import Ranker
-            from clinlinker_spark.reranker import CrossEncoderReranker
-
-            ctx_reranker_config = dataclasses.replace(
-                config.reranker, path=ctx.reranker, top_n=ctx.top_n,
-                batch_size=ctx.batch_size, max_length=ctx.max_length)
-            context_stage = cls(
-                encoder, index, config.linking,
-                CrossEncoderReranker.from_config(ctx_reranker_config), ctx_reranker_config,
-                Ranker.load(ctx.ranker, config.ranker.num_threads or config.encoder.num_threads))
+        if config.context.reranker:
+            context_stage = cls.context_stage_of(
+                encoder, index, config.linking, config.context, config.reranker,
+                config.encoder.num_threads, config.ranker.num_threads)
         return cls(encoder, index, config.linking, reranker, config.reranker, ranker,
-                   context_stage, ctx)
+                   context_stage, config.context)
+
+    @classmethod
+    def context_stage_of(cls, encoder: Any, index: TerminologyIndex, linking: LinkingConfig,
+                         context: ContextConfig, reranker: RerankerConfig,
+                         num_threads: int = 0, ranker_threads: int = 0) -> "Linker":
+        """Load the context stage that ``context`` describes: a Linker over the same encoder
+        and index with the context-aware cross-encoder (``reranker``'s device and precision,
+        ``context``'s path, top_n, batch size and max length) and the context ranker."""
+        from clinlinker_spark.ranker import Ranker
+        from clinlinker_spark.reranker import CrossEncoderReranker
+
+        stage_config = dataclasses.replace(
+            reranker, path=context.reranker, top_n=context.top_n,
+            batch_size=context.batch_size, max_length=context.max_length)
+        return cls(encoder, index, linking,
+                   CrossEncoderReranker.from_config(stage_config, num_threads), stage_config,
+                   Ranker.load(context.ranker, ranker_threads or num_threads))
 
     @property
     def versions(self) -> dict[str, str]:

@@ -140,7 +140,9 @@ class CrossEncoderReranker(LoadedModel):
 
 def _training_card(path: Path) -> dict[str, Any]:
     """The model directory's training card (``training_card.json``), or {} without one."""
-    card = path / "training_card.json"
+    from clinlinker_spark.training.common import CARD_NAME
+
+    card = path / CARD_NAME
     if not card.is_file():
         return {}
     try:

@@ -313,21 +313,13 @@ def _evaluate_context(args: argparse.Namespace, linker: Linker, index, gold, ks,
     them; its confidence report, and what went through the stage."""
     from clinlinker_spark.config import ContextConfig, RerankerConfig
     from clinlinker_spark.linker import mention_contexts
-    from clinlinker_spark.ranker import Ranker
-    from clinlinker_spark.reranker import CrossEncoderReranker
 
     settings = ContextConfig(reranker=args.context_reranker, ranker=args.context_ranker,
                              top_n=args.context_top_n, below=args.context_below,
                              same_category_chars=args.context_category_chars,
                              batch_size=args.batch_size)
-    ranker = Ranker.load(args.context_ranker)
-    reranker_config = RerankerConfig(path=args.context_reranker, top_n=settings.top_n,
-                                     batch_size=settings.batch_size,
-                                     max_length=settings.max_length)
-    reranker = CrossEncoderReranker(args.context_reranker, batch_size=settings.batch_size,
-                                    max_length=settings.max_length, device=args.device,
-                                    num_threads=args.threads)
-    stage = Linker(linker.encoder, index, linker.linking, reranker, reranker_config, ranker)
+    stage = Linker.context_stage_of(linker.encoder, index, linker.linking, settings,
+                                    RerankerConfig(device=args.device), args.threads)
     full = Linker(linker.encoder, index, linker.linking, linker.reranker,
                   linker.reranker_config, linker.ranker, stage, settings)
     contexts = mention_contexts(gold, "context", "context_start", "context_end")

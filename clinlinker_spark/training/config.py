@@ -202,7 +202,7 @@ class CrossEncoderTrainConfig:
     positive: str = "best"
     # context-aware: each gold mention with a context (its source's text_dir) is one query,
     # the mention marked inside the window of its sentence of at most context_chars
-    # characters; mentions without context stay span queries
+    # characters; mentions without context are left out
     context: bool = False
     context_chars: int = 200
     # the share of the gold sources' documents it learns from (a document-level split with

@@ -36,7 +36,6 @@ import torch
 from clinlinker_spark.config import to_dict
 from clinlinker_spark.context import MENTION_MARKERS, context_query, has_context
 from clinlinker_spark.corpora import clean_mask, split_by_document
-from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.errors import ConfigError, ModelLoadError
 from clinlinker_spark.modeling import (
     _no_progress_bars,
@@ -46,6 +45,7 @@ from clinlinker_spark.modeling import (
     resolve_device,
     set_torch_threads,
 )
+from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.training.biencoder import TrainResult, checkpoint_dir_of, run_fingerprint
 from clinlinker_spark.training.common import (
     CheckpointManager,

@@ -95,6 +95,8 @@ def load_training_mentions(config: JobConfig) -> TrainingMentions:
             train, test = split_by_document(mentions, src.test_fraction, src.split_seed)
             mentions = train if src.split == "train" else test
         name = src.name or Path(src.path).stem
+        if "context" not in mentions:  # no text_dir: no context
+            mentions = mentions.assign(context="", context_start=-1, context_end=-1)
         mentions = mentions[clean_mask(mentions)]
         text = mentions["text"].fillna("").astype(str)
         mentions = mentions[text.str.strip() != ""]
@@ -106,12 +108,9 @@ def load_training_mentions(config: JobConfig) -> TrainingMentions:
             "doc_key": (name + "/" + mentions["doc_id"].astype(str)).to_numpy(),
             "source": name,
             # the sentence around the mention (a context-aware re-ranker reads it)
-            "context": (mentions["context"].to_numpy() if "context" in mentions
-                        else np.full(len(mentions), "", object)),
-            "context_start": (mentions["context_start"].to_numpy() if "context" in mentions
-                              else np.full(len(mentions), -1)),
-            "context_end": (mentions["context_end"].to_numpy() if "context" in mentions
-                            else np.full(len(mentions), -1)),
+            "context": mentions["context"].to_numpy(),
+            "context_start": mentions["context_start"].to_numpy(),
+            "context_end": mentions["context_end"].to_numpy(),
         }))
         names.append(name)
     if not frames:
@@ -215,9 +214,10 @@ def mention_queries(linker: Any, mentions: pd.DataFrame) -> list[str]:
     reranker = linker.reranker
     if reranker is None or not reranker.context_chars:
         return texts
-    contexts = [(c, s, e) if isinstance(c, str) and c else None for c, s, e in zip(
-        mentions["context"], mentions["context_start"], mentions["context_end"])]
-    return reranker.queries(texts, contexts)
+    from clinlinker_spark.linker import mention_contexts
+
+    return reranker.queries(texts, mention_contexts(mentions, "context", "context_start",
+                                                    "context_end"))
 
 
 def unseen_by_reranker(linker: Any, data: TrainingMentions) -> TrainingMentions:
@@ -239,8 +239,8 @@ def unseen_by_reranker(linker: Any, data: TrainingMentions) -> TrainingMentions:
     if with_context == 0:
         raise ConfigError("the re-ranker is context-aware, but no training mention has a "
                           "context: set text_dir on the gold sources of terminology.sources")
-    log.info("context-aware re-ranker: %d of %d training mentions (%d documents) left out, "
-             "seen in its training; %d of the rest have a context", int(seen.sum()),
+    log.info("context-aware re-ranker: %d of %d training mentions (%d documents) seen in its "
+             "training give no example; %d of the rest have a context", int(seen.sum()),
              len(table), table.loc[seen, "doc_key"].nunique(),
              int((table.loc[~seen, "context"].astype(str) != "").sum()))
     return dataclasses.replace(data, mentions=table.assign(
