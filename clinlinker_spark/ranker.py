@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from clinlinker_spark.errors import ArtifactError, ConfigError
 from clinlinker_spark.index import TerminologyIndex
@@ -110,8 +111,9 @@ def side_of(text_norm: str) -> int:
 
 class _IndexStats:
     """Per-index lookups the features need, computed once per index object: per-row arrays of
-    every feature that depends only on the (term, code) row, and the row of each
-    (code, term) and (position, code_key)."""
+    every feature that depends only on the (term, code) row, integer ids of the codes and their
+    parents (for the hierarchy features), each row's word tokens as a sparse 0/1 matrix (for
+    the token Jaccard), and the row of each (code, term) and (position, code)."""
 
     def __init__(self, index: TerminologyIndex):
         rows = index.rows
@@ -123,18 +125,18 @@ class _IndexStats:
                                          minlength=len(index.texts)).astype(np.int64)
         self.row_mentions = counts
         codes = index.codes
-        self.parent = dict(zip(codes["code_key"], codes["parent_key"]))
+        parent = dict(zip(codes["code_key"].astype(str), codes["parent_key"].astype(str)))
         code_mentions = dict(zip(codes["code_key"], codes["mention_count"].astype(int)))
         code_terms = dict(zip(codes["code_key"], codes["n_terms"].astype(int)))
         is_leaf = dict(zip(codes["code_key"], codes["is_leaf"].astype(bool)))
         depth = dict(zip(codes["code_key"], codes["depth"].astype(int)))
         family: dict[str, int] = {}
-        for key, parent in self.parent.items():
-            if parent:
-                family[parent] = family.get(parent, 0) + code_mentions.get(key, 0)
+        for key, up in parent.items():
+            if up:
+                family[up] = family.get(up, 0) + code_mentions.get(key, 0)
 
         def sibling_share(key: str) -> float:
-            total = family.get(self.parent.get(key, ""), 0)
+            total = family.get(parent.get(key, ""), 0)
             return code_mentions.get(key, 0) / total if total else 0.0
 
         # each code's description: its main terms (a code may have one per terminology)
@@ -163,31 +165,61 @@ class _IndexStats:
         self.row_features[:, 7] = [depth.get(k, 1) for k in keys]
         if n:
             self.row_features[:, 8:] = np.asarray([code_text[k] for k in keys], np.float32)
-        self.row_term_norm = term_norms
-        self.row_key = keys
+        self.row_length = np.fromiter((len(t) for t in term_norms), np.float64, n)
+        # codes as integer ids, each with its parent's id (-1: none)
+        code_ids: dict[str, int] = {}
+        for key in [*parent, *parent.values(), *keys]:
+            if key and key not in code_ids:
+                code_ids[key] = len(code_ids)
+        self.n_codes = max(len(code_ids), 1)
+        self.parent_id = np.full(len(code_ids) + 1, -1, np.int64)  # [-1] stays -1: no code
+        for key, up in parent.items():
+            if key and up:
+                self.parent_id[code_ids[key]] = code_ids[up]
+        self.row_code = np.fromiter((code_ids[k] for k in keys), np.int64, n)
+        # each row's word tokens, as ids of a vocabulary of the index's term tokens
+        self.vocabulary: dict[str, int] = {}
+        token_ids = [[self.vocabulary.setdefault(t, len(self.vocabulary)) for t in _tokens(term)]
+                     for term in term_norms]
+        self.row_tokens = _binary_rows(token_ids, len(self.vocabulary))
+        self.row_n_tokens = np.fromiter((len(t) for t in token_ids), np.float64, n)
         self.row_of_code_term = {(c, t): i for i, (c, t) in enumerate(
             zip(rows["code"].astype(str).tolist(), rows["term"].astype(str).tolist()))}
-        self.row_of_position_key = {(int(p), k): i for i, (p, k) in enumerate(
-            zip(positions.tolist(), keys))}
-        self.term_tokens: dict[int, frozenset[str]] = {}
-        self.ancestor_sets: dict[str, frozenset[str]] = {}
+        # the row of each (text position, code), as sorted position * n_codes + code ids
+        position_code = positions * self.n_codes + self.row_code
+        self.position_code_order = np.argsort(position_code, kind="stable")
+        self.position_code_sorted = position_code[self.position_code_order]
 
-    def ancestors(self, key: str) -> frozenset[str]:
-        found = self.ancestor_sets.get(key)
-        if found is None:
-            out: list[str] = []
-            parent = self.parent.get(key, "")
-            while parent and parent not in out and len(out) < MAX_DEPTH:
-                out.append(parent)
-                parent = self.parent.get(parent, "")
-            found = self.ancestor_sets[key] = frozenset(out)
-        return found
+    def row_of_position_code(self, position: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Row of each (text position, code id) pair, -1 where the index has none."""
+        wanted = position * self.n_codes + code
+        at = np.searchsorted(self.position_code_sorted, wanted)
+        at = np.minimum(at, max(len(self.position_code_sorted) - 1, 0))
+        if len(self.position_code_sorted) == 0:
+            return np.full(len(wanted), -1, np.int64)
+        found = (self.position_code_sorted[at] == wanted) & (position >= 0) & (code >= 0)
+        return np.where(found, self.position_code_order[at], -1)
 
-    def tokens_of_row(self, row: int) -> frozenset[str]:
-        found = self.term_tokens.get(row)
-        if found is None:
-            found = self.term_tokens[row] = _tokens(self.row_term_norm[row])
-        return found
+    def ancestor_ids(self, code: np.ndarray) -> np.ndarray:
+        """Ancestor ids [len(code), MAX_DEPTH] of each code id, nearest first; -1 past the
+        root (and for code -1)."""
+        out = np.full((len(code), MAX_DEPTH), -1, np.int64)
+        current = code
+        for d in range(MAX_DEPTH):
+            current = self.parent_id[current]  # parent_id[-1] is -1
+            out[:, d] = current
+            if not (current >= 0).any():
+                break
+        return out
+
+
+def _binary_rows(token_ids: Sequence[Sequence[int]], n_tokens: int) -> sp.csr_matrix:
+    """0/1 CSR matrix [len(token_ids), n_tokens] with row i set at token_ids[i]."""
+    lengths = np.fromiter((len(t) for t in token_ids), np.int64, len(token_ids))
+    indptr = np.r_[0, np.cumsum(lengths)]
+    indices = np.fromiter((i for t in token_ids for i in t), np.int64, int(indptr[-1]))
+    data = np.ones(len(indices), np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(token_ids), max(n_tokens, 1)))
 
 
 # the features that depend only on the candidate's (term, code) row of the index
@@ -233,76 +265,67 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     """The :data:`FEATURES` of every candidate, float32 [total candidates, len(FEATURES)],
     mentions in order, each mention's candidates in order."""
     stats = index_stats(index)
-    sizes = [len(c) for c in candidates]
-    n = sum(sizes)
+    sizes = np.fromiter((len(c) for c in candidates), np.int64, len(candidates))
+    n = int(sizes.sum())
     out = np.zeros((n, len(FEATURES)), np.float32)
     if n == 0:
         return out
     col = {name: j for j, name in enumerate(FEATURES)}
-    groups = np.repeat(np.arange(len(candidates)), sizes)
+    n_groups = len(candidates)
+    groups = np.repeat(np.arange(n_groups), sizes)
+    flat = [c for cands in candidates for c in cands]
     nan = math.nan
-    dense_list: list[float] = []
-    lexical_list: list[float] = []
-    rerank_list: list[float] = []
-    row_list: list[int] = []
-    per_list: list[tuple[float, ...]] = []
-    row_of_code_term = stats.row_of_code_term
-    row_of_position_key = stats.row_of_position_key
-    row_mentions = stats.row_mentions
-    row_key = stats.row_key
-    row_term_norm = stats.row_term_norm
-    tokens_of_row = stats.tokens_of_row
-    ancestors = stats.ancestors
-    for text, cands in zip(texts_norm, candidates):
-        mention_tokens = _tokens(text)
-        n_tokens = len(mention_tokens)
-        text_length = len(text) + 1
-        exact_position = index.position_of(text)
-        exact_total = int(stats.text_mentions[exact_position]) if exact_position >= 0 else 0
-        log_exact_total = math.log1p(exact_total)
-        keys: list[str] = []
-        group_per: list[list[float]] = []
-        for c in cands:
-            row = row_of_code_term.get((c.code, c.term), -1)
-            dense_list.append(c.retrieval_score)
-            lexical_list.append(nan if c.lexical_score is None else c.lexical_score)
-            rerank_list.append(nan if c.rerank_score is None else c.rerank_score)
-            row_list.append(row)
-            exact_share = 0.0
-            if row >= 0:
-                key = row_key[row]
-                term_tokens = tokens_of_row(row)
-                union = len(mention_tokens | term_tokens)
-                jaccard = len(mention_tokens & term_tokens) / union if union else 0.0
-                length = len(row_term_norm[row])
-                if exact_total:
-                    exact_row = row_of_position_key.get((exact_position, key), -1)
-                    if exact_row >= 0:
-                        exact_share = row_mentions[exact_row] / exact_total
-            else:
-                key, jaccard, length = "", 0.0, len(c.term)
-            keys.append(key)
-            group_per.append([float(c.exact), jaccard, math.log((length + 1) / text_length),
-                              n_tokens, exact_share, log_exact_total, 0.0, 0.0])
-        # hierarchy within the list: ancestors and descendants among the other candidates
-        in_list = set(keys)
-        above: set[str] = set()
-        for key in keys:
-            above.update(ancestors(key))
-        for key, values in zip(keys, group_per):
-            values[6] = float(bool(ancestors(key) & in_list))
-            values[7] = float(key in above)
-        per_list.extend(group_per)
-    dense = np.asarray(dense_list, np.float64)
-    lexical = np.asarray(lexical_list, np.float64)
-    rerank = np.asarray(rerank_list, np.float64)
-    rows = np.asarray(row_list, np.int64)
-    per_candidate = np.asarray(per_list, np.float32)
-    for j, name in enumerate(("exact", "token_jaccard", "length_ratio", "mention_tokens",
-                              "exact_share", "exact_text_mentions", "has_ancestor",
-                              "has_descendant")):
-        out[:, col[name]] = per_candidate[:, j]
+    dense = np.fromiter((c.retrieval_score for c in flat), np.float64, n)
+    lexical = np.fromiter((nan if c.lexical_score is None else c.lexical_score
+                           for c in flat), np.float64, n)
+    rerank = np.fromiter((nan if c.rerank_score is None else c.rerank_score
+                          for c in flat), np.float64, n)
+    row_of = stats.row_of_code_term
+    rows = np.fromiter((row_of.get((c.code, c.term), -1) for c in flat), np.int64, n)
     known = rows >= 0
+    safe_rows = np.where(known, rows, 0)
+    code = np.where(known, stats.row_code[safe_rows], -1)
+
+    # text: exact match, token Jaccard, length ratio, mention tokens
+    out[:, col["exact"]] = np.fromiter((c.exact for c in flat), np.float32, n)
+    vocabulary = stats.vocabulary
+    mention_tokens = [_tokens(t) for t in texts_norm]
+    n_tokens = np.fromiter((len(t) for t in mention_tokens), np.float64, n_groups)
+    query = _binary_rows([[vocabulary[t] for t in tokens if t in vocabulary]
+                          for tokens in mention_tokens], stats.row_tokens.shape[1])
+    shared = np.asarray(query[groups].multiply(stats.row_tokens[safe_rows]).sum(axis=1),
+                        np.float64).reshape(-1)
+    union = n_tokens[groups] + stats.row_n_tokens[safe_rows] - shared
+    jaccard = np.divide(shared, union, out=np.zeros(n), where=union > 0)
+    out[:, col["token_jaccard"]] = np.where(known, jaccard, 0.0)
+    length = np.where(known, stats.row_length[safe_rows],
+                      np.fromiter((len(c.term) for c in flat), np.float64, n))
+    text_length = np.fromiter((len(t) + 1 for t in texts_norm), np.float64, n_groups)
+    out[:, col["length_ratio"]] = np.log((length + 1) / text_length[groups])
+    out[:, col["mention_tokens"]] = n_tokens[groups]
+
+    # the training mentions of the mention's exact text: how many, and the candidate's share
+    exact_position = np.fromiter((index.position_of(t) for t in texts_norm), np.int64,
+                                 n_groups)
+    exact_total = np.where(exact_position >= 0,
+                           stats.text_mentions[np.maximum(exact_position, 0)], 0)
+    exact_row = stats.row_of_position_code(exact_position[groups], code)
+    total = exact_total[groups].astype(np.float64)
+    share = np.divide(stats.row_mentions[np.maximum(exact_row, 0)], total, out=np.zeros(n),
+                      where=(exact_row >= 0) & (total > 0))
+    out[:, col["exact_share"]] = share
+    out[:, col["exact_text_mentions"]] = np.log1p(exact_total)[groups]
+
+    # hierarchy within the list: ancestors and descendants among the other candidates
+    ancestors = stats.ancestor_ids(code)
+    has_up = ancestors >= 0
+    offset = groups[:, None] * stats.n_codes
+    in_list = np.unique((groups * stats.n_codes + code)[known])
+    out[:, col["has_ancestor"]] = (np.isin(offset + ancestors, in_list) & has_up).any(axis=1)
+    above = np.unique((offset + ancestors)[has_up])
+    out[:, col["has_descendant"]] = known & np.isin(groups * stats.n_codes + code, above)
+
+    # what the candidate's row says, and the sides of the mention and of the code
     row_values = np.zeros((n, len(ROW_FEATURES)), np.float32)
     row_values[known] = stats.row_features[rows[known]]
     row_values[~known, ROW_FEATURES.index("is_leaf")] = 1.0
@@ -310,14 +333,13 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     row_values[~known, ROW_FEATURES.index("candidate_side")] = np.nan
     for j, name in enumerate(ROW_FEATURES):
         out[:, col[name]] = row_values[:, j]
-    mention_side = np.repeat(np.asarray([side_of(t) for t in texts_norm], np.float32), sizes)
+    mention_side = np.asarray([side_of(t) for t in texts_norm], np.float32)[groups]
     candidate_side = out[:, col["candidate_side"]]
     named = (mention_side > SIDE_NONE) & (mention_side < SIDE_UNSPECIFIED)
     sided = (candidate_side > SIDE_NONE) & (candidate_side < SIDE_UNSPECIFIED)
     out[:, col["mention_side"]] = mention_side
     out[:, col["side_agrees"]] = named & (candidate_side == mention_side)
     out[:, col["side_conflicts"]] = named & sided & (candidate_side != mention_side)
-    n_groups = len(candidates)
     for name, values in (("dense", dense), ("lexical", lexical), ("rerank", rerank)):
         out[:, col[name]] = values
         out[:, col[f"{name}_rank"]] = np.where(np.isnan(values), np.nan,
@@ -470,28 +492,40 @@ class Ranker:
         return ((x - self.means) / self.scales) @ self.coefficients + self.intercept
 
     def rank(self, index: TerminologyIndex, texts_norm: Sequence[str],
-             candidates: Sequence[Sequence[Candidate]]
+             candidates: Sequence[Sequence[Candidate]], keep: int | None = None
              ) -> tuple[list[list[Candidate]], list[float | None]]:
         """Each mention's candidates ordered by ranker score (ties: the incoming order), with
-        ``ranker_score`` set, and the calibrated confidence of the first (None when a mention
-        has no candidate)."""
-        from clinlinker_spark.linker import Candidate
+        ``ranker_score`` set, the first ``keep`` of them (all when None), and the calibrated
+        confidence of the first (None when a mention has no candidate). The confidence is
+        computed over the whole list, whatever ``keep``."""
+        from clinlinker_spark.linker import Candidate, gc_paused
 
         scores = self.score_matrix(candidate_features(index, texts_norm, candidates))
+        sizes = np.fromiter((len(c) for c in candidates), np.int64, len(candidates))
+        groups = np.repeat(np.arange(len(candidates)), sizes)
+        # every list ordered at once: by mention, then score (best first), then incoming order
+        order = np.lexsort((np.arange(len(scores)), -scores, groups))
+        starts = np.r_[0, np.cumsum(sizes)[:-1]] if len(sizes) else np.zeros(0, np.int64)
+        # the top candidate's softmax share of its list's scores (0 for an empty list)
+        raws = np.zeros(len(candidates))
+        filled = sizes > 0
+        if filled.any():
+            ordered_scores = scores[order]
+            best = np.repeat(ordered_scores[starts[filled]], sizes[filled])
+            raws[filled] = 1.0 / np.add.reduceat(np.exp(ordered_scores - best), starts[filled])
+        flat = [c for cands in candidates for c in cands]
+        values = scores.tolist()
+        ordered = order.tolist()
         ranked: list[list[Candidate]] = []
-        raws: list[float] = []
-        at = 0
-        for cands in candidates:
-            s = scores[at:at + len(cands)]
-            at += len(cands)
-            order = np.argsort(-s, kind="stable")
-            ranked.append([Candidate(c.code, c.term, c.retrieval_score, c.rerank_score, c.exact,
-                                     c.lexical_score, float(s[j]))
-                           for j in order.tolist() for c in (cands[j],)])
-            raws.append(raw_confidence(s[order]) if len(cands) else math.nan)
-        calibrated = self.calibration(np.nan_to_num(np.asarray(raws), nan=0.0))
-        confidences = [None if not cands else float(p)
-                       for cands, p in zip(candidates, calibrated)]
+        with gc_paused():
+            for start, size in zip(starts.tolist(), sizes.tolist()):
+                picked = ordered[start:start + (size if keep is None else min(size, keep))]
+                ranked.append([Candidate(c.code, c.term, c.retrieval_score, c.rerank_score,
+                                         c.exact, c.lexical_score, values[j])
+                               for j in picked for c in (flat[j],)])
+        calibrated = self.calibration(raws)
+        confidences = [None if not size else float(p)
+                       for size, p in zip(sizes.tolist(), calibrated)]
         return ranked, confidences
 
 

@@ -460,9 +460,9 @@ class StubRanker:
     def check_compatible(self, linker):
         pass
 
-    def rank(self, index, texts_norm, candidates):
+    def rank(self, index, texts_norm, candidates, keep=None):
         ranked = [[Candidate(c.code, c.term, c.retrieval_score, c.rerank_score, c.exact,
-                             c.lexical_score, 2.0 - j) for j, c in enumerate(cs)]
+                             c.lexical_score, 2.0 - j) for j, c in enumerate(cs[:keep])]
                   for cs in candidates]
         return ranked, [self.confidence[t] if cs else None
                         for t, cs in zip(texts_norm, candidates)]

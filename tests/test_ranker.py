@@ -31,6 +31,7 @@ from clinlinker_spark.index import TerminologyIndex, build_index
 from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW, Linker
 from clinlinker_spark.ranker import (
     FEATURES, MODEL_FILE, RANKER_FILE, Calibration, Ranker, candidate_features, ranker_hash,
+    raw_confidence,
 )
 from clinlinker_spark.samples import sample_path
 from clinlinker_spark.terminology import load_terminology
@@ -167,6 +168,22 @@ def test_a_trained_ranker_saves_as_text_and_loads_to_the_same_scores(
         np.testing.assert_allclose([c.ranker_score for c in mine], s[order], rtol=1e-9,
                                    atol=1e-9)
     assert all(c is None or 0.0 <= c <= 1.0 for c in confidences)
+    # the confidence is the calibrated softmax share of each whole list's best score, also when
+    # only the first few are kept and beside a mention without candidates
+    with_empty = [*candidates[:2], [], candidates[2]]
+    kept, kept_confidences = ranker.rank(setup.index, [*DEV_TEXTS[:2], "x", DEV_TEXTS[2]],
+                                         with_empty, keep=2)
+    assert [len(k) for k in kept] == [min(len(c), 2) for c in with_empty]
+    assert kept_confidences[2] is None and kept[2] == []
+    for mine, full in zip([*kept[:2], kept[3]], ranked[:3]):
+        assert mine == full[:2]
+    at = 0
+    for cands, confidence in zip(candidates[:3], confidences[:3]):
+        s = np.sort(want[at:at + len(cands)])[::-1]
+        at += len(cands)
+        assert confidence == pytest.approx(float(ranker.calibration(
+            np.asarray([raw_confidence(s)]))[0]))
+    assert [kept_confidences[j] for j in (0, 1, 3)] == pytest.approx(confidences[:3])
     # a linker with the ranker: its order, a confidence, needs_review below review_below
     review = dataclasses.replace(LINKING, review_below=0.5)
     linked = Linker(setup.encoder, setup.index, review, ranker=ranker).link(
