@@ -512,16 +512,7 @@ def build_index(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        rows.to_parquet(tmp / ROWS_FILE, index=False)
-        codes = code_table(rows)
-        codes.to_parquet(tmp / CODES_FILE, index=False)
-        from clinlinker_spark.lexical import LexicalIndex
-
-        lexical_started = time.perf_counter()
-        LexicalIndex.fit(texts).save(tmp)
-        lexical_s = time.perf_counter() - lexical_started
-        sources = sorted({s for v in rows["source"] for s in str(v).split("|") if s})
+        codes, lexical_s = _write_index_files(tmp, index, rows, texts)
         manifest = {
             "kind": ARTIFACT_KIND,
             "format_version": FORMAT_VERSION,
@@ -530,13 +521,7 @@ def build_index(
             "encoder": encoder.fingerprint(),
             "normalisation": NORMALISATION,
             "index": params,
-            "terminology": {
-                "name": name, "version": version, "rows": int(len(rows)),
-                "codes": int(rows["code_key"].nunique()), "distinct_terms": len(texts),
-                "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
-                "leaf_codes": int(codes["is_leaf"].sum()),
-                "codes_with_parent": int((codes["parent_key"] != "").sum()),
-            },
+            "terminology": _terminology_summary(rows, codes, texts, name, version),
             "lexical": {"kind": "char_wb-tfidf", "ngram": 3,
                         "fit_seconds": round(lexical_s, 3)},
             # what the vectors were computed in: a job whose encoder computes in the same
@@ -553,6 +538,34 @@ def build_index(
     log.info("index written to %s: %d vectors, dim %d, %s, embedding took %.1f s",
              out, index.ntotal, vectors.shape[1], params["type"], embed_s)
     return out
+
+
+def _write_index_files(directory: Path, index: faiss.Index, rows: pd.DataFrame,
+                       texts: list[str]) -> tuple[pd.DataFrame, float]:
+    """Write the FAISS index, the rows, the code table and the lexical model of ``texts``
+    into ``directory``; returns the code table and the lexical model's fit seconds."""
+    faiss.write_index(index, str(directory / INDEX_FILE))
+    rows.to_parquet(directory / ROWS_FILE, index=False)
+    codes = code_table(rows)
+    codes.to_parquet(directory / CODES_FILE, index=False)
+    from clinlinker_spark.lexical import LexicalIndex
+
+    lexical_started = time.perf_counter()
+    LexicalIndex.fit(texts).save(directory)
+    return codes, time.perf_counter() - lexical_started
+
+
+def _terminology_summary(rows: pd.DataFrame, codes: pd.DataFrame, texts: list[str], name: str,
+                         version: str) -> dict[str, Any]:
+    """The manifest's ``terminology`` section: name, version and counts of what it holds."""
+    sources = sorted({s for v in rows["source"] for s in str(v).split("|") if s})
+    return {
+        "name": name, "version": version, "rows": int(len(rows)),
+        "codes": int(rows["code_key"].nunique()), "distinct_terms": len(texts),
+        "training_mentions": int(rows["mention_count"].sum()), "sources": sources,
+        "leaf_codes": int(codes["is_leaf"].sum()),
+        "codes_with_parent": int((codes["parent_key"] != "").sum()),
+    }
 
 
 def _measure_build_recall(index: faiss.Index, params: dict, vectors: np.ndarray, encoder: Any,

@@ -47,7 +47,6 @@ import scipy.sparse as sp
 
 from clinlinker_spark.errors import ArtifactError, ConfigError
 from clinlinker_spark.index import TerminologyIndex
-from clinlinker_spark.text import normalize_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from clinlinker_spark.linker import Candidate, Linker
@@ -274,19 +273,27 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     n_groups = len(candidates)
     groups = np.repeat(np.arange(n_groups), sizes)
     flat = [c for cands in candidates for c in cands]
-    nan = math.nan
-    dense = np.fromiter((c.retrieval_score for c in flat), np.float64, n)
-    lexical = np.fromiter((nan if c.lexical_score is None else c.lexical_score
-                           for c in flat), np.float64, n)
-    rerank = np.fromiter((nan if c.rerank_score is None else c.rerank_score
-                          for c in flat), np.float64, n)
     row_of = stats.row_of_code_term
     rows = np.fromiter((row_of.get((c.code, c.term), -1) for c in flat), np.int64, n)
     known = rows >= 0
-    safe_rows = np.where(known, rows, 0)
-    code = np.where(known, stats.row_code[safe_rows], -1)
+    code = np.where(known, stats.row_code[np.where(known, rows, 0)], -1)
 
-    # text: exact match, token Jaccard, length ratio, mention tokens
+    _add_text_features(out, col, stats, texts_norm, flat, groups, n_groups, rows)
+    _add_exact_text_features(out, col, index, stats, texts_norm, groups, n_groups, code)
+    _add_hierarchy_features(out, col, stats, groups, known, code)
+    _add_row_and_side_features(out, col, stats, texts_norm, groups, rows)
+    _add_score_features(out, col, flat, groups, n_groups)
+    return out
+
+
+def _add_text_features(out: np.ndarray, col: dict[str, int], stats: _IndexStats,
+                       texts_norm: Sequence[str], flat: Sequence[Candidate], groups: np.ndarray,
+                       n_groups: int, rows: np.ndarray) -> None:
+    """Text: exact match, token Jaccard, length ratio, mention tokens (``rows``: each
+    candidate's index row, -1 where the index has none)."""
+    n = len(flat)
+    known = rows >= 0
+    safe_rows = np.where(known, rows, 0)
     out[:, col["exact"]] = np.fromiter((c.exact for c in flat), np.float32, n)
     vocabulary = stats.vocabulary
     mention_tokens = [_tokens(t) for t in texts_norm]
@@ -304,19 +311,28 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     out[:, col["length_ratio"]] = np.log((length + 1) / text_length[groups])
     out[:, col["mention_tokens"]] = n_tokens[groups]
 
-    # the training mentions of the mention's exact text: how many, and the candidate's share
+
+def _add_exact_text_features(out: np.ndarray, col: dict[str, int], index: TerminologyIndex,
+                             stats: _IndexStats, texts_norm: Sequence[str], groups: np.ndarray,
+                             n_groups: int, code: np.ndarray) -> None:
+    """The training mentions of the mention's exact text: how many, and the share of them
+    that carry the candidate's code (``code``: its code id, -1 where unknown)."""
     exact_position = np.fromiter((index.position_of(t) for t in texts_norm), np.int64,
                                  n_groups)
     exact_total = np.where(exact_position >= 0,
                            stats.text_mentions[np.maximum(exact_position, 0)], 0)
     exact_row = stats.row_of_position_code(exact_position[groups], code)
     total = exact_total[groups].astype(np.float64)
-    share = np.divide(stats.row_mentions[np.maximum(exact_row, 0)], total, out=np.zeros(n),
-                      where=(exact_row >= 0) & (total > 0))
+    share = np.divide(stats.row_mentions[np.maximum(exact_row, 0)], total,
+                      out=np.zeros(len(code)), where=(exact_row >= 0) & (total > 0))
     out[:, col["exact_share"]] = share
     out[:, col["exact_text_mentions"]] = np.log1p(exact_total)[groups]
 
-    # hierarchy within the list: ancestors and descendants among the other candidates
+
+def _add_hierarchy_features(out: np.ndarray, col: dict[str, int], stats: _IndexStats,
+                            groups: np.ndarray, known: np.ndarray, code: np.ndarray) -> None:
+    """Hierarchy within the list: whether an ancestor, or a descendant, of the candidate's
+    code is among the other candidates of its mention."""
     ancestors = stats.ancestor_ids(code)
     has_up = ancestors >= 0
     offset = groups[:, None] * stats.n_codes
@@ -325,8 +341,15 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     above = np.unique((offset + ancestors)[has_up])
     out[:, col["has_descendant"]] = known & np.isin(groups * stats.n_codes + code, above)
 
-    # what the candidate's row says, and the sides of the mention and of the code
-    row_values = np.zeros((n, len(ROW_FEATURES)), np.float32)
+
+def _add_row_and_side_features(out: np.ndarray, col: dict[str, int], stats: _IndexStats,
+                               texts_norm: Sequence[str], groups: np.ndarray,
+                               rows: np.ndarray) -> None:
+    """What the candidate's row says (:data:`ROW_FEATURES`; a candidate the index has no row
+    for counts as a leaf at depth 1 of unknown side), and the sides of the mention and of
+    the code: whether they agree or conflict."""
+    known = rows >= 0
+    row_values = np.zeros((len(rows), len(ROW_FEATURES)), np.float32)
     row_values[known] = stats.row_features[rows[known]]
     row_values[~known, ROW_FEATURES.index("is_leaf")] = 1.0
     row_values[~known, ROW_FEATURES.index("depth")] = 1.0
@@ -340,12 +363,24 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     out[:, col["mention_side"]] = mention_side
     out[:, col["side_agrees"]] = named & (candidate_side == mention_side)
     out[:, col["side_conflicts"]] = named & sided & (candidate_side != mention_side)
+
+
+def _add_score_features(out: np.ndarray, col: dict[str, int], flat: Sequence[Candidate],
+                        groups: np.ndarray, n_groups: int) -> None:
+    """Retrieval scores (bi-encoder, lexical, cross-encoder; NaN where missing), each with its
+    rank among the mention's candidates and its gap to the best."""
+    n = len(flat)
+    nan = math.nan
+    dense = np.fromiter((c.retrieval_score for c in flat), np.float64, n)
+    lexical = np.fromiter((nan if c.lexical_score is None else c.lexical_score
+                           for c in flat), np.float64, n)
+    rerank = np.fromiter((nan if c.rerank_score is None else c.rerank_score
+                          for c in flat), np.float64, n)
     for name, values in (("dense", dense), ("lexical", lexical), ("rerank", rerank)):
         out[:, col[name]] = values
         out[:, col[f"{name}_rank"]] = np.where(np.isnan(values), np.nan,
                                                _group_rank(values, groups))
         out[:, col[f"{name}_gap"]] = _group_gap(values, groups, n_groups)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,40 +113,14 @@ def load_gold(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
-    retrievers = [r.strip() for r in args.retriever.split(",") if r.strip()]
-    unknown = set(retrievers) - set(RETRIEVER_VARIANTS)
-    if unknown or not retrievers:
-        raise ConfigError(f"--retriever takes {', '.join(RETRIEVER_VARIANTS)}; "
-                          f"got {args.retriever!r}")
-    fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
-    if set(fusions) - set(RERANK_FUSIONS) or not fusions:
-        raise ConfigError(f"--fusion takes {', '.join(RERANK_FUSIONS)}; got {args.fusion!r}")
-    if (args.context_reranker or args.context_ranker) and not (
-            args.context_reranker and args.context_ranker and args.ranker and args.gold_text):
-        raise ConfigError("the context stage needs --context-reranker, --context-ranker, "
-                          "--ranker (the context-free stage) and --gold-text")
-    needs_encoder = bool({"dense", "hybrid"} & set(retrievers)) or args.reranker or args.ranker
-    if needs_encoder and not args.encoder:
-        raise ConfigError("--encoder is required for the dense and hybrid retrievers, the "
-                          "re-ranker and the ranker")
+    ks, retrievers, fusions, needs_encoder = _parse_choices(args)
     gold = load_gold(args)
     manifest = read_manifest(args.index)
     top_k = max(ks)
     search_k = max(args.search_k, top_k)
 
-    encoder = None
-    expected = None
-    if needs_encoder:
-        from clinlinker_spark.encoder import BiEncoder
-
-        spec = manifest["encoder"]
-        encoder = BiEncoder(
-            args.encoder, pooling=spec["pooling"], max_length=spec["max_length"],
-            prefix=spec.get("prefix", ""), normalize=spec["normalize"],
-            batch_size=args.batch_size, device=args.device, num_threads=args.threads,
-        )
-        expected = encoder.fingerprint()
+    encoder = _load_encoder(args, manifest) if needs_encoder else None
+    expected = encoder.fingerprint() if encoder is not None else None
     index = TerminologyIndex.load(args.index, expected_fingerprint=expected)
     texts = gold["text"].fillna("").map(normalize_text).tolist()
     unique = list(dict.fromkeys(texts))
@@ -161,53 +135,14 @@ def run(args: argparse.Namespace) -> int:
 
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
-    vectors = dense_hits = None
-    if {"dense", "hybrid"} & set(retrievers):
-        started = time.perf_counter()
-        vectors = encoder.encode(unique, show_progress=True)
-        dense_hits = index.search(vectors, search_k)
-        timings["dense"] = round(time.perf_counter() - started, 2)
-    lexical = lexical_queries = lexical_hits = None
-    if {"tfidf", "hybrid"} & set(retrievers):
-        from clinlinker_spark.lexical import LexicalIndex
-
-        started = time.perf_counter()
-        lexical = index.lexical or LexicalIndex.fit(index.texts)
-        lexical_queries = lexical.transform(unique)
-        lexical_hits = lexical.search(unique, search_k, lexical_queries)
-        timings["tfidf"] = round(time.perf_counter() - started, 2)
+    retrieved = _retrieve(args, encoder, index, unique, retrievers, search_k, timings)
     for name in retrievers:
         for prior in (False, True):
             variant = name + ("+exact_prior" if prior else "")
-            if name == "dense":
-                self_scores = np.einsum("ij,ij->i", vectors, vectors)
-                cands = candidates_from_hits(index, unique, dense_hits, top_k, prior,
-                                             self_scores)
-            elif name == "tfidf":
-                cands = candidates_from_hits(index, unique, lexical_hits, top_k, prior,
-                                             np.ones(len(unique), np.float32))
-            else:
-                if index.lexical is None:
-                    raise ConfigError(f"index {args.index} has no lexical model: rebuild it "
-                                      "for the hybrid retriever")
-                self_scores = np.einsum("ij,ij->i", vectors, vectors)
-                cands = [c[:top_k] for c in hybrid_candidates(
-                    index, unique, dense_hits, lexical_hits, vectors, lexical_queries, top_k,
-                    prior, self_scores)]
+            cands = _candidates_of(args, name, prior, index, unique, top_k, *retrieved)
             results[variant] = report_of(cands)
             if name == "dense" and prior and args.reranker:
-                from clinlinker_spark.reranker import CrossEncoderReranker
-
-                reranker = CrossEncoderReranker(args.reranker, batch_size=args.batch_size,
-                                                device=args.device, num_threads=args.threads)
-                started = time.perf_counter()
-                scored = score_candidates(unique, cands, reranker.score, args.rerank_top_n)
-                timings["rerank"] = round(time.perf_counter() - started, 2)
-                for fusion in fusions:
-                    reranked = order_candidates(scored, args.rerank_top_n, True, fusion,
-                                                args.rrf_k)
-                    row = variant + ("+rerank" if fusion == "none" else f"+rerank_{fusion}")
-                    results[row] = report_of(reranked)
+                _rerank_rows(args, variant, unique, cands, fusions, results, timings, report_of)
 
     confidence = context_confidence = context_stage = None
     if args.ranker:
@@ -218,23 +153,131 @@ def run(args: argparse.Namespace) -> int:
                 args, linker, index, gold, ks, results, timings)
 
     report = {
-        "meta": {
-            "gold": str(args.gold), "gold_format": args.gold_format,
-            "labels": args.labels or "all", "split": args.gold_split,
-            "mentions": len(gold), "index": str(args.index),
-            "index_terms": len(index), "index_codes": len(index.code_keys),
-            "encoder": args.encoder or "-", "reranker": args.reranker or "-",
-            "ranker": args.ranker or "-",
-            "rerank_top_n": args.rerank_top_n if args.reranker else 0,
-            "rrf_k": args.rrf_k if args.reranker and "rrf" in fusions else 0,
-            **({"context_stage": context_stage} if context_stage is not None else {}),
-        },
+        "meta": _report_meta(args, gold, index, fusions, context_stage),
         "timings_s": timings,
         "results": results,
         **({"confidence": confidence} if confidence is not None else {}),
         **({"confidence_context": context_confidence}
            if context_confidence is not None else {}),
     }
+    _print_report(report)
+    _write_outputs(args, report, confidence, context_confidence)
+    return 0
+
+
+def _parse_choices(args: argparse.Namespace) -> tuple[list[int], list[str], list[str], bool]:
+    """(cut-offs, retrievers, fusions, whether the bi-encoder is needed) of the arguments;
+    a ConfigError for unknown choices and for stages missing what they need."""
+    ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+    retrievers = [r.strip() for r in args.retriever.split(",") if r.strip()]
+    unknown = set(retrievers) - set(RETRIEVER_VARIANTS)
+    if unknown or not retrievers:
+        raise ConfigError(f"--retriever takes {', '.join(RETRIEVER_VARIANTS)}; "
+                          f"got {args.retriever!r}")
+    fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
+    if set(fusions) - set(RERANK_FUSIONS) or not fusions:
+        raise ConfigError(f"--fusion takes {', '.join(RERANK_FUSIONS)}; got {args.fusion!r}")
+    if (args.context_reranker or args.context_ranker) and not (
+            args.context_reranker and args.context_ranker and args.ranker and args.gold_text):
+        raise ConfigError("the context stage needs --context-reranker, --context-ranker, "
+                          "--ranker (the context-free stage) and --gold-text")
+    needs_encoder = bool({"dense", "hybrid"} & set(retrievers) or args.reranker or args.ranker)
+    if needs_encoder and not args.encoder:
+        raise ConfigError("--encoder is required for the dense and hybrid retrievers, the "
+                          "re-ranker and the ranker")
+    return ks, retrievers, fusions, needs_encoder
+
+
+def _load_encoder(args: argparse.Namespace, manifest: dict):
+    """The bi-encoder ``--encoder``, with the pooling, max length, prefix and normalisation
+    the index was built with (its manifest)."""
+    from clinlinker_spark.encoder import BiEncoder
+
+    spec = manifest["encoder"]
+    return BiEncoder(
+        args.encoder, pooling=spec["pooling"], max_length=spec["max_length"],
+        prefix=spec.get("prefix", ""), normalize=spec["normalize"],
+        batch_size=args.batch_size, device=args.device, num_threads=args.threads,
+    )
+
+
+def _retrieve(args: argparse.Namespace, encoder, index, unique: list[str],
+              retrievers: list[str], search_k: int, timings: dict[str, float]) -> tuple:
+    """(query vectors, dense hits, lexical query vectors, lexical hits) of the distinct gold
+    texts, each None where no retriever asked for it; their seconds go to ``timings``."""
+    vectors = dense_hits = None
+    if {"dense", "hybrid"} & set(retrievers):
+        started = time.perf_counter()
+        vectors = encoder.encode(unique, show_progress=True)
+        dense_hits = index.search(vectors, search_k)
+        timings["dense"] = round(time.perf_counter() - started, 2)
+    lexical_queries = lexical_hits = None
+    if {"tfidf", "hybrid"} & set(retrievers):
+        from clinlinker_spark.lexical import LexicalIndex
+
+        started = time.perf_counter()
+        lexical = index.lexical or LexicalIndex.fit(index.texts)
+        lexical_queries = lexical.transform(unique)
+        lexical_hits = lexical.search(unique, search_k, lexical_queries)
+        timings["tfidf"] = round(time.perf_counter() - started, 2)
+    return vectors, dense_hits, lexical_queries, lexical_hits
+
+
+def _candidates_of(args: argparse.Namespace, name: str, prior: bool, index, unique: list[str],
+                   top_k: int, vectors, dense_hits, lexical_queries, lexical_hits) -> list:
+    """The top-``top_k`` candidates of each distinct text from the retriever ``name``, with or
+    without the exact-match prior."""
+    if name == "dense":
+        self_scores = np.einsum("ij,ij->i", vectors, vectors)
+        return candidates_from_hits(index, unique, dense_hits, top_k, prior, self_scores)
+    if name == "tfidf":
+        return candidates_from_hits(index, unique, lexical_hits, top_k, prior,
+                                    np.ones(len(unique), np.float32))
+    if index.lexical is None:
+        raise ConfigError(f"index {args.index} has no lexical model: rebuild it "
+                          "for the hybrid retriever")
+    self_scores = np.einsum("ij,ij->i", vectors, vectors)
+    return [c[:top_k] for c in hybrid_candidates(
+        index, unique, dense_hits, lexical_hits, vectors, lexical_queries, top_k,
+        prior, self_scores)]
+
+
+def _rerank_rows(args: argparse.Namespace, variant: str, unique: list[str], cands: list,
+                 fusions: list[str], results: dict, timings: dict, report_of) -> None:
+    """The rows ``variant+rerank`` / ``variant+rerank_<fusion>``: ``cands`` scored once by
+    the cross-encoder ``--reranker``, then ordered by each fusion."""
+    from clinlinker_spark.reranker import CrossEncoderReranker
+
+    reranker = CrossEncoderReranker(args.reranker, batch_size=args.batch_size,
+                                    device=args.device, num_threads=args.threads)
+    started = time.perf_counter()
+    scored = score_candidates(unique, cands, reranker.score, args.rerank_top_n)
+    timings["rerank"] = round(time.perf_counter() - started, 2)
+    for fusion in fusions:
+        reranked = order_candidates(scored, args.rerank_top_n, True, fusion, args.rrf_k)
+        row = variant + ("+rerank" if fusion == "none" else f"+rerank_{fusion}")
+        results[row] = report_of(reranked)
+
+
+def _report_meta(args: argparse.Namespace, gold, index, fusions: list[str],
+                 context_stage: dict | None) -> dict:
+    """The report's ``meta``: what was evaluated, against what, with which settings."""
+    return {
+        "gold": str(args.gold), "gold_format": args.gold_format,
+        "labels": args.labels or "all", "split": args.gold_split,
+        "mentions": len(gold), "index": str(args.index),
+        "index_terms": len(index), "index_codes": len(index.code_keys),
+        "encoder": args.encoder or "-", "reranker": args.reranker or "-",
+        "ranker": args.ranker or "-",
+        "rerank_top_n": args.rerank_top_n if args.reranker else 0,
+        "rrf_k": args.rrf_k if args.reranker and "rrf" in fusions else 0,
+        **({"context_stage": context_stage} if context_stage is not None else {}),
+    }
+
+
+def _print_report(report: dict) -> None:
+    """Print the accuracy table, the confidence reports, and the JSON report without the
+    confidence curves."""
     print(format_table(report))
     confidences = {name: report[name] for name in ("confidence", "confidence_context")
                    if name in report}
@@ -243,6 +286,12 @@ def run(args: argparse.Namespace) -> int:
     print(dumps({k: v for k, v in report.items() if k not in confidences}
                 | {name: {k: v for k, v in found.items() if k != "curve"}
                    for name, found in confidences.items()}))
+
+
+def _write_outputs(args: argparse.Namespace, report: dict, confidence: dict | None,
+                   context_confidence: dict | None) -> None:
+    """Write ``--json-out``, and the precision-coverage plot when a ranker was evaluated
+    (``--plot``, or beside ``--json-out``)."""
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(dumps(report) + "\n", encoding="utf-8")
@@ -255,7 +304,6 @@ def run(args: argparse.Namespace) -> int:
         plot_precision_coverage(curves, plot,
                                 title=f"{Path(str(args.gold)).name}: precision against coverage")
         log.info("precision-coverage plot written to %s", plot)
-    return 0
 
 
 def _evaluate_ranker(args: argparse.Namespace, encoder, index, unique, gather, gold,

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,33 +32,22 @@ import torch.nn.functional as F
 
 from clinlinker_spark.config import to_dict
 from clinlinker_spark.errors import ConfigError
-from clinlinker_spark.modeling import (
-    effective_max_length,
-    load_tokenizer_and_model,
-    model_hash,
-    resolve_device,
-    set_torch_threads,
-)
+from clinlinker_spark.modeling import effective_max_length, load_tokenizer_and_model, model_hash
 from clinlinker_spark.training.common import (
-    CheckpointManager,
     autocast_for,
-    check_output_dir,
     close_distributed,
-    device_info,
     forward_in_chunks,
-    freeze_parameters,
-    init_distributed,
-    library_versions,
-    make_optimizer,
-    make_scheduler,
+    make_optimisation,
+    plan_schedule,
     pool_hidden,
-    resolve_resume,
-    schedule_length,
+    prepare_model,
+    publish_run,
+    resume_run,
+    run_metrics,
     seed_everything,
+    start_run,
     train_loop,
-    unwrap,
-    utc_now,
-    write_model_dir,
+    training_card,
 )
 from clinlinker_spark.training.config import BiEncoderTrainConfig
 from clinlinker_spark.training.losses import info_nce_loss, multi_similarity_loss
@@ -137,14 +127,77 @@ def train_biencoder(
     """
     started = time.perf_counter()
     cfg = config
-    set_torch_threads(cfg.run.num_threads)
-    device, amp_dtype = resolve_device(cfg.run.device, cfg.run.precision)
-    rank, world, created_group = init_distributed(device)
+    device, amp_dtype, rank, world, created_group = _start_biencoder_run(cfg)
+    pairs, data_hashes = _training_pairs(cfg, pairs, data_hashes)
+    data_sha = pairs_sha256(pairs)
+    config_dict = to_dict(cfg)
+    fingerprint = run_fingerprint(config_dict, data_sha)
+
+    tokenizer, model = load_tokenizer_and_model(cfg.base_model, "encoder")
+    base_hash = model_hash(cfg.base_model)
+    max_length = effective_max_length(tokenizer, model.config, cfg.encoder.max_length)
+    prepare_model(model, cfg.optim, cfg.run, cfg.output_dir, rank, device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batches = _PairBatches(pairs, tokenizer, max_length, cfg.encoder.prefix)
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = _plan_biencoder_run(
+        cfg, pairs, batches, n_trainable, world, device)
+
+    train_model, optimizer, scheduler, scaler = make_optimisation(
+        model, cfg.optim, total_steps, warmup, device, amp_dtype, world)
+    manager, resumed_from, start_step, step_losses = resume_run(
+        cfg.run, checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir), model, optimizer,
+        scheduler, scaler, fingerprint, " (different config or training data)")
+    global_step, train_s = train_loop(
+        name="bi-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
+        n_examples=len(batches), micro_batch=cfg.optim.batch_size,
+        micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, accumulation=cfg.optim.gradient_accumulation,
+        seed=cfg.run.seed, rank=rank, world=world,
+        micro_loss=_pair_loss(cfg, batches, tokenizer, train_model, device, amp_dtype),
+        global_step=start_step, step_losses=step_losses,
+        max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
+        log_every=cfg.run.log_every, progress=cfg.run.progress,
+        stop_after_steps=stop_after_steps,
+    )
+    if global_step < total_steps:
+        log.info("stopped after step %d of %d (stop_after_steps); resume to finish",
+                 global_step, total_steps)
+        close_distributed(created_group)
+        return TrainResult(None, global_step, total_steps, step_losses)
+
+    trained_from = _trained_from(cfg, base_hash, max_length, data_hashes, pairs, data_sha,
+                                 batches.mean_tokens)
+    metrics = _biencoder_metrics(cfg, world, global_step, steps_per_epoch, step_losses,
+                                 start_step, resumed_from is not None, train_s, n_trainable)
+    card = training_card(CARD_KIND, trained_from, config_dict, fingerprint, metrics, device,
+                         amp_dtype, world, started)
+    out = publish_run(rank, train_model, tokenizer, cfg.output_dir, card, cfg.run.overwrite,
+                      manager)
+    if out is not None:
+        card["model_hash"] = json.loads((out / "training_card.json").read_text())["model_hash"]
+    close_distributed(created_group)
+    log.info("bi-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
+             train_s, card["wall_time_s"])
+    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+def _start_biencoder_run(
+        cfg: BiEncoderTrainConfig) -> tuple[torch.device, torch.dtype | None, int, int, bool]:
+    """:func:`start_run`, then one GPU per rank under torchrun (``LOCAL_RANK``), then seed."""
+    device, amp_dtype, rank, world, created_group = start_run(cfg.run)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     seed_everything(cfg.run.seed)
+    return device, amp_dtype, rank, world, created_group
 
+
+def _training_pairs(cfg: BiEncoderTrainConfig, pairs: list[Pair] | None,
+                    data_hashes: dict[str, str] | None,
+                    ) -> tuple[list[Pair], dict[str, str] | None]:
+    """The given ``pairs`` (and ``data_hashes``), or the synonym pairs built from ``cfg.data``
+    and the hashes of its sources; a ConfigError when there is none."""
     if pairs is None:
         data = load_training_data(cfg.data.sources)
         pairs = build_pairs(data.terms, data.mentions, cfg.pairs.max_pairs_per_code,
@@ -153,55 +206,28 @@ def train_biencoder(
     if not pairs:
         raise ConfigError("no synonym pairs: the training data has no code with two "
                           "different strings")
-    data_sha = pairs_sha256(pairs)
-    config_dict = to_dict(cfg)
-    fingerprint = run_fingerprint(config_dict, data_sha)
+    return pairs, data_hashes
 
-    tokenizer, model = load_tokenizer_and_model(cfg.base_model, "encoder")
-    base_hash = model_hash(cfg.base_model)
-    max_length = effective_max_length(tokenizer, model.config, cfg.encoder.max_length)
-    freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
-    if rank == 0:
-        check_output_dir(cfg.output_dir, cfg.run.overwrite)  # fail before training, not after
-    model.to(device)
-    model.train()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batches = _PairBatches(pairs, tokenizer, max_length, cfg.encoder.prefix)
-    bs = cfg.optim.batch_size
-    micro_per_epoch = len(batches) // bs
-    local_micro = micro_per_epoch // world
-    steps_per_epoch, total_steps = schedule_length(
-        local_micro, cfg.optim.gradient_accumulation, cfg.optim.epochs, cfg.optim.max_steps)
-    warmup = int(round(cfg.optim.warmup_ratio * total_steps))
+
+def _plan_biencoder_run(cfg: BiEncoderTrainConfig, pairs: list[Pair], batches: _PairBatches,
+                        n_trainable: int, world: int,
+                        device: torch.device) -> tuple[int, int, int, int]:
+    """:func:`plan_schedule` of the pairs, logged with what the run trains on."""
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = plan_schedule(
+        cfg.optim, len(batches), world)
     log.info("bi-encoder training: %s pairs, %d texts (%.1f tokens on average), %d trainable "
              "parameters; %d steps (%d per epoch) of %d x %d pairs, warm-up %d, device %s",
              pair_stats(pairs), batches.n_texts, batches.mean_tokens, n_trainable, total_steps,
-             steps_per_epoch, cfg.optim.gradient_accumulation, bs, warmup, device)
+             steps_per_epoch, cfg.optim.gradient_accumulation, cfg.optim.batch_size, warmup,
+             device)
+    return micro_per_epoch, steps_per_epoch, total_steps, warmup
 
-    train_model: torch.nn.Module = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
-    optimizer = make_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay)
-    scheduler = make_scheduler(optimizer, total_steps, warmup)
-    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
-              and amp_dtype == torch.float16 else None)
 
-    manager = CheckpointManager(checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir),
-                                cfg.run.keep_checkpoints)
-    global_step = 0
-    step_losses: list[float] = []
-    resumed_from = resolve_resume(cfg.run.resume, manager)
-    if resumed_from is not None:
-        state = CheckpointManager.load(resumed_from, model, optimizer, scheduler, scaler)
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"checkpoint {resumed_from} belongs to another run (different "
-                              "config or training data); set run.resume=never or another "
-                              "run.checkpoint_dir")
-        global_step = int(state["global_step"])
-        step_losses = [float(x) for x in state.get("step_losses", [])]
-
+def _pair_loss(cfg: BiEncoderTrainConfig, batches: _PairBatches, tokenizer: Any,
+               train_model: torch.nn.Module, device: torch.device,
+               amp_dtype: torch.dtype | None) -> Callable[[int, np.ndarray], torch.Tensor]:
+    """``micro_loss(epoch, rows)`` for :func:`train_loop`: the loss of the pairs ``rows``,
+    both sides embedded (L2-normalised) and scored with ``cfg.loss``."""
     pad_id = int(tokenizer.pad_token_id)
     pad_type = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
     pooling = cfg.encoder.pooling
@@ -225,67 +251,39 @@ def train_biencoder(
         return multi_similarity_loss(emb, labels, loss_cfg.alpha, loss_cfg.beta, loss_cfg.base,
                                      margin, torch.as_tensor(slots, device=device))
 
-    start_step = global_step
-
     def loop_loss(epoch: int, rows: np.ndarray) -> torch.Tensor:
         return micro_loss(rows)[0]
 
-    global_step, train_s = train_loop(
-        name="bi-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
-        n_examples=len(batches), micro_batch=bs, micro_per_epoch=micro_per_epoch,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        accumulation=cfg.optim.gradient_accumulation, seed=cfg.run.seed, rank=rank,
-        world=world, micro_loss=loop_loss, global_step=global_step, step_losses=step_losses,
-        max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
-        log_every=cfg.run.log_every, progress=cfg.run.progress,
-        stop_after_steps=stop_after_steps,
-    )
-    accum = cfg.optim.gradient_accumulation
-    if global_step < total_steps:
-        log.info("stopped after step %d of %d (stop_after_steps); resume to finish",
-                 global_step, total_steps)
-        close_distributed(created_group)
-        return TrainResult(None, global_step, total_steps, step_losses)
+    return loop_loss
 
-    n_tail = max(1, len(step_losses) // 10)
-    card = {
-        "kind": CARD_KIND,
-        "created_at": utc_now(),
+
+def _trained_from(cfg: BiEncoderTrainConfig, base_hash: str, max_length: int,
+                  data_hashes: dict[str, str] | None, pairs: list[Pair], data_sha: str,
+                  mean_tokens: float) -> dict[str, Any]:
+    """The card's base model, encoder contract (what an index built with the model must use)
+    and training data."""
+    return {
         "base_model": {"path": str(cfg.base_model), "model_hash": base_hash},
-        "encoder": {"pooling": pooling, "max_length": max_length, "prefix": cfg.encoder.prefix,
-                    "normalize": True},
+        "encoder": {"pooling": cfg.encoder.pooling, "max_length": max_length,
+                    "prefix": cfg.encoder.prefix, "normalize": True},
         "data": {"sources": data_hashes or {}, "pairs": pair_stats(pairs),
-                 "pairs_sha256": data_sha, "mean_tokens": round(batches.mean_tokens, 2)},
-        "config": config_dict,
-        "run_fingerprint": fingerprint,
-        "metrics": {
-            "steps": global_step, "steps_per_epoch": steps_per_epoch,
-            "epochs": round(global_step / steps_per_epoch, 3),
-            "pairs_seen": global_step * accum * bs * world,
-            "first_loss": step_losses[0] if step_losses else None,
-            "final_loss_mean_last_10pct": round(float(np.mean(step_losses[-n_tail:])), 6),
-            "step_losses": step_losses,
-            "resumed_from_step": start_step if resumed_from is not None else None,
-            "train_seconds_this_session": round(train_s, 1),
-            "pairs_per_second": round((global_step - start_step) * accum * bs * world
-                                      / max(train_s, 1e-9), 2),
-            "trainable_parameters": n_trainable,
-        },
-        "libraries": library_versions(),
-        "device": {**device_info(device, amp_dtype), "world_size": world},
-        "wall_time_s": round(time.perf_counter() - started, 1),
+                 "pairs_sha256": data_sha, "mean_tokens": round(mean_tokens, 2)},
     }
-    out: Path | None = None
-    if rank == 0:
-        out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
-                              cfg.run.overwrite)
-        manager.clear()  # the run is complete: its checkpoints would only replay its tail
-        card["model_hash"] = json.loads((out / "training_card.json").read_text())["model_hash"]
-    close_distributed(created_group)
-    log.info("bi-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
-             train_s, card["wall_time_s"])
-    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+def _biencoder_metrics(cfg: BiEncoderTrainConfig, world: int, global_step: int,
+                       steps_per_epoch: int, step_losses: list[float], start_step: int,
+                       resumed: bool, train_s: float, n_trainable: int) -> dict[str, Any]:
+    """:func:`run_metrics` with the pairs seen, and this session's pairs per second (from
+    ``start_step``, the step it resumed from when ``resumed``)."""
+    pairs_per_step = cfg.optim.gradient_accumulation * cfg.optim.batch_size * world
+    return {
+        **run_metrics(global_step, steps_per_epoch, pairs_per_step, "pairs_seen", step_losses,
+                      start_step if resumed else None, train_s),
+        "pairs_per_second": round((global_step - start_step) * pairs_per_step
+                                  / max(train_s, 1e-9), 2),
+        "trainable_parameters": n_trainable,
+    }
 
 
 __all__ = ["CARD_KIND", "TrainResult", "checkpoint_dir_of", "run_fingerprint",

@@ -33,7 +33,13 @@ import torch
 
 from clinlinker_spark.errors import ArtifactError, ConfigError
 from clinlinker_spark.fsutil import publish_directory
-from clinlinker_spark.modeling import autocast_context, pad_batch
+from clinlinker_spark.modeling import (
+    autocast_context,
+    pad_batch,
+    resolve_device,
+    set_torch_threads,
+)
+from clinlinker_spark.training.config import OptimConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +450,139 @@ def finite(value: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Setting up a run, and its end, as both trainers do
+
+
+def start_run(run: RunConfig) -> tuple[torch.device, torch.dtype | None, int, int, bool]:
+    """Set torch's threads, pick the device and autocast dtype, join torch.distributed:
+    (device, autocast dtype, rank, world size, process group created)."""
+    set_torch_threads(run.num_threads)
+    device, amp_dtype = resolve_device(run.device, run.precision)
+    rank, world, created = init_distributed(device)
+    return device, amp_dtype, rank, world, created
+
+
+def prepare_model(model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
+                  output_dir: str | Path, rank: int, device: torch.device) -> None:
+    """Freeze what ``optim`` says, check the output directory, put the model on ``device``
+    in training mode."""
+    freeze_parameters(model, optim.freeze_word_embeddings, optim.freeze_layers)
+    if rank == 0:
+        check_output_dir(output_dir, run.overwrite)  # fail before training, not after
+    model.to(device)
+    model.train()
+
+
+def plan_schedule(optim: OptimConfig, n_examples: int, world: int) -> tuple[int, int, int, int]:
+    """(micro-batches per epoch, optimizer steps per epoch, total steps, warm-up steps) of a
+    run over ``n_examples`` on ``world`` ranks."""
+    micro_per_epoch = n_examples // optim.batch_size
+    steps_per_epoch, total_steps = schedule_length(
+        micro_per_epoch // world, optim.gradient_accumulation, optim.epochs, optim.max_steps)
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    return micro_per_epoch, steps_per_epoch, total_steps, warmup
+
+
+def make_optimisation(
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    total_steps: int,
+    warmup: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    world: int,
+    head_learning_rate: float = 0.0,
+    is_head: Callable[[str], bool] | None = None,
+) -> tuple[torch.nn.Module, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, Any]:
+    """(the model to call in training: DistributedDataParallel when ``world`` > 1, the
+    optimizer (:func:`make_optimizer`), its schedule, the AMP gradient scaler or None).
+
+    Only fp16 on CUDA needs a gradient scaler; bf16 and fp32 do not.
+    """
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    optimizer = make_optimizer(model, optim.learning_rate, optim.weight_decay,
+                               head_learning_rate, is_head)
+    scheduler = make_scheduler(optimizer, total_steps, warmup)
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+              and amp_dtype == torch.float16 else None)
+    return train_model, optimizer, scheduler, scaler
+
+
+def resume_run(run: RunConfig, checkpoint_dir: Path, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               fingerprint: str, mismatch_hint: str = "",
+               ) -> tuple[CheckpointManager, Path | None, int, list[float]]:
+    """(the run's checkpoint manager, checkpoint resumed from or None, global step, step
+    losses so far), resuming as ``run.resume`` says.
+
+    The checkpoint must carry ``fingerprint`` (the same run), else a ConfigError; its message
+    says ``mismatch_hint`` after "belongs to another run".
+    """
+    manager = CheckpointManager(checkpoint_dir, run.keep_checkpoints)
+    resumed_from = resolve_resume(run.resume, manager)
+    if resumed_from is None:
+        return manager, None, 0, []
+    state = CheckpointManager.load(resumed_from, model, optimizer, scheduler, scaler)
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(f"checkpoint {resumed_from} belongs to another run{mismatch_hint}; "
+                          "set run.resume=never or another run.checkpoint_dir")
+    return (manager, resumed_from, int(state["global_step"]),
+            [float(x) for x in state.get("step_losses", [])])
+
+
+def run_metrics(global_step: int, steps_per_epoch: int, examples_per_step: int,
+                seen_key: str, step_losses: list[float], resumed_from_step: int | None,
+                train_s: float) -> dict[str, Any]:
+    """The card's metrics of a finished run: steps, examples seen (under ``seen_key``), first
+    loss, mean loss of the last 10 % of the steps, every step's loss, resume point, seconds."""
+    n_tail = max(1, len(step_losses) // 10)
+    return {
+        "steps": global_step, "steps_per_epoch": steps_per_epoch,
+        "epochs": round(global_step / steps_per_epoch, 3),
+        seen_key: global_step * examples_per_step,
+        "first_loss": step_losses[0] if step_losses else None,
+        "final_loss_mean_last_10pct": round(float(np.mean(step_losses[-n_tail:])), 6),
+        "step_losses": step_losses,
+        "resumed_from_step": resumed_from_step,
+        "train_seconds_this_session": round(train_s, 1),
+    }
+
+
+def training_card(kind: str, inputs: dict[str, Any], config_dict: dict[str, Any],
+                  fingerprint: str, metrics: dict[str, Any], device: torch.device,
+                  amp_dtype: torch.dtype | None, world: int, started: float) -> dict[str, Any]:
+    """A trainer's training card: its ``kind``, what it was trained from (``inputs``), config,
+    run fingerprint, metrics, library versions, device and wall time since ``started``."""
+    return {
+        "kind": kind,
+        "created_at": utc_now(),
+        **inputs,
+        "config": config_dict,
+        "run_fingerprint": fingerprint,
+        "metrics": metrics,
+        "libraries": library_versions(),
+        "device": {**device_info(device, amp_dtype), "world_size": world},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def publish_run(rank: int, train_model: torch.nn.Module, tokenizer: Any, output_dir: str | Path,
+                card: dict[str, Any], overwrite: bool,
+                manager: CheckpointManager) -> Path | None:
+    """Rank 0 writes the output directory (:func:`write_model_dir`) and removes the run's
+    checkpoints; other ranks write nothing (None)."""
+    if rank != 0:
+        return None
+    out = write_model_dir(unwrap(train_model), tokenizer, output_dir, card, overwrite)
+    manager.clear()  # the run is complete: its checkpoints would only replay its tail
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The optimisation loop shared by both trainers
 
 
@@ -483,44 +622,20 @@ def train_loop(
     Appends each step's loss to ``step_losses`` (in place), writes checkpoints (rank 0), logs
     loss and throughput. Returns (global step reached, seconds spent).
     """
-    started = time.perf_counter()
+    started = window_started = time.perf_counter()
     start_step = global_step
     window: list[float] = []
-    window_started = started
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=global_step, desc=name, unit="step",
-                   mininterval=10.0, dynamic_ncols=True)
+    bar = _progress_bar(name, total_steps, global_step) if progress and rank == 0 else None
     stop_at = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     while global_step < stop_at:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-        mine = [order[i * micro_batch:(i + 1) * micro_batch]
-                for i in range(micro_per_epoch) if i % world == rank]
+        mine = _micro_batches_of_rank(seed, epoch, n_examples, micro_batch, micro_per_epoch,
+                                      rank, world)
         for s in range(step_in_epoch, steps_per_epoch):
-            step_loss = 0.0
-            for a in range(accumulation):
-                loss = micro_loss(epoch, mine[s * accumulation + a])
-                scaled = loss / accumulation
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-                step_loss += float(loss.detach()) / accumulation
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = _optimizer_step(
+                micro_loss, epoch, [mine[s * accumulation + a] for a in range(accumulation)],
+                optimizer, scheduler, scaler, trainable, max_grad_norm)
             global_step += 1
             step_losses.append(round(step_loss, 6))
             window.append(step_loss)
@@ -528,13 +643,9 @@ def train_loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
             if global_step % log_every == 0 or global_step == stop_at:
-                elapsed = time.perf_counter() - window_started
-                rate = len(window) * accumulation * micro_batch * world / max(elapsed, 1e-9)
-                per_step = (time.perf_counter() - started) / max(global_step - start_step, 1)
-                log.info("%s step %d/%d (epoch %d): loss %.4f, lr %.2e, %.1f examples/s, "
-                         "eta %.0f s", name, global_step, total_steps, epoch + 1,
-                         float(np.mean(window)), lr_of(optimizer), rate,
-                         per_step * (stop_at - global_step))
+                _log_window(name, optimizer, epoch, global_step, total_steps, stop_at, window,
+                            window_started, started, start_step,
+                            accumulation * micro_batch * world)
                 window, window_started = [], time.perf_counter()
             if (checkpoint_every and global_step % checkpoint_every == 0
                     and global_step < total_steps and rank == 0):
@@ -545,3 +656,70 @@ def train_loop(
     if bar is not None:
         bar.close()
     return global_step, time.perf_counter() - started
+
+
+def _progress_bar(name: str, total_steps: int, global_step: int) -> Any:
+    """A tqdm bar over the run's optimizer steps, starting at ``global_step`` (a resumed run)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=global_step, desc=name, unit="step",
+                mininterval=10.0, dynamic_ncols=True)
+
+
+def _micro_batches_of_rank(seed: int, epoch: int, n_examples: int, micro_batch: int,
+                           micro_per_epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's micro-batches of ``epoch``: a permutation drawn from ``(seed, epoch)``, so a
+    run's position is fully described by its global step."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return [order[i * micro_batch:(i + 1) * micro_batch]
+            for i in range(micro_per_epoch) if i % world == rank]
+
+
+def _optimizer_step(
+    micro_loss: Callable[[int, np.ndarray], torch.Tensor],
+    epoch: int,
+    micro_batches: list[np.ndarray],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    trainable: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> float:
+    """One optimizer step with gradients accumulated over ``micro_batches`` (AMP-scaled when
+    ``scaler`` is set, clipped to ``max_grad_norm``); returns the step's mean loss."""
+    accumulation = len(micro_batches)
+    step_loss = 0.0
+    for rows in micro_batches:
+        loss = micro_loss(epoch, rows)
+        scaled = loss / accumulation
+        if scaler is not None:
+            scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        step_loss += float(loss.detach()) / accumulation
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def _log_window(name: str, optimizer: torch.optim.Optimizer, epoch: int, global_step: int,
+                total_steps: int, stop_at: int, window: list[float], window_started: float,
+                started: float, start_step: int, examples_per_step: int) -> None:
+    """Log the mean loss, learning rate and throughput of the steps since the last line
+    (``window``), and the time left until ``stop_at`` at this session's pace so far."""
+    elapsed = time.perf_counter() - window_started
+    rate = len(window) * examples_per_step / max(elapsed, 1e-9)
+    per_step = (time.perf_counter() - started) / max(global_step - start_step, 1)
+    log.info("%s step %d/%d (epoch %d): loss %.4f, lr %.2e, %.1f examples/s, "
+             "eta %.0f s", name, global_step, total_steps, epoch + 1,
+             float(np.mean(window)), lr_of(optimizer), rate,
+             per_step * (stop_at - global_step))

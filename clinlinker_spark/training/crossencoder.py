@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +42,23 @@ from clinlinker_spark.modeling import (
     check_model_dir,
     effective_max_length,
     model_hash,
-    resolve_device,
-    set_torch_threads,
 )
 from clinlinker_spark.text import normalize_code, normalize_text
 from clinlinker_spark.training.biencoder import TrainResult, checkpoint_dir_of, run_fingerprint
 from clinlinker_spark.training.common import (
-    CheckpointManager,
     autocast_for,
-    check_output_dir,
     close_distributed,
-    device_info,
     forward_in_chunks,
-    freeze_parameters,
-    init_distributed,
-    library_versions,
-    make_optimizer,
-    make_scheduler,
-    resolve_resume,
-    schedule_length,
+    make_optimisation,
+    plan_schedule,
+    prepare_model,
+    publish_run,
+    resume_run,
+    run_metrics,
     seed_everything,
+    start_run,
     train_loop,
-    unwrap,
-    utc_now,
-    write_model_dir,
+    training_card,
 )
 from clinlinker_spark.training.config import CrossEncoderTrainConfig
 from clinlinker_spark.training.losses import bce_loss, listwise_loss
@@ -208,18 +201,11 @@ def train_crossencoder(
     """
     started = time.perf_counter()
     cfg = config
-    set_torch_threads(cfg.run.num_threads)
-    device, amp_dtype = resolve_device(cfg.run.device, cfg.run.precision)
-    rank, world, created_group = init_distributed(device)
+    device, amp_dtype, rank, world, created_group = start_run(cfg.run)
     info: dict[str, Any] = {}
     if mined is None:
         mined, info = mine_for_config(cfg)
-    neg = cfg.negatives
-    examples = [m for m in mined if m.positive_term is not None
-                and (m.negatives or cfg.loss == "bce")]
-    if not examples:
-        raise ConfigError("no training example: no query has both a positive term and hard "
-                          "negatives (lower negatives.min_similarity?)")
+    examples = _training_examples(mined, cfg.loss)
     data_sha = _mined_sha256(examples)
     config_dict = to_dict(cfg)
     fingerprint = run_fingerprint(config_dict, data_sha)
@@ -229,99 +215,26 @@ def train_crossencoder(
     tokenizer, model = load_cross_encoder_init(init_path)
     init_hash = model_hash(init_path)
     max_length = effective_max_length(tokenizer, model.config, cfg.max_length)
-    freeze_parameters(model, cfg.optim.freeze_word_embeddings, cfg.optim.freeze_layers)
-    if rank == 0:
-        check_output_dir(cfg.output_dir, cfg.run.overwrite)  # fail before training, not after
-    model.to(device)
-    model.train()
-    bs = cfg.optim.batch_size
-    micro_per_epoch = len(examples) // bs
-    steps_per_epoch, total_steps = schedule_length(
-        micro_per_epoch // world, cfg.optim.gradient_accumulation, cfg.optim.epochs,
-        cfg.optim.max_steps)
-    warmup = int(round(cfg.optim.warmup_ratio * total_steps))
-    log.info("cross-encoder training: %d queries (of %d mined), %d negatives per query from "
-             "the first %d, loss %s; %d steps (%d per epoch) of %d x %d queries, device %s",
-             len(examples), len(mined), neg.per_query, neg.pool, cfg.loss, total_steps,
-             steps_per_epoch, cfg.optim.gradient_accumulation, bs, device)
+    prepare_model(model, cfg.optim, cfg.run, cfg.output_dir, rank, device)
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = _plan_crossencoder_run(
+        cfg, len(examples), len(mined), world, device)
 
-    train_model: torch.nn.Module = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-
-    def is_head(name: str) -> bool:
-        return not name.startswith(prefix) or ".pooler." in name
-
-    optimizer = make_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay,
-                               cfg.head_learning_rate, is_head)
-    scheduler = make_scheduler(optimizer, total_steps, warmup)
-    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
-              and amp_dtype == torch.float16 else None)
-    manager = CheckpointManager(checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir),
-                                cfg.run.keep_checkpoints)
-    global_step = 0
-    step_losses: list[float] = []
-    resumed_from = resolve_resume(cfg.run.resume, manager)
-    resumed_step: int | None = None
-    if resumed_from is not None:
-        state = CheckpointManager.load(resumed_from, model, optimizer, scheduler, scaler)
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"checkpoint {resumed_from} belongs to another run; set "
-                              "run.resume=never or another run.checkpoint_dir")
-        global_step = resumed_step = int(state["global_step"])
-        step_losses = [float(x) for x in state.get("step_losses", [])]
-
-    pad_id = int(tokenizer.pad_token_id)
-    pad_type = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
-
-    def score_chunk(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast_for(device, amp_dtype):
-            logits = train_model(**batch).logits  # [c, 1]
-        return logits.float().reshape(-1)
-
-    def micro_loss(epoch: int, rows: np.ndarray) -> torch.Tensor:
-        mentions: list[str] = []
-        terms: list[str] = []
-        group_sizes: list[int] = []
-        for r in rows:
-            m = examples[int(r)]
-            negs = _sample_negatives(m, neg.pool, neg.per_query, cfg.run.seed, epoch, int(r))
-            positive = m.positive_term or ""
-            if cfg.positive == "sample" and len(m.positives) > 1:
-                pick = np.random.default_rng([cfg.run.seed, epoch, int(r), 1])
-                positive = m.positives[int(pick.integers(len(m.positives)))]
-            mentions.extend([m.query] * (1 + len(negs)))
-            terms.extend([positive] + negs)
-            group_sizes.append(1 + len(negs))
-        encoded = tokenizer(mentions, terms, truncation=True, max_length=max_length,
-                            padding=False, return_attention_mask=True)
-        features = {k: v for k, v in encoded.items()
-                    if k in ("input_ids", "attention_mask", "token_type_ids")}
-        logits = forward_in_chunks(score_chunk, features, list(range(len(mentions))),
-                                   cfg.optim.encode_chunk, pad_id, pad_type, device)
-        if cfg.loss == "bce":
-            labels = torch.cat([torch.tensor([1.0] + [0.0] * (g - 1)) for g in group_sizes])
-            return bce_loss(logits, labels.to(device))
-        width = max(group_sizes)
-        grouped = torch.zeros(len(group_sizes), width, device=device)
-        valid = torch.zeros(len(group_sizes), width, dtype=torch.bool, device=device)
-        pos = 0
-        for g, size in enumerate(group_sizes):
-            grouped[g, :size] = logits[pos:pos + size]
-            valid[g, :size] = True
-            pos += size
-        return listwise_loss(grouped, valid)
-
+    train_model, optimizer, scheduler, scaler = make_optimisation(
+        model, cfg.optim, total_steps, warmup, device, amp_dtype, world,
+        cfg.head_learning_rate, _head_parameters(model))
+    manager, resumed_from, start_step, step_losses = resume_run(
+        cfg.run, checkpoint_dir_of(cfg.output_dir, cfg.run.checkpoint_dir), model, optimizer,
+        scheduler, scaler, fingerprint)
     global_step, train_s = train_loop(
         name="cross-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
-        n_examples=len(examples), micro_batch=bs, micro_per_epoch=micro_per_epoch,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        accumulation=cfg.optim.gradient_accumulation, seed=cfg.run.seed, rank=rank,
-        world=world, micro_loss=micro_loss, global_step=global_step, step_losses=step_losses,
+        n_examples=len(examples), micro_batch=cfg.optim.batch_size,
+        micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, accumulation=cfg.optim.gradient_accumulation,
+        seed=cfg.run.seed, rank=rank, world=world,
+        micro_loss=_query_loss(cfg, examples, tokenizer, max_length, train_model, device,
+                               amp_dtype),
+        global_step=start_step, step_losses=step_losses,
         max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
         log_every=cfg.run.log_every, progress=cfg.run.progress,
         stop_after_steps=stop_after_steps,
@@ -332,43 +245,137 @@ def train_crossencoder(
         close_distributed(created_group)
         return TrainResult(None, global_step, total_steps, step_losses)
 
-    n_tail = max(1, len(step_losses) // 10)
-    accum = cfg.optim.gradient_accumulation
-    card = {
-        "kind": CARD_KIND,
-        "created_at": utc_now(),
+    trained_from = _trained_from(cfg, init_path, init_hash, max_length, info, len(examples),
+                                 data_sha)
+    metrics = run_metrics(global_step, steps_per_epoch,
+                          cfg.optim.gradient_accumulation * cfg.optim.batch_size * world,
+                          "queries_seen", step_losses,
+                          start_step if resumed_from is not None else None, train_s)
+    card = training_card(CARD_KIND, trained_from, config_dict, fingerprint, metrics, device,
+                         amp_dtype, world, started)
+    out = publish_run(rank, train_model, tokenizer, cfg.output_dir, card, cfg.run.overwrite,
+                      manager)
+    close_distributed(created_group)
+    log.info("cross-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
+             train_s, card["wall_time_s"])
+    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+def _plan_crossencoder_run(cfg: CrossEncoderTrainConfig, n_examples: int, n_mined: int,
+                           world: int, device: torch.device) -> tuple[int, int, int, int]:
+    """:func:`plan_schedule` of the training queries, logged with what the run trains on."""
+    neg = cfg.negatives
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = plan_schedule(
+        cfg.optim, n_examples, world)
+    log.info("cross-encoder training: %d queries (of %d mined), %d negatives per query from "
+             "the first %d, loss %s; %d steps (%d per epoch) of %d x %d queries, device %s",
+             n_examples, n_mined, neg.per_query, neg.pool, cfg.loss, total_steps,
+             steps_per_epoch, cfg.optim.gradient_accumulation, cfg.optim.batch_size, device)
+    return micro_per_epoch, steps_per_epoch, total_steps, warmup
+
+
+def _trained_from(cfg: CrossEncoderTrainConfig, init_path: str | Path, init_hash: str,
+                  max_length: int, info: dict[str, Any], n_examples: int,
+                  data_sha: str) -> dict[str, Any]:
+    """The card's initial model, input contract (max length, context) and training data."""
+    return {
         "init_model": {"path": str(init_path), "model_hash": init_hash},
         "max_length": max_length,
         # what the model reads as its first text: the mention marked in a window of its
         # context (CrossEncoderReranker.context), or null for the span alone
         "context": ({"chars": cfg.context_chars, "markers": list(MENTION_MARKERS)}
                     if cfg.context else None),
-        "data": {**info, "training_queries": len(examples), "examples_sha256": data_sha},
-        "config": config_dict,
-        "run_fingerprint": fingerprint,
-        "metrics": {
-            "steps": global_step, "steps_per_epoch": steps_per_epoch,
-            "epochs": round(global_step / steps_per_epoch, 3),
-            "queries_seen": global_step * accum * bs * world,
-            "first_loss": step_losses[0] if step_losses else None,
-            "final_loss_mean_last_10pct": round(float(np.mean(step_losses[-n_tail:])), 6),
-            "step_losses": step_losses,
-            "resumed_from_step": resumed_step,
-            "train_seconds_this_session": round(train_s, 1),
-        },
-        "libraries": library_versions(),
-        "device": {**device_info(device, amp_dtype), "world_size": world},
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        "data": {**info, "training_queries": n_examples, "examples_sha256": data_sha},
     }
-    out: Path | None = None
-    if rank == 0:
-        out = write_model_dir(unwrap(train_model), tokenizer, cfg.output_dir, card,
-                              cfg.run.overwrite)
-        manager.clear()  # the run is complete: its checkpoints would only replay its tail
-    close_distributed(created_group)
-    log.info("cross-encoder training done: %d steps in %.0f s (wall %.0f s)", global_step,
-             train_s, card["wall_time_s"])
-    return TrainResult(out, global_step, total_steps, step_losses, card)
+
+
+def _training_examples(mined: Sequence[MinedQuery], loss: str) -> list[MinedQuery]:
+    """The mined queries that can teach: a positive term, and hard negatives unless the loss
+    is ``bce`` (which learns from the positive pair alone too)."""
+    examples = [m for m in mined if m.positive_term is not None
+                and (m.negatives or loss == "bce")]
+    if not examples:
+        raise ConfigError("no training example: no query has both a positive term and hard "
+                          "negatives (lower negatives.min_similarity?)")
+    return examples
+
+
+def _head_parameters(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter name belongs to the new classification head: outside the base
+    model (the classifier) or its pooler, neither of which the bi-encoder trained."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def is_head(name: str) -> bool:
+        return not name.startswith(prefix) or ".pooler." in name
+
+    return is_head
+
+
+def _query_loss(cfg: CrossEncoderTrainConfig, examples: Sequence[MinedQuery], tokenizer: Any,
+                max_length: int, train_model: torch.nn.Module, device: torch.device,
+                amp_dtype: torch.dtype | None) -> Callable[[int, np.ndarray], torch.Tensor]:
+    """``micro_loss(epoch, rows)`` for :func:`train_loop`: the queries ``rows`` paired with
+    their positive and sampled negatives, scored by the model, with ``cfg.loss``."""
+    pad_id = int(tokenizer.pad_token_id)
+    pad_type = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
+
+    def score_chunk(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            logits = train_model(**batch).logits  # [c, 1]
+        return logits.float().reshape(-1)
+
+    def micro_loss(epoch: int, rows: np.ndarray) -> torch.Tensor:
+        mentions, terms, group_sizes = _text_pairs(examples, rows, cfg, epoch)
+        encoded = tokenizer(mentions, terms, truncation=True, max_length=max_length,
+                            padding=False, return_attention_mask=True)
+        features = {k: v for k, v in encoded.items()
+                    if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = forward_in_chunks(score_chunk, features, list(range(len(mentions))),
+                                   cfg.optim.encode_chunk, pad_id, pad_type, device)
+        if cfg.loss == "bce":
+            labels = torch.cat([torch.tensor([1.0] + [0.0] * (g - 1)) for g in group_sizes])
+            return bce_loss(logits, labels.to(device))
+        return _listwise_of_groups(logits, group_sizes, device)
+
+    return micro_loss
+
+
+def _text_pairs(examples: Sequence[MinedQuery], rows: np.ndarray,
+                cfg: CrossEncoderTrainConfig, epoch: int) -> tuple[list[str], list[str],
+                                                                   list[int]]:
+    """(mentions, terms, group sizes): each query of ``rows`` with its positive first, then
+    its negatives of ``epoch``; both drawn from (run seed, epoch, query), so a resumed run
+    sees the same pairs."""
+    neg = cfg.negatives
+    mentions: list[str] = []
+    terms: list[str] = []
+    group_sizes: list[int] = []
+    for r in rows:
+        m = examples[int(r)]
+        negs = _sample_negatives(m, neg.pool, neg.per_query, cfg.run.seed, epoch, int(r))
+        positive = m.positive_term or ""
+        if cfg.positive == "sample" and len(m.positives) > 1:
+            pick = np.random.default_rng([cfg.run.seed, epoch, int(r), 1])
+            positive = m.positives[int(pick.integers(len(m.positives)))]
+        mentions.extend([m.query] * (1 + len(negs)))
+        terms.extend([positive] + negs)
+        group_sizes.append(1 + len(negs))
+    return mentions, terms, group_sizes
+
+
+def _listwise_of_groups(logits: torch.Tensor, group_sizes: list[int],
+                        device: torch.device) -> torch.Tensor:
+    """Listwise loss of the flat ``logits``, cut into groups of ``group_sizes`` (positive
+    first) and padded to the widest group with masked slots."""
+    width = max(group_sizes)
+    grouped = torch.zeros(len(group_sizes), width, device=device)
+    valid = torch.zeros(len(group_sizes), width, dtype=torch.bool, device=device)
+    pos = 0
+    for g, size in enumerate(group_sizes):
+        grouped[g, :size] = logits[pos:pos + size]
+        valid[g, :size] = True
+        pos += size
+    return listwise_loss(grouped, valid)
 
 
 def _mined_sha256(examples: Sequence[MinedQuery]) -> str:

@@ -373,10 +373,6 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
     all_mentions = np.arange(len(examples.sizes))
     oof_scores = cross_fitted_scores(examples, names, settings)
     raws, right, ranks = list_outcomes(examples, oof_scores, all_mentions)
-    # the retrieval order (before any ranker) on the same lists, for the card
-    _, base_right, base_ranks = list_outcomes(
-        examples, -np.concatenate([np.arange(s) for s in examples.sizes]).astype(np.float64)
-        if len(examples.sizes) else np.zeros(0), all_mentions)
     calibration = Calibration.fit(raws, right)
     confidence = calibration(raws)
     thresholds = {}
@@ -384,7 +380,37 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
         found = threshold_for_precision(confidence, right, target)
         thresholds[f"{target:g}"] = found
     model = fit_model(examples, all_mentions, names, settings)
-    metrics = {
+    metrics = _ranker_metrics(examples, raws, confidence, right, ranks)
+    spec = {
+        "kind": RANKER_KIND,
+        "format_version": RANKER_FORMAT,
+        "model_type": settings.model,
+        "features": list(names),
+        "calibration": {"method": "isotonic", "input": "softmax share of the top candidate",
+                        "x": list(calibration.x), "y": list(calibration.y)},
+        "thresholds": thresholds,
+        "metrics": metrics,
+        "trained_with": _trained_with(config, linker),
+        "settings": to_dict(settings),
+        "training_data": _training_data(data, settings),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    if "logistic" in model:
+        spec["logistic"] = model["logistic"]
+    _write_ranker_dir(out, spec, model)
+    log.info("ranker written to %s: %s", out, json.dumps(metrics))
+    return spec
+
+
+def _ranker_metrics(examples: Examples, raws: np.ndarray, confidence: np.ndarray,
+                    right: np.ndarray, ranks: np.ndarray) -> dict[str, Any]:
+    """The spec's metrics: candidate lists, out-of-fold accuracy and calibration error, and
+    the retrieval order's accuracy (before any ranker) on the same lists."""
+    all_mentions = np.arange(len(examples.sizes))
+    _, base_right, base_ranks = list_outcomes(
+        examples, -np.concatenate([np.arange(s) for s in examples.sizes]).astype(np.float64)
+        if len(examples.sizes) else np.zeros(0), all_mentions)
+    return {
         "mentions": int(len(examples.sizes)),
         "candidates": int(len(examples.labels)),
         "gold_in_candidates": round(float(examples.gold_found.mean()), 4),
@@ -395,36 +421,36 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
         "oof_ece": round(expected_calibration_error(confidence, right), 4),
         "oof_ece_uncalibrated": round(expected_calibration_error(raws, right), 4),
     }
+
+
+def _trained_with(config: JobConfig, linker: Any) -> dict[str, Any]:
+    """The models, index, retrievers and linking settings the ranker's features were
+    computed with (:meth:`Ranker.check_compatible` compares a job's with them)."""
     versions = linker.versions
-    spec = {
-        "kind": RANKER_KIND,
-        "format_version": RANKER_FORMAT,
-        "model_type": settings.model,
-        "features": list(names),
-        "calibration": {"method": "isotonic", "input": "softmax share of the top candidate",
-                        "x": list(calibration.x), "y": list(calibration.y)},
-        "thresholds": thresholds,
-        "metrics": metrics,
-        "trained_with": {
-            "model_version": versions["model_version"],
-            "index_version": versions["index_version"],
-            "reranker_version": versions["reranker_version"],
-            "retrievers": list(config.linking.retrievers),
-            "linking": to_dict(config.linking),
-        },
-        "settings": to_dict(settings),
-        "training_data": {
-            "sources": data.gold_sources,
-            "mentions_sha256": hashlib.sha256(
-                "\n".join(f"{d}\t{t}\t{c}" for d, t, c in zip(
-                    data.mentions["doc_key"], data.mentions["text_norm"],
-                    data.mentions["code_key"])).encode()).hexdigest(),
-            "folds": int(settings.folds),
-        },
-        "wall_seconds": round(time.perf_counter() - started, 1),
+    return {
+        "model_version": versions["model_version"],
+        "index_version": versions["index_version"],
+        "reranker_version": versions["reranker_version"],
+        "retrievers": list(config.linking.retrievers),
+        "linking": to_dict(config.linking),
     }
-    if "logistic" in model:
-        spec["logistic"] = model["logistic"]
+
+
+def _training_data(data: TrainingMentions, settings: RankerConfig) -> dict[str, Any]:
+    """The spec's training data: gold sources, a hash of the mentions, the number of folds."""
+    return {
+        "sources": data.gold_sources,
+        "mentions_sha256": hashlib.sha256(
+            "\n".join(f"{d}\t{t}\t{c}" for d, t, c in zip(
+                data.mentions["doc_key"], data.mentions["text_norm"],
+                data.mentions["code_key"])).encode()).hexdigest(),
+        "folds": int(settings.folds),
+    }
+
+
+def _write_ranker_dir(out: Path, spec: dict[str, Any], model: dict[str, Any]) -> None:
+    """Write the booster's ``model.txt`` (lightgbm) and ``ranker.json`` under a temporary name
+    beside ``out``, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{int(time.time() * 1e6)}"
     tmp.mkdir()
@@ -433,8 +459,6 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
     (tmp / RANKER_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
     publish_directory(tmp, out)
-    log.info("ranker written to %s: %s", out, json.dumps(metrics))
-    return spec
 
 
 __all__ = [
