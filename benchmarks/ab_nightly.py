@@ -22,6 +22,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+
+def _last_run(summary: Any) -> dict[str, Any]:
+    """Stage seconds, UDF task seconds and rows written of a run's summary (a LinkSummary,
+    or the dict a baseline checkout's job returns)."""
+    if hasattr(summary, "to_dict"):
+        summary = summary.to_dict()
+    return {"last_timings_s": summary.get("timings_s"),
+            "last_udf_task_s": summary.get("udf_task_seconds"),
+            "rows_written": summary.get("rows_written")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     import clinlinker_spark
     from bench_link import spark_job_config, warm_up
     from clinlinker_spark.config import load_config
-    from clinlinker_spark.spark.job import run_link_job
+    try:
+        from clinlinker_spark.spark.pipeline import run_link_job
+    except ImportError:  # a checkout whose job module is spark/job.py (a baseline of an A/B)
+        from clinlinker_spark.spark.job import run_link_job
     from clinlinker_spark.spark.session import build_spark_session
 
     if not clinlinker_spark.__file__.startswith(code):
@@ -102,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         pstats.Stats(args.cprofile).sort_stats("cumulative").print_stats(25)
     print(json.dumps({"code": code, "input": args.input, "walls_s": walls,
-                      "last_timings_s": summary.get("timings_s"),
-                      "last_udf_task_s": summary.get("udf_task_seconds"),
-                      "rows_written": summary.get("rows_written")}))
+                      **_last_run(summary),
+}))
     return 0
 
 

@@ -53,7 +53,8 @@ def arms(job: JobConfig) -> dict[str, JobConfig]:
 
 
 def run(config_path: str, overrides: list[str], rounds: int) -> dict[str, Any]:
-    from clinlinker_spark.spark.job import resolve_artifacts, run_link_job
+    from clinlinker_spark.spark.artifacts import resolve_artifacts
+    from clinlinker_spark.spark.pipeline import run_link_job
     from clinlinker_spark.spark.session import build_spark_session
 
     cfg = load_bench_config(config_path, overrides)
@@ -91,8 +92,8 @@ def run(config_path: str, overrides: list[str], rounds: int) -> dict[str, Any]:
                 wall = time.perf_counter() - t
             return {"arm": arm, "wall_s": round(wall, 3),
                     "mentions_per_s": round(n_mentions / wall, 1) if tag != "warmup" else None,
-                    "timings_s": summary["timings_s"],
-                    "counts_by_status": summary["counts_by_status"],
+                    "timings_s": summary.timings_s,
+                    "counts_by_status": summary.counts_by_status,
                     "busy_cores_others": sampler.result.get("others_busy_cores")}
 
         for arm in configs:

@@ -106,7 +106,7 @@ def _set_threads(threads: int) -> None:
 def prepare_artifacts(job: dict[str, Any]) -> dict[str, Any]:
     """Build the base encoder / index when missing (as the job would); return their versions."""
     setup_logging("WARNING")
-    from clinlinker_spark.spark.job import resolve_artifacts
+    from clinlinker_spark.spark.artifacts import resolve_artifacts
 
     art = resolve_artifacts(_job_config(job, 0))
     return {"encoder_path": art.encoder_path, "index_path": art.index_path, **art.versions,
@@ -347,22 +347,15 @@ def spark_job_config(base: JobConfig, input_path: str, output_path: str, dedupe:
 
 
 def warm_up(spark: Any, job: JobConfig, warmup: Path, tables: Path) -> dict[str, Any]:
-    """The warm-up run (JVM start, models loaded in the Python workers) into fresh tables
-    under ``tables``: once with each prepare path (the driver's, then Spark's), so that a
-    measured run of either path is not the first of its kind in the JVM (codegen, JIT: the
-    1M runs' Spark prepare measured 2-3 s slower after a driver-path warm-up only). Returns
-    the first run's summary."""
-    from clinlinker_spark.spark.job import run_link_job
+    """The warm-up run (JVM start, models loaded in the Python workers) into a fresh table
+    under ``tables``, so that no measured run is the first of its kind in the JVM (codegen,
+    JIT). Returns its summary."""
+    from clinlinker_spark.spark.pipeline import run_link_job
 
-    summaries = []
-    for name, rows in (("driver", job.spark.driver_prepare_rows), ("spark", 0)):
-        table = tables / f"table-warmup-{name}"
-        shutil.rmtree(table, ignore_errors=True)
-        config = spark_job_config(job, str(warmup), str(table), False, False)
-        config = dataclasses.replace(config, spark=dataclasses.replace(
-            config.spark, driver_prepare_rows=rows))
-        summaries.append(run_link_job(spark, config))
-    return summaries[0]
+    table = tables / "table-warmup"
+    shutil.rmtree(table, ignore_errors=True)
+    return run_link_job(spark, spark_job_config(job, str(warmup), str(table), False,
+                                                False)).to_dict()
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -457,7 +450,7 @@ SPARK_RUNS = ("spark", "spark_reuse", "spark_dedupe", "spark_dedupe_encode_all",
 
 def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str, Any],
                   spark_runs: list[str], inputs: dict[str, Path], warmup: Path) -> None:
-    from clinlinker_spark.spark.job import run_link_job
+    from clinlinker_spark.spark.pipeline import run_link_job
     from clinlinker_spark.spark.session import build_spark_session
 
     with ProcessSampler(cfg.link.sample_interval_s) as sampler:
@@ -514,7 +507,7 @@ def _spark_phases(cfg: BenchConfig, job: JobConfig, work: Path, phases: dict[str
                                           incremental, form_cache, reuse)
                 with ProcessSampler(cfg.link.sample_interval_s) as sampler:
                     t = time.perf_counter()
-                    summary = run_link_job(spark, config)
+                    summary = run_link_job(spark, config).to_dict()
                     wall = time.perf_counter() - t
                 walls.append(round(wall, 3))
                 log.info("run %s: %.1f s, %s", name, wall, summary["timings_s"])
@@ -542,7 +535,7 @@ def _our_cpu_s(phase: dict[str, Any]) -> float:
 
 def derive(results: dict[str, Any], forms: dict[str, Any], threads: int,
            plain_texts: Any, night1_texts: Any) -> dict[str, Any]:
-    """Mentions/s, ratios against the targets of issue 5, GFLOP/s.
+    """Mentions/s, ratios against the speed targets (BENCHMARKS.md), GFLOP/s.
 
     ``forms``: :func:`token_lengths` of night 2's forms. ``plain_texts``: the mentions the
     runs without de-duplication link (each one embedded, or given its index term's vector);
@@ -630,7 +623,7 @@ def derive(results: dict[str, Any], forms: dict[str, Any], threads: int,
 
 
 def targets(runs: dict[str, Any], phases: dict[str, Any]) -> dict[str, Any]:
-    """The ratios issue 5 sets targets for (and the context needed to read them)."""
+    """The ratios that have speed targets (and the context needed to read them)."""
     out: dict[str, Any] = {}
 
     def per_core(name: str) -> float:

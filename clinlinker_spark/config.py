@@ -305,26 +305,44 @@ class SparkConfig:
     # Link each distinct normalised surface form once and join the result back to every
     # mention (False: every valid mention goes through the UDFs; for benchmarks).
     dedupe_surface_forms: bool = True
-    # An input of at most this many rows is prepared on the driver (clinlinker_spark.spark.
-    # driver_prepare: collected as Arrow, one row per id kept and normalised in one process,
-    # Spark only scanning the table and the form cache) instead of in ~10 dependent Spark
-    # stages; the outcome is the same. With few distinct forms the driver also joins their
-    # results to these rows and stages the output with pyarrow (~1.7 KB a row with 25
-    # candidates, in the driver's Python). 0: always Spark.
-    driver_prepare_rows: int = 200_000
     # True: the index (and the encoder and re-ranker directories) reach executors once through
     # SparkContext.addFile. False: executors read index.path / encoder.path / reranker.path
     # directly (shared storage such as /dbfs or NFS; use it for multi-GB indexes).
     ship_artifacts: bool = True
     # Memory-map the FAISS file on executors (several Python workers share the OS page cache).
     mmap_index: bool = False
+    # Sizing that Spark cannot derive from bytes: the work of a row is a model's, not its size.
+    # Rows (mentions): an input of at most this many rows broadcasts its keys to the scans of
+    # the output table and the form cache, and a write of at most this many rows broadcasts its
+    # keys to the scan of the table files it replaces, instead of shuffling tables that grow
+    # every night.
+    broadcast_rows: int = 200_000
+    # Surface forms: results of at most this many forms (about 2 KB each with 25 candidates)
+    # are broadcast to the mentions that carry them instead of shuffling both sides.
+    broadcast_result_forms: int = 50_000
+    # Surface forms per model task: at least min_forms_per_task, and one task per slot while
+    # the forms fit one wave of one_wave_forms_per_slot per slot (a night's few hundred forms
+    # in more tasks than slots run in two waves, each paying a Python hand-off).
+    min_forms_per_task: int = 64
+    one_wave_forms_per_slot: int = 1024
+    # Input rows per task of the Python normaliser: at least rows_per_prepare_task, or one task
+    # per slot of at least min_rows_per_prepare_task while the input fits one such wave.
+    rows_per_prepare_task: int = 50_000
+    min_rows_per_prepare_task: int = 2_500
+    # Linkers (loaded models) a Python worker keeps; the least recently used goes first.
+    linkers_per_worker: int = 2
 
     def __post_init__(self) -> None:
         _check_positive("spark.shuffle_partitions", self.shuffle_partitions)
+        for name in ("min_forms_per_task", "one_wave_forms_per_slot",
+                     "rows_per_prepare_task", "min_rows_per_prepare_task",
+                     "linkers_per_worker"):
+            _check_positive(f"spark.{name}", getattr(self, name))
+        for name in ("broadcast_rows", "broadcast_result_forms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"spark.{name} must be >= 0 (0: never broadcast)")
         _check_positive("spark.arrow_batch_size", self.arrow_batch_size)
         _check_positive("spark.task_cpus", self.task_cpus)
-        if self.driver_prepare_rows < 0:
-            raise ConfigError("spark.driver_prepare_rows must be >= 0 (0: always Spark)")
         if self.executor_gpus < 0 or self.task_gpus < 0:
             raise ConfigError("spark.executor_gpus and spark.task_gpus must be >= 0")
         if self.task_gpus > 0 and self.executor_gpus == 0:
@@ -358,9 +376,14 @@ class OutputConfig:
     # a nightly run only computes the forms it has never seen. "" = no cache. Needs
     # spark.dedupe_surface_forms.
     form_cache_path: str = ""
+    # rows per Parquet file a run adds to the table (and the form cache): a night of a few
+    # thousand rows adds one file, a large run one file per this many rows, more while each
+    # task slot gets at least a tenth of it
+    rows_per_file: int = 250_000
 
     def __post_init__(self) -> None:
         _check_choice("output.writer", self.writer, WRITERS)
+        _check_positive("output.rows_per_file", self.rows_per_file)
 
 
 @dataclass(frozen=True)

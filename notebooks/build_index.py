@@ -24,7 +24,7 @@ dbutils.widgets.dropdown(
 # COMMAND ----------
 
 from clinlinker_spark.cli import main, setup_logging
-from clinlinker_spark.spark.job import widget_overrides
+from clinlinker_spark.widgets import widget_overrides
 
 setup_logging("INFO")
 values = {name: dbutils.widgets.get(name) for name in ("index_path", "encoder_path", "overrides")}

@@ -37,13 +37,14 @@ import json
 from clinlinker_spark.cli import setup_logging
 from clinlinker_spark.config import load_config
 from clinlinker_spark.spark.session import build_spark_session
-from clinlinker_spark.spark.variables_job import WIDGET_KEYS, run_variables_job, widget_overrides
+from clinlinker_spark.spark.variables_job import run_variables_job
+from clinlinker_spark.widgets import VARIABLES_WIDGETS, widget_overrides
 from clinlinker_spark.variables import VariablesJobConfig, format_coverage, validate_variables
 
 setup_logging("INFO")
-values = {name: dbutils.widgets.get(name) for name in [*WIDGET_KEYS, "overrides"]}
+values = {name: dbutils.widgets.get(name) for name in [*VARIABLES_WIDGETS, "overrides"]}
 # spark.master= keeps the cluster's session (conf/variables.yaml names local[2] for laptops)
-overrides = ["spark.master=", *widget_overrides(values)]
+overrides = ["spark.master=", *widget_overrides(values, VARIABLES_WIDGETS)]
 config = load_config(dbutils.widgets.get("config"), overrides, cls=VariablesJobConfig)
 if config.index_path:
     print(format_coverage(validate_variables(config)))

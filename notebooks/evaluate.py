@@ -30,7 +30,7 @@ dbutils.widgets.text("json_out", "", "Also write the JSON report here")
 
 from clinlinker_spark.cli import main, setup_logging
 from clinlinker_spark.config import load_config
-from clinlinker_spark.spark.job import widget_overrides
+from clinlinker_spark.widgets import widget_overrides
 
 setup_logging("INFO")
 names = ("index_path", "encoder_path", "reranker_path")

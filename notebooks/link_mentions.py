@@ -27,11 +27,10 @@ dbutils.widgets.text("run_id", "", "Run id (empty: random)")
 
 # COMMAND ----------
 
-import json
-
 from clinlinker_spark.cli import setup_logging
 from clinlinker_spark.config import load_config
-from clinlinker_spark.spark.job import run_link_job, widget_overrides
+from clinlinker_spark.spark.pipeline import run_link_job
+from clinlinker_spark.widgets import widget_overrides
 from clinlinker_spark.spark.session import build_spark_session
 
 setup_logging("INFO")
@@ -40,7 +39,7 @@ config = load_config(dbutils.widgets.get("config"),
                      widget_overrides({n: dbutils.widgets.get(n) for n in names}))
 spark = build_spark_session(config.spark)  # the cluster's session, with the job's SQL settings
 summary = run_link_job(spark, config, run_id=dbutils.widgets.get("run_id") or None)
-print(json.dumps(summary, indent=2))
+print(summary.to_json(indent=2))
 
 # COMMAND ----------
 

@@ -57,6 +57,12 @@ spark: {conf: {spark.executor.memory: 8g}}
     ("ranker: {target_precisions: [0.9, 1.0]}", r"precisions in \(0, 1\)"),
     ("terminology: {sources: [{format: icd10}]}", "format must be one of"),
     ("terminology: {sources: [{format: table}]}", "path is required"),
+    ("spark: {broadcast_rows: -1}", r"spark.broadcast_rows must be >= 0"),
+    ("spark: {broadcast_result_forms: -5}", r"spark.broadcast_result_forms must be >= 0"),
+    ("spark: {min_forms_per_task: 0}", r"spark.min_forms_per_task must be > 0"),
+    ("spark: {rows_per_prepare_task: 0}", r"spark.rows_per_prepare_task must be > 0"),
+    ("spark: {linkers_per_worker: 0}", r"spark.linkers_per_worker must be > 0"),
+    ("output: {rows_per_file: 0}", r"output.rows_per_file must be > 0"),
 ])
 def test_invalid_configs_are_clear_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -260,7 +260,7 @@ def test_context_training_config_is_checked():
 
 def test_the_spark_job_refuses_a_context_stage_it_would_not_run():
     from clinlinker_spark.config import JobConfig
-    from clinlinker_spark.spark.job import resolve_artifacts
+    from clinlinker_spark.spark.artifacts import resolve_artifacts
 
     config = JobConfig(context=ContextConfig(reranker="ce", ranker="ranker"))
     with pytest.raises(ConfigError, match="context stage runs in the core Linker"):

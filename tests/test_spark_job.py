@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -212,31 +214,34 @@ def assert_matches_core(table: pd.DataFrame, expected: pd.DataFrame) -> None:
         f"{mismatches[:5]}"
 
 
-def run_job(spark, config: JobConfig, **kwargs):
-    from clinlinker_spark.spark.job import run_link_job
+def run_job(spark, config: JobConfig, **kwargs) -> dict:
+    """The job's summary as its JSON gives it."""
+    from clinlinker_spark.spark.pipeline import LinkSummary, run_link_job
 
-    return run_link_job(spark, config, **kwargs)
+    summary = run_link_job(spark, config, **kwargs)
+    assert isinstance(summary, LinkSummary)
+    as_json = json.loads(summary.to_json())
+    assert as_json == summary.to_dict()
+    return as_json
 
 
-# the prepare stage's paths: on the driver (small inputs: every test input here by default), or
-# by Spark with the input's keys broadcast to the table and cache scans, or by Spark with one
-# left join of the input with each (a large input)
-PREPARE_PATHS = ["driver", "spark-broadcast", "spark-left-join"]
+# the prepare stage searches the table and the form cache with the input's keys broadcast (a
+# small input: every test input here by default) or with one left join of the input with each
+# (a large input)
+PREPARE_PATHS = ["spark-broadcast", "spark-left-join"]
+
+
+def use_spark(monkeypatch, **changes) -> None:
+    """The configs :func:`job_config` builds get these ``spark`` settings."""
+    monkeypatch.setattr(sys.modules[__name__], "TEST_SPARK",
+                        dataclasses.replace(TEST_SPARK, **changes))
 
 
 def use_prepare(monkeypatch, path: str) -> None:
-    """The job configs of the test (job_config) take the prepare ``path``."""
-    import clinlinker_spark.spark.job as job_module
-
-    if path != "driver":
-        monkeypatch.setitem(globals(), "TEST_SPARK",
-                            dataclasses.replace(TEST_SPARK, driver_prepare_rows=0))
+    """The job takes the prepare ``path``: with ``spark.broadcast_rows`` 0 no key is
+    broadcast (the table, the form cache and the MERGE's table files are joined)."""
     if path == "spark-left-join":
-        monkeypatch.setattr(job_module, "BROADCAST_INPUT_ROWS", 0)
-
-
-def check_prepared_on(summary, path: str) -> None:
-    assert summary["prepared_on"] == ("driver" if path == "driver" else "spark")
+        use_spark(monkeypatch, broadcast_rows=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,27 +251,21 @@ def check_prepared_on(summary, path: str) -> None:
 # the forms' results reach their mentions by a broadcast join (few forms) or a shuffle join
 # both prepare paths
 @pytest.mark.parametrize("with_reranker,result_join,prepare",
-                         [(False, "broadcast", "driver"), (False, "shuffle", "spark-broadcast"),
-                          (True, "broadcast", "driver")],
-                         ids=["retrieval", "retrieval-shuffle-join-spark-prepare", "reranked"])
+                         [(False, "broadcast", "spark-broadcast"),
+                          (False, "shuffle", "spark-left-join"),
+                          (True, "broadcast", "spark-broadcast")],
+                         ids=["retrieval", "retrieval-shuffle-joins", "reranked"])
 def test_job_matches_core_linker_on_package_samples(
     spark, tmp_path, tiny_encoder_dir, tiny_cross_encoder_dir, sample_index, dev_mentions,
     with_reranker, result_join, prepare, monkeypatch,
 ):
-    import clinlinker_spark.spark.job as job_module
-
     if result_join == "shuffle":
-        monkeypatch.setattr(job_module, "BROADCAST_RESULT_FORMS", 0)
+        use_spark(monkeypatch, broadcast_result_forms=0)
     use_prepare(monkeypatch, prepare)
     reranker = tiny_cross_encoder_dir if with_reranker else None
-    # the deltalake writer: the one that can take rows the driver assembled (delta-spark
-    # MERGEs a DataFrame)
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, "output.writer=deltalake",
                         reranker=reranker)
     summary = run_job(spark, config, run_id="run-a")
-    check_prepared_on(summary, prepare)
-    # the driver joins few results to the rows it prepared; Spark joins the others
-    assert summary["output_assembled_on"] == ("driver" if prepare == "driver" else "spark")
 
     table = read_table(config.output.path)
     assert len(table) == len(dev_mentions) == table["mention_id"].nunique()
@@ -511,11 +510,69 @@ def test_rerun_replaces_rows_and_adds_one_version(
     )
 
 
-def test_a_failed_task_is_retried_and_each_mention_written_once(
+def test_link_mentions_gives_the_rows_the_job_writes_and_writes_nothing(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
 ):
-    from clinlinker_spark.spark.udfs import FAIL_ONCE_PROPERTY
+    from pyspark.sql import functions as F
 
+    from clinlinker_spark.spark.mentions import read_mentions
+    from clinlinker_spark.spark.pipeline import link_mentions
+
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index)
+    mentions = read_mentions(spark, config.input).persist()
+    # a duplicated id and an empty text: the job's row rules hold in the transform too
+    first = mentions.limit(1)
+    empty = (first.withColumn("mention_id", F.concat(F.col("mention_id"), F.lit("-empty")))
+             .withColumn("text", F.lit("")))
+    extra = first.unionByName(empty)
+    df = mentions.unionByName(extra).persist()  # the same rows at every read
+    looked = link_mentions(df, config, run_id="look").toPandas()
+    assert not Path(config.output.path).exists()  # nothing written
+    run_job(spark, config, run_id="look", mentions=df)
+    table = read_table(config.output.path)
+    assert list(looked.columns) == list(table.columns)
+    assert len(looked) == len(table) == len(dev_mentions) + 1
+    columns = [c for c in table.columns if c != "run_ts"]
+    pd.testing.assert_frame_equal(
+        looked[columns].sort_values("mention_id").reset_index(drop=True).astype(str),
+        table[columns].sort_values("mention_id").reset_index(drop=True).astype(str))
+    by_status = looked["status"].value_counts()
+    assert by_status["invalid_input"] == 2 and by_status.get("linked", 0) > 0
+    df.unpersist()
+    mentions.unpersist()
+
+
+def fail_once_after_first_batch(monkeypatch, marker: Path) -> None:
+    """The retrieval UDF of the jobs this test runs fails once: the first task attempt that
+    creates ``marker`` raises after emitting its first batch, and Spark retries the task. The
+    wrapper is a closure, so Spark ships it by value to the Python workers."""
+    from clinlinker_spark.spark import udfs
+
+    real = udfs.make_retrieve_fn
+    path = str(marker)
+
+    def failing_retrieve_fn(spec, stage_seconds=None):
+        run = real(spec, stage_seconds)
+
+        def run_once_failing(batches):
+            import os
+
+            for batch in run(batches):
+                yield batch
+                try:
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                raise RuntimeError("injected task failure after the first batch")
+
+        return run_once_failing
+
+    monkeypatch.setattr(udfs, "make_retrieve_fn", failing_retrieve_fn)
+
+
+def test_a_failed_task_is_retried_and_each_mention_written_once(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
+):
     if not re.fullmatch(r"local\[(\d+|\*),\s*([2-9]|\d\d+)\]", spark.sparkContext.master):
         pytest.skip(f"master {spark.sparkContext.master} does not retry failed tasks")
     # without surface-form de-duplication (every mention goes through the UDF), so that this
@@ -524,12 +581,8 @@ def test_a_failed_task_is_retried_and_each_mention_written_once(
     config = dataclasses.replace(config, spark=dataclasses.replace(
         TEST_SPARK, dedupe_surface_forms=False))
     marker = tmp_path / "failed-once"
-    sc = spark.sparkContext
-    sc.setLocalProperty(FAIL_ONCE_PROPERTY, str(marker))
-    try:
-        summary = run_job(spark, config)
-    finally:
-        sc.setLocalProperty(FAIL_ONCE_PROPERTY, None)
+    fail_once_after_first_batch(monkeypatch, marker)
+    summary = run_job(spark, config)
     assert marker.exists(), "the injected failure did not happen"
     table = read_table(config.output.path)
     assert len(table) == table["mention_id"].nunique() == len(dev_mentions)
@@ -546,7 +599,7 @@ def test_a_worker_keeps_its_models_when_only_the_linking_settings_change(
     import torch
 
     from clinlinker_spark.spark import udfs
-    from clinlinker_spark.spark.job import linker_spec, resolve_artifacts
+    from clinlinker_spark.spark.artifacts import linker_spec, resolve_artifacts
 
     def spec_of(*overrides):
         config = job_config(tmp_path, tiny_encoder_dir, sample_index, *overrides)
@@ -598,7 +651,7 @@ def bad_rows(spark):
     return spark.createDataFrame(rows, schema)
 
 
-@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:1])
 def test_bad_rows_reach_the_table_as_invalid_input(
     spark, tmp_path, tiny_encoder_dir, sample_index, monkeypatch, prepare,
 ):
@@ -607,7 +660,6 @@ def test_bad_rows_reach_the_table_as_invalid_input(
                         "linking.max_text_length=40", "input.passthrough_columns=[]",
                         "output.store_text=false")
     summary = run_job(spark, config, mentions=bad_rows(spark))
-    check_prepared_on(summary, prepare)
     table = read_table(config.output.path).set_index("mention_id")
     assert len(table) == 8 and table.index.is_unique
     # store_text false: no text column, its SHA-256 instead
@@ -634,7 +686,7 @@ def test_bad_rows_reach_the_table_as_invalid_input(
     assert sorted(again["mention_id"]) == sorted(table.index)
 
 
-@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:1])
 def test_an_input_without_rows_writes_nothing(
     spark, tmp_path, tiny_encoder_dir, sample_index, monkeypatch, prepare,
 ):
@@ -644,7 +696,6 @@ def test_an_input_without_rows_writes_nothing(
                         "input.passthrough_columns=[]", f"output.form_cache_path={cache}")
     empty = bad_rows(spark).limit(0)
     summary = run_job(spark, config, mentions=empty)
-    check_prepared_on(summary, prepare)
     assert summary["mentions"] == summary["rows_written"] == summary["surface_forms"] == 0
     assert summary["table_version"] is None and not Path(config.output.path).exists()
 
@@ -723,7 +774,6 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     changed.iloc[0, changed.columns.get_loc("text")] = "hepatitis c crónica"
     both = pd.concat([changed, new], ignore_index=True)
     second = run_job(spark, config, run_id="night-2", mentions=spark.createDataFrame(both))
-    check_prepared_on(second, prepare)
     assert second["to_link"] == len(new) + 1
     assert second["skipped_already_linked"] == len(old) - 1
     assert second["surface_forms"] <= len(new) + 1
@@ -766,7 +816,7 @@ def test_incremental_run_links_only_new_mentions_and_relinks_on_new_versions(
     assert measured["recall"] >= 0.9
 
 
-@pytest.mark.parametrize("prepare", PREPARE_PATHS[:2])
+@pytest.mark.parametrize("prepare", PREPARE_PATHS[:1])
 def test_incremental_skip_never_hides_a_duplicated_id(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, prepare,
 ):
@@ -795,8 +845,8 @@ def test_incremental_run_leaves_unchanged_invalid_rows_alone(
 ):
     # an input with invalid rows fed again (the whole history as input) writes nothing: no
     # table file is rewritten for rows whose outcome would be the same. Each way of looking
-    # the input up in the table: on the driver, by Spark with the input's keys broadcast (a
-    # night's extract) or in one left join (a large input)
+    # the input up in the table: with the input's keys broadcast (a night's extract) or in
+    # one left join (a large input)
     use_prepare(monkeypatch, prepare)
     columns = ["mention_id", "doc_id", "start", "end", "text", "label"]
     night1 = dev_mentions.iloc[:20][columns].copy()
@@ -809,7 +859,6 @@ def test_incremental_run_leaves_unchanged_invalid_rows_alone(
     twin["start"] += 1000
     night1 = pd.concat([night1, twin], ignore_index=True)
     first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(night1))
-    check_prepared_on(first, prepare)
     assert first["counts_by_status"]["invalid_input"] == 3
     version = table_version(config.output.path)
 
@@ -925,7 +974,7 @@ def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
 
 
 def test_mark_linked_broadcast_and_shuffle_agree(spark):
-    from clinlinker_spark.spark.job import mark_linked, match_table
+    from clinlinker_spark.spark.mentions import mark_linked, match_table
 
     identified = spark.createDataFrame(
         [("a", "h1", 1, False), ("b", "h2", 1, False), ("c", "h3", 2, False),
@@ -938,30 +987,32 @@ def test_mark_linked_broadcast_and_shuffle_agree(spark):
         "mention_id string, text_sha256 string, _done boolean, _invalid_reason string")
     # a: skipped; b: text changed; c: duplicated id; d: new; e: invalid before (same text);
     # null id: never skipped, invalid before; z: not in the input
-    for rows in (None, 6):  # shuffle join / broadcast of the input's keys
-        matched = match_table(identified, table, rows)
+    for broadcast in (False, True):  # shuffle join / broadcast of the input's keys
+        matched = match_table(identified, table, broadcast)
         assert {r["mention_id"]: (r["_skip"], r["_was_invalid"])
                 for r in matched.collect()} == {
             "a": (True, None), "b": (False, None), "c": (False, None),
             "e": (False, "empty text"), "null:x": (False, "null mention_id")}
         marked = {r["mention_id"]: (r["_in_table"], r["_skip"], r["_rows"])
-                  for r in mark_linked(identified, table, rows).collect()}
+                  for r in mark_linked(identified, table, broadcast).collect()}
         assert marked == {"a": (True, True, 1), "b": (True, False, 1), "c": (True, False, 2),
                           "d": (False, False, 1), "e": (True, False, 1),
                           "null:x": (True, False, 1)}
 
 
-def test_driver_and_spark_prepare_agree_row_for_row(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+def test_the_prepare_stage_keeps_every_rule_with_either_table_search(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
 ):
     # every rule of the prepare stage on one input, against a table and a form cache: the
-    # driver's preparation gives the Spark path's rows (pass-through columns of every kind
-    # included), forms, cache hits and counts
+    # input's keys broadcast to the table scan or joined with it give the same rows
+    # (pass-through columns of every kind included), forms, cache hits and counts
     import datetime as dt
     from decimal import Decimal
 
-    import clinlinker_spark.spark.job as J
-    from clinlinker_spark.spark.driver_prepare import prepare_on_driver
+    from clinlinker_spark.spark.artifacts import resolve_artifacts
+    from clinlinker_spark.spark.form_cache import linking_version
+    from clinlinker_spark.spark.mentions import select_mentions
+    from clinlinker_spark.spark.pipeline import prepare
 
     extra = ["note_date", "seen_at", "dose", "tags", "attrs", "origin"]
     schema = ("mention_id string, doc_id string, start long, end long, text string, "
@@ -996,13 +1047,15 @@ def test_driver_and_spark_prepare_agree_row_for_row(
     changed[4] = "hepatitis c cr\u00f3nica"  # a linked id whose text changed
     night2 = spark.createDataFrame([tuple(changed), *real[1:], *tricky], schema)
 
-    art = J.resolve_artifacts(config)
-    cache_versions = {**art.versions, "linking_version": J.linking_version(config)}
-    selected = J.select_mentions(night2, config.input)
+    art = resolve_artifacts(config)
+    cache_versions = {**art.versions, "linking_version": linking_version(config)}
+    selected = select_mentions(night2, config.input)
     got = {}
-    for name, prepare in (("driver", prepare_on_driver), ("spark", J.prepare_in_spark)):
+    for name, broadcast_rows in (("broadcast", config.spark.broadcast_rows), ("join", 0)):
+        sized = dataclasses.replace(config, spark=dataclasses.replace(
+            config.spark, broadcast_rows=broadcast_rows))
         kept = []
-        prep = prepare(spark, selected, config, art.versions, cache_versions,
+        prep = prepare(spark, selected, sized, art.versions, cache_versions,
                        selected.count(), 2, lambda df: kept.append(df.persist()) or kept[-1])
         rows = sorted((r.asDict(recursive=True) for r in prep.validated.collect()),
                       key=lambda r: r["mention_id"])
@@ -1011,18 +1064,17 @@ def test_driver_and_spark_prepare_agree_row_for_row(
             "types": [f.dataType for f in prep.validated.schema.fields],
             "forms": sorted(tuple(r) for r in prep.forms.collect()),
             "hits": sorted(tuple(r) for r in prep.hits.collect()),
-            "versions": (prep.table_at, prep.cache_at), "on_driver": prep.on_driver,
+            "versions": (prep.table_at, prep.cache_at),
         }
         for df in kept:
             df.unpersist()
-    driver, spark_path = got.pop("driver"), got.pop("spark")
-    assert driver.pop("on_driver") and not spark_path.pop("on_driver")
-    for key in driver:
-        assert driver[key] == spark_path[key], key
-    counts = driver["counts"]
+    broadcast, joined = got.pop("broadcast"), got.pop("join")
+    for key in broadcast:
+        assert broadcast[key] == joined[key], key
+    counts = broadcast["counts"]
     assert counts["skipped"] == 39 and counts["unchanged_invalid"] == 3
     assert counts["invalid"] == 5 and 0 < counts["cache_hits"] < counts["forms"]
-    by_id = {r["mention_id"]: r for r in driver["rows"]}
+    by_id = {r["mention_id"]: r for r in broadcast["rows"]}
     assert by_id["dup1"]["doc_id"] is None and by_id["dup2"]["start"] is None
     assert by_id["dup1"]["reason"] == "duplicate mention_id (3 rows)"
     assert by_id["dup3"]["text"] == min(["a", "b"], key=lambda t: hashlib.sha256(
@@ -1038,7 +1090,7 @@ def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
     from datetime import datetime, timezone
 
     from clinlinker_spark.spark import schemas
-    from clinlinker_spark.spark.job import assemble_output
+    from clinlinker_spark.spark.pipeline import assemble_output
 
     config = job_config(tmp_path, tiny_encoder_dir, sample_index, "input.passthrough_columns=[]")
     validated = spark.createDataFrame(
@@ -1055,7 +1107,7 @@ def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
                 "ranker_version": "r"}
     now = datetime.now(timezone.utc)
     for broadcast in (True, False):
-        out = assemble_output(validated, found, config, versions, "r", now, dedupe=True,
+        out = assemble_output(validated, found, config, versions, "r", now,
                               broadcast_results=broadcast)
         rows = {r["mention_id"]: r for r in out.collect()}
         assert {k: (r["status"], r["code"], r["confidence"], len(r["candidates"]))
@@ -1071,22 +1123,20 @@ def test_output_rows_come_from_one_join_and_a_row_without_result_fails(
     # a row to link whose form has no result fails the write; it is not dropped
     other = found.filter("link_key = 'none'")
     with pytest.raises(Exception, match="has no result"):
-        assemble_output(validated, other, config, versions, "r", now, dedupe=True).collect()
+        assemble_output(validated, other, config, versions, "r", now).collect()
     with pytest.raises(Exception, match="has no result"):
-        assemble_output(validated, None, config, versions, "r", now, dedupe=True).collect()
+        assemble_output(validated, None, config, versions, "r", now).collect()
 
 
-def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
+def test_broadcast_and_shuffled_results_give_the_same_output_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index,
 ):
     from datetime import datetime, timezone
 
     from pyspark.sql import functions as F
 
-    from clinlinker_spark.errors import ClinLinkerError
     from clinlinker_spark.spark import schemas
-    from clinlinker_spark.spark.driver_prepare import assemble_output_on_driver
-    from clinlinker_spark.spark.job import assemble_output
+    from clinlinker_spark.spark.pipeline import assemble_output
 
     validated = spark.createDataFrame(
         [("a", "d", 0, 3, "Tos", "h1", "DX", "w1", None, "tos"),
@@ -1112,11 +1162,13 @@ def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
         config = job_config(tmp_path, tiny_encoder_dir, sample_index,
                             "input.passthrough_columns=[ward]",
                             f"output.store_text={str(store_text).lower()}")
+        config = dataclasses.replace(config, spark=dataclasses.replace(
+            config.spark, dedupe_surface_forms=dedupe))
         results = found if dedupe else by_id
-        out = assemble_output(validated, results, config, versions, "r", now, dedupe=dedupe)
-        want = out.toArrow().sort_by("mention_id")
-        got = assemble_output_on_driver(spark, out, validated.toArrow(), results, versions,
-                                        "r", now, dedupe).sort_by("mention_id")
+        want = assemble_output(validated, results, config, versions, "r",
+                               now).toArrow().sort_by("mention_id")
+        got = assemble_output(validated, results, config, versions, "r", now,
+                              broadcast_results=True).toArrow().sort_by("mention_id")
         assert got.schema == want.schema and got.equals(want)
         assert got.column("status").to_pylist() == [
             "needs_review", "needs_review", "invalid_input", "no_candidate"]
@@ -1127,20 +1179,19 @@ def test_the_driver_joins_few_results_to_its_rows_as_spark_does(
             "lexical_score": 0.6, "ranker_score": None}
     # every row invalid: no results at all
     invalid = validated.filter("reason is not null")
-    out = assemble_output(invalid, None, config, versions, "r", now, dedupe=True)
-    got = assemble_output_on_driver(spark, out, invalid.toArrow(), None, versions, "r", now, True)
-    assert got.equals(out.toArrow())
-    # a row to link whose form has no result fails, as the Spark plan does
-    out = assemble_output(validated, found, config, versions, "r", now, dedupe=True)
-    with pytest.raises(ClinLinkerError, match="has no result"):
-        assemble_output_on_driver(spark, out, validated.toArrow(),
-                                  found.filter("link_key = 'tos'"), versions, "r", now, True)
+    got = assemble_output(invalid, None, config, versions, "r", now).toArrow()
+    assert got.column("status").to_pylist() == ["invalid_input"]
+    # a row to link whose form has no result fails, with the results broadcast too
+    out = assemble_output(validated, found.filter("link_key = 'tos'"), config, versions, "r",
+                          now, broadcast_results=True)
+    with pytest.raises(Exception, match="has no result"):
+        out.toArrow()
 
 
 def test_tallies_of_several_frames_are_counted_together(spark):
     from pyspark.sql import functions as F
 
-    from clinlinker_spark.spark.job import collect_tallies, tally
+    from clinlinker_spark.spark.mentions import collect_tallies, tally
 
     a = spark.createDataFrame([(1,), (2,), (3,), (None,)], "x long")
     b = spark.createDataFrame([("p",), ("q",)], "y string")
@@ -1157,7 +1208,7 @@ def test_tallies_of_several_frames_are_counted_together(spark):
 
 def test_counts_over_every_input_row_follow_from_the_rows_that_go_on():
     from clinlinker_spark.errors import InputDataError
-    from clinlinker_spark.spark.job import remaining_counts
+    from clinlinker_spark.spark.mentions import remaining_counts
 
     # 10 input rows: ids a (3 rows), b, c, d, e, f, g, h; b-e are in the table, b-d skipped
     tallies = {"_remaining": 5, "_remaining_in_table": 1, "_merged": 2, "invalid": 1,
@@ -1172,43 +1223,43 @@ def test_counts_over_every_input_row_follow_from_the_rows_that_go_on():
 
 
 def test_few_rows_run_in_one_wave_many_in_every_partition(spark):
-    from clinlinker_spark.spark.job import (
-        MIN_FORMS_PER_TASK,
-        ONE_WAVE_FORMS_PER_SLOT,
-        _form_tasks,
-        _prepare_tasks,
-    )
+    from clinlinker_spark.spark.pipeline import form_tasks, prepare_tasks
     from clinlinker_spark.spark.session import task_slots
 
+    four, sixteen = SparkConfig(shuffle_partitions=4), SparkConfig(shuffle_partitions=16)
     # a night's few hundred forms: one task per slot, not two waves of smaller tasks
-    assert _form_tasks(275, partitions=4, slots=2) == 2
-    assert _form_tasks(275, partitions=16, slots=8) == math.ceil(275 / MIN_FORMS_PER_TASK)
-    assert _form_tasks(10, partitions=4, slots=2) == 1
-    assert _form_tasks(0, partitions=4, slots=2) == 1
-    # more than one wave's worth: every partition, as before
-    assert _form_tasks(2 * ONE_WAVE_FORMS_PER_SLOT + 1, partitions=4, slots=2) == 4
-    assert _form_tasks(275, partitions=4, slots=None) == 4  # slots unknown
-    assert _form_tasks(None, partitions=4, slots=2) == 4  # count unknown
-    assert _form_tasks(275, partitions=1, slots=2) == 1
+    assert form_tasks(275, four, slots=2) == 2
+    assert form_tasks(275, sixteen, slots=8) == math.ceil(275 / sixteen.min_forms_per_task)
+    assert form_tasks(10, four, slots=2) == 1
+    assert form_tasks(0, four, slots=2) == 1
+    # more than one wave's worth: every partition
+    assert form_tasks(2 * four.one_wave_forms_per_slot + 1, four, slots=2) == 4
+    assert form_tasks(275, four, slots=None) == 4  # slots unknown
+    assert form_tasks(None, four, slots=2) == 4  # count unknown
+    assert form_tasks(275, SparkConfig(shuffle_partitions=1), slots=2) == 1
+    # the knobs are config keys: smaller tasks when the config asks for them
+    assert form_tasks(275, dataclasses.replace(sixteen, min_forms_per_task=16), slots=8) == 8
     # the session's slots: its cores over spark.task.cpus (the session's, or the given)
     cores = spark.sparkContext.defaultParallelism
     assert task_slots(spark) == task_slots(spark, 1) == cores
     assert task_slots(spark, cores + 1) == 1
     # the normaliser: a small input in one task per slot (not one task while a slot idles),
-    # a large one in tasks of ROWS_PER_PREPARE_TASK rows up to every partition
-    assert _prepare_tasks(5_000, partitions=4, slots=2) == 2
-    assert _prepare_tasks(1_000, partitions=4, slots=2) == 1
-    assert _prepare_tasks(100_000, partitions=4, slots=2) == 2
-    assert _prepare_tasks(1_000_000, partitions=4, slots=2) == 4
-    assert _prepare_tasks(5_000, partitions=4, slots=None) == 1  # slots unknown: as before
+    # a large one in tasks of spark.rows_per_prepare_task rows up to every partition
+    assert prepare_tasks(5_000, four, slots=2) == 2
+    assert prepare_tasks(1_000, four, slots=2) == 1
+    assert prepare_tasks(100_000, four, slots=2) == 2
+    assert prepare_tasks(1_000_000, four, slots=2) == 4
+    assert prepare_tasks(5_000, four, slots=None) == 1  # slots unknown
+    assert prepare_tasks(5_000, dataclasses.replace(four, rows_per_prepare_task=1_000),
+                         slots=2) == 4
 
 
 @pytest.mark.parametrize("prepare", PREPARE_PATHS)
 def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch, prepare,
 ):
-    # each way of splitting the forms by the cache: the forms' keys (from the driver or from
-    # Spark) broadcast to a scan of the cache, or a left join of the forms with the cache
+    # each way of splitting the forms by the cache: the forms' keys broadcast to a scan of
+    # the cache, or a left join of the forms with the cache
     use_prepare(monkeypatch, prepare)
     cache = tmp_path / "form_cache"
     config = job_config(tmp_path, tiny_encoder_dir, sample_index,
@@ -1220,7 +1271,6 @@ def test_form_cache_links_only_forms_never_seen_and_gives_the_same_rows(
     assert unseen and norm(new) & norm(old)  # the sample has both kinds
 
     first = run_job(spark, config, run_id="night-1", mentions=spark.createDataFrame(old))
-    check_prepared_on(first, prepare)
     assert first["form_cache"]["hits"] == 0
     assert first["form_cache"]["added"] == first["surface_forms"] == len(norm(old))
     rows = read_table(cache)
@@ -1301,7 +1351,7 @@ def test_form_cache_keys_on_the_ranker_version(
 
 
 def test_linking_version_covers_the_linking_settings_that_change_results():
-    from clinlinker_spark.spark.job import linking_version
+    from clinlinker_spark.spark.form_cache import linking_version
 
     config = load_config(None, [])
     base = linking_version(config)
@@ -1437,10 +1487,10 @@ def test_task_device_uses_the_gpu_a_task_holds():
 
 
 def test_session_settings_and_notebook_overrides():
-    from clinlinker_spark.spark.job import widget_overrides
     from clinlinker_spark.spark.session import (
         is_local_master, prepare_local_environment, spark_conf_pairs,
     )
+    from clinlinker_spark.widgets import widget_overrides
 
     cfg = SparkConfig(master="yarn", shuffle_partitions=64, arrow_batch_size=500, task_cpus=4,
                       executor_gpus=1, task_gpus=0.5, gpu_discovery_script="/opt/gpus.sh",

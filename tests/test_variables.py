@@ -433,13 +433,13 @@ def test_repo_definitions_load_and_name_real_icd10_codes(monkeypatch):
 
 
 def test_notebook_widgets_map_to_overrides():
-    from clinlinker_spark.spark.variables_job import widget_overrides
+    from clinlinker_spark.widgets import VARIABLES_WIDGETS, widget_overrides
 
     sets = widget_overrides({
         "assignments_path": "/v/assignments", "definitions": "conf/a/*.yaml, conf/b.yaml",
         "patient_id_column": "patient_id", "emit_absent": "true", "output_path": "",
         "overrides": "unit=patient; documents.path=/v/docs",
-    })
+    }, VARIABLES_WIDGETS)
     config = load_config(None, sets, cls=VariablesJobConfig)
     assert config.assignments.path == "/v/assignments"
     assert config.definitions == ("conf/a/*.yaml", "conf/b.yaml")

@@ -153,30 +153,17 @@ def test_create_merge_rerun_is_idempotent(spark, tmp_path):
     assert history[-1]["clinlinker.operation"] == "CREATE"
 
 
-# the key check of rows the driver staged (held as Arrow), of files Spark staged read back
-# by pyarrow, and of those files read by a Spark job
-KEY_CHECKS = pytest.mark.parametrize("check", ["driver-staged", "driver-check", "spark-check"])
-
-
-def _key_check(monkeypatch, check: str) -> dict[str, Any]:
-    """Set up ``check``; the merge_into_delta arguments that select it."""
-    monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS",
-                        0 if check == "spark-check" else writer.DRIVER_KEY_CHECK_ROWS)
-    return {"max_rows": 10} if check == "driver-staged" else {}
-
-
-@KEY_CHECKS
-def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path, monkeypatch, check):
-    bound = _key_check(monkeypatch, check)
+def test_merge_counts_rows_by_a_column_in_the_key_check(spark, tmp_path):
     path = str(tmp_path / "t")
     df = make_df(spark, [1, 2, 3, 4, 5], "r1").withColumn(
         "status", F.when(F.col("start") > 20, "linked").otherwise("invalid_input"))
-    created = merge_into_delta(spark, df, path, writer="deltalake", count_by="status", **bound)
+    created = merge_into_delta(spark, df, path, writer="deltalake", count_by="status",
+                               max_rows=5)
     assert created.counts == {"linked": 3, "invalid_input": 2}
     merged = merge_into_delta(spark, df.where("start > 30"), path, writer="deltalake",
-                              count_by="status", **bound)
+                              count_by="status")
     assert merged.counts == {"linked": 2} and merged.rows_replaced == 2
-    assert merge_into_delta(spark, df, path, writer="deltalake", **bound).counts == {}
+    assert merge_into_delta(spark, df, path, writer="deltalake").counts == {}
     with pytest.raises(SchemaMismatchError, match="no column 'nope'"):
         merge_into_delta(spark, df, path, writer="deltalake", count_by="nope")
 
@@ -192,140 +179,39 @@ def _jobs_of(spark, group: str, action) -> int:
     return len(sc.statusTracker().getJobIdsForGroup(group))
 
 
-def test_a_small_write_is_key_checked_without_spark_jobs(spark, tmp_path, monkeypatch):
-    df = make_df(spark, list(range(20)), "r1").withColumn("status", F.lit("linked"))
-    jobs = {}
-    for name, limit in [("driver", writer.DRIVER_KEY_CHECK_ROWS), ("spark", 0)]:
-        monkeypatch.setattr(writer, "DRIVER_KEY_CHECK_ROWS", limit)
-        result = {}
-        jobs[name] = _jobs_of(spark, f"key-check-{name}", lambda: result.update(
-            w=merge_into_delta(spark, df, str(tmp_path / name), writer="deltalake",
-                               count_by="status")))
-        assert result["w"].rows_written == 20 and result["w"].counts == {"linked": 20}
-    # the Spark check is one collect (a job per adaptive query stage); the driver's, none
-    assert jobs["driver"] < jobs["spark"]
-
-
 def _added_files(path: str, version: int) -> list[dict[str, Any]]:
     return [e["add"] for e in log_entries(Path(path), version) if "add" in e]
 
 
-def test_a_small_write_is_staged_by_the_driver_as_spark_would_stage_it(spark, tmp_path):
-    # max_rows within DRIVER_WRITE_ROWS: the rows are collected as Arrow and pyarrow writes the
-    # staged file; the table must read the same as from a Spark-staged write, with the same
-    # Delta stats and Parquet types
-    first = make_df(spark, list(range(1, 21)), "r1", 3)
-    update = make_df(spark, list(range(15, 31)), "r2", 3)
-    paths = {name: str(tmp_path / name) for name in ("spark", "driver", "empty")}
-    bound = {"spark": None, "driver": 20}
-    for name in ("spark", "driver"):
-        assert merge_into_delta(spark, first, paths[name], writer="deltalake",
-                                max_rows=bound[name]) == WriteResult("deltalake", 0, 20, 0)
-        assert merge_into_delta(spark, update, paths[name], writer="deltalake",
-                                max_rows=bound[name] and 16) == WriteResult("deltalake", 1, 16, 6)
-    writers = {name: {pq.read_metadata(uri).created_by.split(" ")[0]
-                      for uri in DeltaTable(paths[name]).file_uris()} for name in bound}
-    # the driver's new files come from pyarrow; the rewritten survivors still from Spark
-    assert "parquet-cpp-arrow" not in writers["spark"] and "parquet-cpp-arrow" in writers["driver"]
-    tables = {name: by_key(read_delta(spark, paths[name])) for name in ("spark", "driver")}
-    assert len(tables["driver"]) == 30 and tables["driver"] == tables["spark"]
-    assert tables["driver"]["m015"]["run_id"] == "r2" and tables["driver"]["m014"]["run_id"] == "r1"
-    # one file per write on the driver's path; its stats and column types as Spark's
-    driver_adds = _added_files(paths["driver"], 0)
-    assert len(driver_adds) == 1
-    stats = [json.loads(a["stats"]) for a in driver_adds + _added_files(paths["spark"], 0)]
-    assert sum(s["numRecords"] for s in stats[1:]) == stats[0]["numRecords"] == 20
-    assert stats[0]["minValues"]["mention_id"] == "m001"
-    assert stats[0]["maxValues"]["mention_id"] == "m020"
-    assert set(stats[0]["nullCount"]) == set(stats[1]["nullCount"])
-    # the Parquet schema of the driver's file is the one Spark writes (the DataFrame's
-    # nullability, microsecond UTC timestamps, 3-level lists named "element"), metadata aside
-    # (the files of version 0: the rows MERGE keeps are rewritten by Spark either way)
-    file_schemas = {name: [pq.read_schema(str(Path(paths[name]) / a["path"])).remove_metadata()
-                           for a in _added_files(paths[name], 0)] for name in bound}
-    assert len(file_schemas["driver"]) == 1 and len(file_schemas["spark"]) > 1
-    assert all(s == file_schemas["driver"][0] for s in file_schemas["spark"])
-    driver_schema = file_schemas["driver"][0]
-    assert str(driver_schema.field("run_ts").type) == "timestamp[us, tz=UTC]"
-    assert driver_schema.field("candidates").type.value_field.name == "element"
-    assert not driver_schema.field("mention_id").nullable  # as in SCHEMA
-    assert not (Path(paths["driver"]) / writer.STAGING_DIR).exists() or not any(
-        (Path(paths["driver"]) / writer.STAGING_DIR).iterdir())
-    # no rows: no data file, still one version
-    empty = merge_into_delta(spark, first.limit(0), paths["empty"], writer="deltalake",
-                             max_rows=0)
+def test_an_empty_write_adds_no_data_file_and_one_version(spark, tmp_path):
+    path = str(tmp_path / "empty")
+    empty = merge_into_delta(spark, make_df(spark, [1], "r1").limit(0), path,
+                             writer="deltalake", max_rows=0)
     assert empty == WriteResult("deltalake", 0, 0, 0)
-    assert DeltaTable(paths["empty"]).file_uris() == []
+    assert DeltaTable(path).file_uris() == []
+    assert not (Path(path) / writer.STAGING_DIR).exists() or not any(
+        (Path(path) / writer.STAGING_DIR).iterdir())
 
 
-def test_rows_the_caller_holds_as_arrow_are_staged_without_evaluating_the_dataframe(
-    spark, tmp_path,
-):
-    # arrow_rows: the writer stages them as they are (any number, no JVM collection) and never
-    # evaluates df, which here would fail; the table holds exactly what a Spark-staged MERGE of
-    # the same rows gives, also into a table whose columns are in another order
-    path, reference = str(tmp_path / "t"), str(tmp_path / "ref")
-    first, update = make_df(spark, list(range(1, 41)), "r1"), make_df(spark, [5, 50], "r2")
-    reordered = first.select(*reversed(first.columns))
-    for target, df in ((path, reordered), (reference, reordered)):
-        merge_into_delta(spark, df, target, writer="deltalake")
-    poisoned = update.withColumn("code", F.when(F.col("start") >= 0, F.raise_error(
-        F.lit("df was evaluated"))).otherwise(F.col("code")))
-    with pytest.raises(Exception, match="df was evaluated"):
-        poisoned.collect()
-    result = merge_into_delta(spark, poisoned, path, writer="deltalake",
-                              arrow_rows=update.toArrow())
-    assert result == WriteResult("deltalake", 1, 2, 1)
-    merge_into_delta(spark, update, reference, writer="deltalake")
-    assert by_key(read_delta(spark, path)) == by_key(read_delta(spark, reference))
-    assert by_key(read_delta(spark, path))["m005"]["run_id"] == "r2"
-    # the staged rows come from pyarrow (the survivors of a rewritten file from Spark)
-    written_by = [pq.read_metadata(str(tmp_path / "t" / a["path"])) for a in _added_files(path, 1)]
-    assert [m.num_rows for m in written_by if m.created_by.startswith("parquet-cpp-arrow")] == [2]
-    with pytest.raises(SchemaMismatchError, match="arrow_rows"):
-        merge_into_delta(spark, update, path, writer="deltalake",
-                         arrow_rows=update.select(*reversed(update.columns)).toArrow())
-
-
-def test_only_typesplain_arrow_type_are_staged_by_the_driver(spark, tmp_path):
-    from pyspark.sql.types import DayTimeIntervalType, MapType, VariantType
-
-    assert writer.plain_arrow_type(SCHEMA)
-    assert writer.plain_arrow_type(MapType(StringType(), ArrayType(LongType())))
-    assert not writer.plain_arrow_type(VariantType())
-    assert not writer.plain_arrow_type(
-        StructType([StructField("a", ArrayType(DayTimeIntervalType()))]))
-    # a map column (a passthrough column of the input) round-trips through the driver's file
-    df = make_df(spark, [1, 2], "r1").withColumn(
-        "attrs", F.create_map(F.lit("doc"), F.col("doc_id")))
-    path = str(tmp_path / "t")
-    merge_into_delta(spark, df, path, writer="deltalake", max_rows=2)
-    (uri,) = DeltaTable(path).file_uris()
-    assert pq.read_metadata(uri).created_by.startswith("parquet-cpp-arrow")
-    assert by_key(read_delta(spark, path)) == by_key(df)
-
-
-def test_a_row_bound_sizes_the_files_of_a_spark_staged_write(spark, tmp_path, monkeypatch):
-    # ceil(rows / ROWS_PER_FILE) files, more (up to one per task slot) while each keeps
-    # MIN_ROWS_PER_FILE rows
-    assert writer._file_count(100_000, slots=2) == 2
-    assert writer._file_count(100_000, slots=None) == 1
-    assert writer._file_count(30_000, slots=8) == 1
-    assert writer._file_count(1_000_000, slots=2) == 4
-    assert writer._file_count(1_000_000, slots=64) == 40
-    assert writer._file_count(0, slots=2) == 1
-    monkeypatch.setattr(writer, "DRIVER_WRITE_ROWS", 5)
-    monkeypatch.setattr(writer, "ROWS_PER_FILE", 8)
-    monkeypatch.setattr(writer, "MIN_ROWS_PER_FILE", 8)
+def test_a_row_bound_sizes_the_files_of_a_write(spark, tmp_path):
+    # ceil(rows / rows_per_file) files, more (up to one per task slot) while each keeps a
+    # tenth of rows_per_file
+    assert writer._file_count(100_000, 2, 250_000) == 2
+    assert writer._file_count(100_000, None, 250_000) == 1
+    assert writer._file_count(20_000, 8, 250_000) == 1
+    assert writer._file_count(1_000_000, 2, 250_000) == 4
+    assert writer._file_count(1_000_000, 64, 250_000) == 40
+    assert writer._file_count(0, 2, 250_000) == 1
     df = make_df(spark, list(range(1, 21)), "r1", 4)
-    merge_into_delta(spark, df, str(tmp_path / "bound"), writer="deltalake", max_rows=20)
+    merge_into_delta(spark, df, str(tmp_path / "bound"), writer="deltalake", max_rows=20,
+                     rows_per_file=8)
     merge_into_delta(spark, df, str(tmp_path / "free"), writer="deltalake")
     assert len(_added_files(str(tmp_path / "bound"), 0)) == 3  # ceil(20 / 8)
     assert len(_added_files(str(tmp_path / "free"), 0)) == 4  # one per partition
-    monkeypatch.setattr(writer, "MIN_ROWS_PER_FILE", 4)
     slots = spark.sparkContext.defaultParallelism
-    merge_into_delta(spark, df, str(tmp_path / "slots"), writer="deltalake", max_rows=20)
-    assert len(_added_files(str(tmp_path / "slots"), 0)) == min(4, max(3, min(slots, 5)))
+    merge_into_delta(spark, df, str(tmp_path / "slots"), writer="deltalake", max_rows=20,
+                     rows_per_file=40)  # one file by the bound, one per slot by the tenth
+    assert len(_added_files(str(tmp_path / "slots"), 0)) == min(4, max(1, min(slots, 5)))
 
 
 def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spark, tmp_path):
@@ -361,12 +247,8 @@ def test_merge_of_keys_known_new_skips_the_table_search_only_at_that_version(spa
 
 
 @pytest.mark.parametrize("broadcast_rows", [500_000, 0], ids=["broadcast", "shuffle"])
-def test_merge_rewrites_only_files_holding_replaced_keys(spark, tmp_path, monkeypatch,
-                                                         broadcast_rows):
+def test_merge_rewrites_only_files_holding_replaced_keys(spark, tmp_path, broadcast_rows):
     # both ways of matching the new keys against the table's files give the same commit
-    import clinlinker_spark.spark.writer as writer_module
-
-    monkeypatch.setattr(writer_module, "BROADCAST_KEY_ROWS", broadcast_rows)
     path = tmp_path / "t"
     # One file per doc: keys 1,4,7 | 2,5,8 | 3,6,9 (doc = i % 3).
     groups = [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
@@ -384,7 +266,7 @@ def test_merge_rewrites_only_files_holding_replaced_keys(spark, tmp_path, monkey
     target_file = next(name for name, ids in in_file.items() if "m001" in ids)
 
     result = merge_into_delta(spark, make_df(spark, [1, 10], "r2", 1), str(path),
-                              writer="deltalake")
+                              writer="deltalake", broadcast_rows=broadcast_rows)
     assert result.rows_replaced == 1 and result.table_version == 1
     after = snapshot_files(path)
     assert before - after == {target_file}  # only the file holding m001 was replaced
@@ -454,10 +336,8 @@ def test_nested_timestamp_and_nullability_round_trip(spark, tmp_path):
     assert all(f.nullable for f in delta_fields.values())
 
 
-@KEY_CHECKS
-def test_duplicate_or_null_keys_are_refused_and_leave_the_table_alone(spark, tmp_path,
-                                                                      monkeypatch, check):
-    bound = _key_check(monkeypatch, check)
+@pytest.mark.parametrize("bound", [{}, {"max_rows": 10}], ids=["unbounded", "bounded"])
+def test_duplicate_or_null_keys_are_refused_and_leave_the_table_alone(spark, tmp_path, bound):
     path = tmp_path / "t"
     merge_into_delta(spark, make_df(spark, [1, 2], "r1"), str(path), writer="deltalake")
     files_before = data_files_on_disk(path)
@@ -580,14 +460,11 @@ def wider_df(spark, ids: list[int], run: str):
     return spark.createDataFrame(rows, schema)
 
 
-@pytest.mark.parametrize("staged_by", ["spark", "driver-arrow"])
-def test_new_struct_fields_evolve_the_schema_and_read_null_in_older_rows(spark, tmp_path,
-                                                                          staged_by):
+def test_new_struct_fields_evolve_the_schema_and_read_null_in_older_rows(spark, tmp_path):
     path = str(tmp_path / "t")
     merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer="deltalake")
     wider = wider_df(spark, [3, 4], "r2")
-    arrow = wider.toArrow() if staged_by == "driver-arrow" else None
-    result = merge_into_delta(spark, wider, path, writer="deltalake", arrow_rows=arrow)
+    result = merge_into_delta(spark, wider, path, writer="deltalake")
     assert result.table_version == 1 and result.rows_replaced == 1
     assert DeltaTable(path).history(1)[0]["clinlinker.full_rewrite"] is True
     # the table's fields keep their order, the new ones follow

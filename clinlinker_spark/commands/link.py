@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clinlinker_spark.spark.pipeline import LinkSummary
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.config import load_config
     from clinlinker_spark.errors import ConfigError
-    from clinlinker_spark.spark.job import run_link_job
+    from clinlinker_spark.spark.pipeline import run_link_job
     from clinlinker_spark.spark.session import build_spark_session
     from clinlinker_spark.spark.writer import read_delta
 
@@ -51,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_link_job(spark, config, run_id=args.run_id)
         print(format_summary(summary))
-        table = read_delta(spark, summary["table_path"]) if args.show > 0 else None
+        table = read_delta(spark, summary.table_path) if args.show > 0 else None
         if table is not None:
-            print(format_rows(preview_rows(table, summary["run_id"], args.show)))
-            gold = gold_agreement(table, summary["run_id"])
+            print(format_rows(preview_rows(table, summary.run_id, args.show)))
+            gold = gold_agreement(table, summary.run_id)
             if gold is not None:
                 print(format_gold(gold))
     finally:
@@ -115,21 +118,21 @@ def _same_code(code: str | None, gold: str) -> bool:
     return code is not None and normalize_code(code) == normalize_code(gold)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    counts = summary["counts_by_status"]
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items())
-    written = (f"writer {summary['writer']}" if summary["writer"]
-               else "nothing new to write")
+def format_summary(summary: LinkSummary) -> str:
+    """The run's summary as a few lines for a terminal."""
+    counts = summary.counts_by_status
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings_s.items())
+    written = f"writer {summary.writer}" if summary.writer else "nothing new to write"
     return "\n".join([
-        f"code assignments: {summary['table_path']} (Delta, version {summary['table_version']}, "
+        f"code assignments: {summary.table_path} (Delta, version {summary.table_version}, "
         f"{written})",
-        f"run {summary['run_id']}: {summary['mentions']} mentions; "
+        f"run {summary.run_id}: {summary.mentions} mentions; "
         + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + f"; {summary['rows_written']} rows written, "
-        f"{summary['skipped_already_linked']} skipped (already linked), "
-        f"{summary.get('skipped_unchanged_invalid', 0)} invalid as before (left alone), "
-        f"{summary['surface_forms']} surface forms embedded, "
-        f"{summary.get('form_cache', {}).get('hits', 0)} taken from the form cache",
+        + f"; {summary.rows_written} rows written, "
+        f"{summary.skipped_already_linked} skipped (already linked), "
+        f"{summary.skipped_unchanged_invalid} invalid as before (left alone), "
+        f"{summary.surface_forms} surface forms embedded, "
+        f"{summary.form_cache.get('hits', 0)} taken from the form cache",
         f"timings: {timings}",
     ])
 
@@ -137,6 +140,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """:func:`preview_rows` as lines: mention, code, term, score, the confidence where the
     row has one, needs_review, and the gold code where the table has one."""
+    from clinlinker_spark.linker import STATUS_NEEDS_REVIEW
+
     if not rows:
         return "(no linked or needs_review rows in this run)"
     lines = ["linked and needs_review rows (first few):"]
@@ -144,7 +149,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         text = f" {r['text']!r}" if "text" in r else ""
         confidence = (f" confidence {r['confidence']:.3f}" if r.get("confidence") is not None
                       else "")
-        review = " (needs_review)" if r.get("status") == "needs_review" else ""
+        review = f" ({STATUS_NEEDS_REVIEW})" if r.get("status") == STATUS_NEEDS_REVIEW else ""
         gold = f"; gold {r[GOLD_COLUMN]}" if GOLD_COLUMN in r else ""
         lines.append(f"  {r['mention_id']}{text} -> {r['code']} {r['term']!r} "
                      f"score {r['score']:.3f}{confidence}{review}{gold}")

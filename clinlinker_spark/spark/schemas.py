@@ -2,7 +2,7 @@
 
 Code-assignment table (one row per distinct input ``mention_id``)::
 
-    mention_id       string     key of the MERGE; a null id becomes "null:<sha256>" (see job.py)
+    mention_id       string     key of the MERGE; a null id becomes "null:<sha256>" (mentions.py)
     doc_id           string
     start, end       bigint     character offsets (first start / last end of a discontinuous span)
     text             string     the mention as given; ONLY when output.store_text is true

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 from clinlinker_spark.config import SparkConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +142,24 @@ def _submitted_conf() -> set[str]:
 
     SparkContext._ensure_initialized()  # connects to spark-submit's JVM; starts nothing
     return {key for key, _ in SparkConf().getAll()}
+
+
+class Persisted:
+    """Persists the frames a job reads more than once (``MEMORY_AND_DISK``), as a callable
+    ``persist(df) -> df``, and releases them all at the end of the job (:meth:`release`)."""
+
+    def __init__(self) -> None:
+        self._frames: list[DataFrame] = []
+
+    def __call__(self, df: DataFrame) -> DataFrame:
+        from pyspark import StorageLevel
+
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        self._frames.append(df)
+        return df
+
+    def release(self) -> None:
+        """Unpersist every frame persisted so far."""
+        for df in self._frames:
+            df.unpersist()
+        self._frames.clear()

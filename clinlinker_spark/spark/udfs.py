@@ -37,11 +37,6 @@ Linker's seconds per stage (``Linker.take_stage_seconds``: encode, search, lexic
 candidates, rerank, rank) to it after every batch, so the driver can split the UDF time;
 these are task seconds summed over tasks, not wall time. The same accumulator sums the
 Linker's counts of texts encoded and of index vectors reused (``Linker.take_counts``).
-
-Test hook: when the Spark local property :data:`FAIL_ONCE_PROPERTY` names a file path, the
-first retrieval task attempt that finds the file missing creates it and fails after emitting
-its first batch; the retried attempt succeeds. Tests use it to check that retried tasks do
-not duplicate output. It is inert unless a caller sets that property.
 """
 
 from __future__ import annotations
@@ -80,8 +75,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-FAIL_ONCE_PROPERTY = "clinlinker.test.failOnceMarker"
-MAX_CACHED_LINKERS = 2  # per Python worker; older entries are dropped (LRU)
 # The config sections the models a Linker holds are loaded from, and the section it applies
 # to them: another ``linking`` (top_k, search_k, reuse_index_vectors, ...) builds a Linker
 # around the encoder, index, re-ranker and ranker the worker holds instead of loading them
@@ -90,10 +83,6 @@ MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker", "ranker")
 LINKING_SECTION = "linking"
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
-
-
-class InjectedTaskFailure(RuntimeError):
-    """Raised by the test hook (FAIL_ONCE_PROPERTY) to make one task attempt fail."""
 
 
 class StageSecondsParam(AccumulatorParam):
@@ -329,7 +318,7 @@ def get_linker(spec: LinkerSpec) -> Linker:
         else:
             linker = _build_linker(spec, device, cpus)
         _LINKERS[key] = linker
-        while len(_LINKERS) > MAX_CACHED_LINKERS:
+        while len(_LINKERS) > int(spec.config["spark"]["linkers_per_worker"]):
             _LINKERS.popitem(last=False)
     return linker
 
@@ -381,7 +370,7 @@ def clear_cache() -> None:
 
 def check_mentions_batch(texts: list[Any], rows: list[int], null_ids: list[bool],
                          max_text_length: int) -> tuple[list[str | None], list[str | None]]:
-    """(text_norm, reason) lists of :func:`~clinlinker_spark.spark.job.identify_mentions`
+    """(text_norm, reason) lists of :func:`~clinlinker_spark.spark.mentions.identify_mentions`
     rows: ``rows`` input rows shared each one's id, ``null_ids``: the id was null or blank.
     A null or duplicated id is invalid whatever the text (``"null mention_id"``,
     ``"duplicate mention_id (N rows)"``); otherwise ``linker.invalid_reason``. ``text_norm``
@@ -463,38 +452,16 @@ def _from_arrow(candidates: pa.Array) -> list[list[Candidate]]:
              for d in (cs or [])] for cs in candidates.to_pylist()]
 
 
-def _fail_once_marker(ctx: TaskContext | None) -> str | None:
-    if ctx is None:
-        return None
-    try:
-        return ctx.getLocalProperty(FAIL_ONCE_PROPERTY) or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _claim_marker(marker: str) -> bool:
-    """Create ``marker`` atomically; True when this call created it (so: fail now)."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
-
-
 def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
               step: Callable[[Linker, list[str], pa.RecordBatch], list[list[Candidate]]],
-              finalize: bool, fail_hook: bool) -> ArrowFn:
+              finalize: bool) -> ArrowFn:
     """A mapInArrow function that runs ``step`` (one linker stage) on every batch of
     (link_key, text_norm[, candidates]) rows and emits STAGE_SCHEMA rows. With ``finalize``
     the step's candidates go through ``Linker.rank`` (the ranker's order and confidence, lists
     cut to top_k) and the outcome columns are filled; otherwise every candidate is passed on
-    and the outcome columns stay null. ``fail_hook``: honour the injected-failure test
-    hook."""
+    and the outcome columns stay null."""
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        ctx = _task_context()
-        marker = _fail_once_marker(ctx) if fail_hook else None
         linker: Linker | None = None
         n_rows = 0
         for batch in batches:
@@ -514,12 +481,6 @@ def _stage_fn(spec: LinkerSpec, stage_seconds: Accumulator | None, what: str,
                 stage_seconds.add({**linker.take_stage_seconds(), **linker.take_counts()})
             yield out
             n_rows += len(keys)
-            if marker and _claim_marker(marker):
-                raise InjectedTaskFailure(
-                    f"injected failure (test hook {FAIL_ONCE_PROPERTY}) in partition "
-                    f"{ctx.partitionId() if ctx else -1}, attempt "
-                    f"{ctx.attemptNumber() if ctx else -1}"
-                )
         log.debug("%s task done: %d surface forms", what, n_rows)
 
     return run_partition
@@ -534,7 +495,7 @@ def make_retrieve_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None)
     """
     return _stage_fn(spec, stage_seconds, "retrieval",
                      lambda linker, texts, _batch: linker.retrieve(texts),
-                     finalize=not spec.has_reranker, fail_hook=True)
+                     finalize=not spec.has_reranker)
 
 
 def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
@@ -545,4 +506,4 @@ def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -
     return _stage_fn(spec, stage_seconds, "re-rank",
                      lambda linker, texts, batch: linker.rerank(
                          texts, _from_arrow(batch.column("candidates"))),
-                     finalize=True, fail_hook=False)
+                     finalize=True)

@@ -80,6 +80,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
+    from clinlinker_spark.spark.writer import WriteResult
+
 log = logging.getLogger(__name__)
 
 KEY_COLUMN = "variable_key"
@@ -425,15 +427,12 @@ def run_variables_job(
 
     Summary: run_id, run_ts, table_path, writer, table_version, rows_written, rows_replaced,
     stale_rows_removed, unit_type, assignments (path, Delta version, rows, linked rows,
-    needs_review rows),
-    evidence_rows and evidence_without_unit, per-variable {definition_hash, status
-    (changed / unchanged / no previous rows), units_present, mentions, can_produce (when
-    index_path is set)}, and wall time per stage in seconds.
+    needs_review rows), evidence_rows and evidence_without_unit, per-variable
+    {definition_hash, status (changed / unchanged / no previous rows), units_present,
+    mentions, can_produce (when index_path is set)}, and wall time per stage in seconds.
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
-    from clinlinker_spark.spark.writer import merge_into_delta, read_delta, table_version
+    from clinlinker_spark.spark.session import Persisted
+    from clinlinker_spark.spark.writer import readable_version
 
     run_id = run_id or uuid.uuid4().hex
     run_ts = datetime.now(timezone.utc)
@@ -445,13 +444,7 @@ def run_variables_job(
     # 1. definitions (driver)
     t = time.perf_counter()
     variables = load_variables(config)
-    can_produce: dict[str, bool] = {}
-    if config.index_path:
-        for cov in validate_variables(config, variables):
-            can_produce[cov.name] = cov.can_produce
-            if not cov.can_produce:
-                log.warning("variable %s: none of its codes or prefixes is in the index %s; "
-                            "it cannot have evidence", cov.name, config.index_path)
+    can_produce = _producible(config, variables)
     timings["definitions"] = time.perf_counter() - t
 
     # 2. inputs (schemas checked before any Spark job)
@@ -459,86 +452,31 @@ def run_variables_job(
     documents = read_documents(spark, config)
     definitions = _definitions_df(spark, variables)
 
-    cached: list[DataFrame] = []
-
-    def persist(df: DataFrame) -> DataFrame:
-        df = df.persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(df)
-        return df
-
+    persisted = Persisted()
     try:
         # 3. match + units
         t = time.perf_counter()
-        counts = assignments.agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.sum(F.when(F.col("status") == STATUS_LINKED, 1).otherwise(0)).alias("linked"),
-            F.sum(F.when(F.col("status") == STATUS_NEEDS_REVIEW, 1).otherwise(0))
-            .alias("needs_review"),
-        ).collect()[0]
-        matched = attach_units(matched_evidence(assignments, config, variables), documents,
-                               config)
-        matched = persist(matched)
-        n_matched = matched.count()
-        evidence = matched.where(F.col(_UNIT).isNotNull())
-        n_evidence = evidence.count()
+        counts = _assignment_counts(assignments)
+        evidence, n_matched, n_evidence = _evidence(assignments, documents, config, variables,
+                                                    persisted)
         timings["match"] = time.perf_counter() - t
-        if n_matched > n_evidence:
-            log.warning("%d supporting mention(s) have no %s (doc_id not in the documents "
-                        "table or a null id) and are left out", n_matched - n_evidence,
-                        unit_type)
 
         # 4. rows
         t = time.perf_counter()
-        present = present_rows(evidence)
-        rows = present
-        if config.output.emit_absent:
-            units = units_seen(assignments, documents, config)
-            rows = present.unionByName(absent_rows(units, present, definitions))
-        rows = persist(finish_rows(rows, definitions, unit_type, run_id, run_ts))
+        rows = persisted(_variable_rows(assignments, documents, definitions, evidence, config,
+                                        run_id, run_ts))
         n_rows = rows.count()
-        per_variable = {
-            r[_VARIABLE]: (int(r["units"]), int(r["mentions"]))
-            for r in evidence.groupBy(_VARIABLE).agg(
-                F.countDistinct(_UNIT).alias("units"), F.count(F.lit(1)).alias("mentions")
-            ).collect()
-        }
+        per_variable = _per_variable(evidence)
         timings["aggregate"] = time.perf_counter() - t
 
         # 5. write: replace the run's variables (this unit type) wholesale
         t = time.perf_counter()
-        existing = read_delta(spark, config.output.path)
-        previous = _previous_hashes(existing, unit_type)
-        replace_keys = None
-        stale = 0
-        if existing is not None and {"unit_type", "variable", KEY_COLUMN} <= set(
-                existing.columns):
-            scope = existing.where((F.col("unit_type") == unit_type)
-                                   & F.col("variable").isin([v.name for v in variables]))
-            replace_keys = scope.select(KEY_COLUMN)
-            stale = replace_keys.join(rows.select(KEY_COLUMN), on=KEY_COLUMN,
-                                      how="left_anti").count()
-        written = merge_into_delta(spark, rows, config.output.path, key=KEY_COLUMN,
-                                   writer=config.output.writer, replace_keys_df=replace_keys)
+        written, previous, stale = _write_variables(spark, rows, config, variables)
         timings["write"] = time.perf_counter() - t
     finally:
-        for df in cached:
-            df.unpersist()
+        persisted.release()
 
-    try:
-        assignments_version = table_version(config.assignments.path)
-    except Exception:  # noqa: BLE001 - informational (a path only Spark can read)
-        assignments_version = None
-    report: dict[str, dict[str, Any]] = {}
-    for v in variables:
-        before = previous.get(v.name)
-        status = ("no previous rows" if not before else
-                  "unchanged" if before == {v.definition_hash} else "changed")
-        units, mentions = per_variable.get(v.name, (0, 0))
-        entry: dict[str, Any] = {"definition_hash": v.definition_hash, "status": status,
-                                 "units_present": units, "mentions": mentions}
-        if v.name in can_produce:
-            entry["can_produce"] = can_produce[v.name]
-        report[v.name] = entry
+    report = _variable_report(variables, previous, per_variable, can_produce)
     timings["total"] = time.perf_counter() - t_start
     summary: dict[str, Any] = {
         "run_id": run_id,
@@ -551,9 +489,8 @@ def run_variables_job(
         "stale_rows_removed": stale,
         "unit_type": unit_type,
         "emit_absent": config.output.emit_absent,
-        "assignments": {"path": config.assignments.path, "version": assignments_version,
-                        "rows": int(counts["rows"]), "linked": int(counts["linked"] or 0),
-                        "needs_review": int(counts["needs_review"] or 0)},
+        "assignments": {"path": config.assignments.path,
+                        "version": readable_version(config.assignments.path), **counts},
         "evidence_rows": n_evidence,
         "evidence_without_unit": n_matched - n_evidence,
         "rows": n_rows,
@@ -566,38 +503,118 @@ def run_variables_job(
     return summary
 
 
-# --------------------------------------------------------------------------------------------
-# Notebook widgets -> config overrides
-
-WIDGET_KEYS = {
-    "assignments_path": "assignments.path",
-    "documents_path": "documents.path",
-    "patient_id_column": "documents.patient_id_column",
-    "date_column": "documents.date_column",
-    "definitions": "definitions",
-    "isa_path": "isa.path",
-    "index_path": "index_path",
-    "output_path": "output.path",
-    "emit_absent": "output.emit_absent",
-}
+def _producible(config: VariablesJobConfig,
+                variables: Sequence[ExpandedVariable]) -> dict[str, bool]:
+    """{variable: whether the index holds any of its codes or prefixes} when
+    ``index_path`` is set (a warning for each that cannot have evidence); else {}."""
+    can_produce: dict[str, bool] = {}
+    if config.index_path:
+        for cov in validate_variables(config, variables):
+            can_produce[cov.name] = cov.can_produce
+            if not cov.can_produce:
+                log.warning("variable %s: none of its codes or prefixes is in the index %s; "
+                            "it cannot have evidence", cov.name, config.index_path)
+    return can_produce
 
 
-def widget_overrides(values: dict[str, str]) -> list[str]:
-    """``--set`` style overrides from the variables notebook's widgets.
+def _assignment_counts(assignments: DataFrame) -> dict[str, int]:
+    """Rows, linked rows and needs_review rows of the code assignments (one Spark job)."""
+    from pyspark.sql import functions as F
 
-    Known widgets (:data:`WIDGET_KEYS`) map to one config key each and are skipped when
-    empty (``definitions`` takes a comma-separated list of files/globs); the free-form
-    ``overrides`` widget holds further ``key=value`` items separated by newlines or semicolons.
-    """
-    sets = []
-    for name, key in WIDGET_KEYS.items():
-        value = str(values.get(name, "") or "").strip()
-        if not value:
-            continue
-        if name == "definitions":
-            items = [v.strip() for v in value.split(",") if v.strip()]
-            value = "[" + ", ".join(f'"{v}"' for v in items) + "]"
-        sets.append(f"{key}={value}")
-    extra = str(values.get("overrides", "") or "")
-    sets += [item.strip() for item in extra.replace(";", "\n").splitlines() if item.strip()]
-    return sets
+    counts = assignments.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.when(F.col("status") == STATUS_LINKED, 1).otherwise(0)).alias("linked"),
+        F.sum(F.when(F.col("status") == STATUS_NEEDS_REVIEW, 1).otherwise(0))
+        .alias(STATUS_NEEDS_REVIEW),
+    ).collect()[0]
+    return {"rows": int(counts["rows"]), "linked": int(counts["linked"] or 0),
+            "needs_review": int(counts[STATUS_NEEDS_REVIEW] or 0)}
+
+
+def _write_variables(spark: SparkSession, rows: DataFrame, config: VariablesJobConfig,
+                     variables: Sequence[ExpandedVariable],
+                     ) -> tuple[WriteResult, dict[str, set[str]], int]:
+    """MERGE ``rows`` into the variables table, replacing this unit type's rows of these
+    variables wholesale: (the write, the definition hashes the table held before, the stale
+    rows removed)."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.writer import merge_into_delta, read_delta
+
+    existing = read_delta(spark, config.output.path)
+    previous = _previous_hashes(existing, config.unit_type)
+    replace_keys = None
+    stale = 0
+    if existing is not None and {"unit_type", "variable", KEY_COLUMN} <= set(existing.columns):
+        scope = existing.where((F.col("unit_type") == config.unit_type)
+                               & F.col("variable").isin([v.name for v in variables]))
+        replace_keys = scope.select(KEY_COLUMN)
+        stale = replace_keys.join(rows.select(KEY_COLUMN), on=KEY_COLUMN,
+                                  how="left_anti").count()
+    written = merge_into_delta(spark, rows, config.output.path, key=KEY_COLUMN,
+                               writer=config.output.writer, replace_keys_df=replace_keys)
+    return written, previous, stale
+
+
+def _variable_report(variables: Sequence[ExpandedVariable], previous: dict[str, set[str]],
+                     per_variable: dict[str, tuple[int, int]],
+                     can_produce: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """Per variable: definition_hash, status against the table's previous rows (changed /
+    unchanged / no previous rows), units_present, mentions, and can_produce when known."""
+    report: dict[str, dict[str, Any]] = {}
+    for v in variables:
+        before = previous.get(v.name)
+        status = ("no previous rows" if not before else
+                  "unchanged" if before == {v.definition_hash} else "changed")
+        units, mentions = per_variable.get(v.name, (0, 0))
+        entry: dict[str, Any] = {"definition_hash": v.definition_hash, "status": status,
+                                 "units_present": units, "mentions": mentions}
+        if v.name in can_produce:
+            entry["can_produce"] = can_produce[v.name]
+        report[v.name] = entry
+    return report
+
+
+def _evidence(assignments: DataFrame, documents: DataFrame | None,
+              config: VariablesJobConfig, variables: Sequence[ExpandedVariable],
+              persist: Callable[[DataFrame], DataFrame]) -> tuple[DataFrame, int, int]:
+    """(the supporting mentions with their unit, matched mentions, those with a unit): a
+    mention whose document has no unit is left out with a warning (counted, never silently
+    dropped)."""
+    from pyspark.sql import functions as F
+
+    matched = persist(attach_units(matched_evidence(assignments, config, variables),
+                                   documents, config))
+    n_matched = matched.count()
+    evidence = matched.where(F.col(_UNIT).isNotNull())
+    n_evidence = evidence.count()
+    if n_matched > n_evidence:
+        log.warning("%d supporting mention(s) have no %s (doc_id not in the documents "
+                    "table or a null id) and are left out", n_matched - n_evidence,
+                    config.unit_type)
+    return evidence, n_matched, n_evidence
+
+
+def _variable_rows(assignments: DataFrame, documents: DataFrame | None,
+                   definitions: DataFrame, evidence: DataFrame, config: VariablesJobConfig,
+                   run_id: str, run_ts: datetime) -> DataFrame:
+    """The table's rows: one per (unit, variable) with evidence, and with
+    ``output.emit_absent`` one per other (unit seen, variable) with present false."""
+    present = present_rows(evidence)
+    rows = present
+    if config.output.emit_absent:
+        units = units_seen(assignments, documents, config)
+        rows = present.unionByName(absent_rows(units, present, definitions))
+    return finish_rows(rows, definitions, config.unit_type, run_id, run_ts)
+
+
+def _per_variable(evidence: DataFrame) -> dict[str, tuple[int, int]]:
+    """{variable: (units with evidence, supporting mentions)}."""
+    from pyspark.sql import functions as F
+
+    return {
+        r[_VARIABLE]: (int(r["units"]), int(r["mentions"]))
+        for r in evidence.groupBy(_VARIABLE).agg(
+            F.countDistinct(_UNIT).alias("units"), F.count(F.lit(1)).alias("mentions")
+        ).collect()
+    }

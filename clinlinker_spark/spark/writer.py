@@ -23,12 +23,9 @@ the same rows and adds one Delta version. Two writers implement it:
 
     1. Spark writes ``df`` once into a hidden staging folder of the table,
        ``<table>/_clinlinker_staging/<write id>/`` (``df`` is evaluated exactly once; the key
-       check and everything after it read those Parquet files, not ``df``). With a row bound
-       ``max_rows`` of at most DRIVER_WRITE_ROWS, the driver collects ``df`` as Arrow and
-       writes the one staged file with pyarrow instead (:func:`_stage`); with ``arrow_rows``
-       (``df``'s rows, which the caller already holds as Arrow) it writes those.
-    2. The key check (pyarrow on the driver up to DRIVER_KEY_CHECK_ROWS staged rows, one
-       Spark aggregate above) refuses null or duplicate keys.
+       check and everything after it read those Parquet files, not ``df``).
+    2. The key check (one Spark aggregate over the staged files, :func:`_check_keys`, the
+       same for both writers) refuses null or duplicate keys.
     3. Spark reads the current snapshot's files (listed by ``DeltaTable.get_add_actions`` /
        ``file_uris``, never a directory glob) with ``_metadata.file_path`` and finds the files
        that hold a key being replaced (key and file columns only, a semi-join).
@@ -92,7 +89,6 @@ from urllib.parse import unquote, urlparse
 from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     from deltalake import DeltaTable
@@ -200,7 +196,8 @@ def merge_into_delta(
     count_by: str | None = None,
     new_keys_at: int | None = None,
     max_rows: int | None = None,
-    arrow_rows: pa.Table | None = None,
+    rows_per_file: int = 250_000,
+    broadcast_rows: int = 200_000,
 ) -> WriteResult:
     """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
 
@@ -217,13 +214,9 @@ def merge_into_delta(
     rows to replace. On any other version, or with delta-spark, the MERGE searches as usual.
 
     ``max_rows``: an upper bound of ``df``'s rows that the caller knows (None: unknown). ``df``
-    is then written in :func:`_file_count` files; the deltalake writer collects a ``df`` of at
-    most DRIVER_WRITE_ROWS rows to the driver as Arrow and stages its one file with pyarrow
-    (:func:`_stage`).
-
-    ``arrow_rows``: ``df``'s rows, already on the driver as the Arrow table ``df.toArrow()``
-    would give (same schema). The deltalake writer then stages them with pyarrow and never
-    evaluates ``df``, whatever their number (the caller bounds it); delta-spark ignores them.
+    is then written in about ``max_rows / rows_per_file`` files (``output.rows_per_file``),
+    more while every task slot gets a share (:func:`_file_count`): a night of a few thousand
+    rows adds one file to the table, not one per partition.
     """
     if writer not in _WRITER_CHOICES:
         raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
@@ -234,8 +227,6 @@ def merge_into_delta(
     if count_by is not None and count_by not in df.columns:
         raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
     use_delta_spark = writes_with_delta_spark(spark, writer)
-    if arrow_rows is not None and arrow_rows.schema.names != df.columns:
-        raise SchemaMismatchError("arrow_rows must have the DataFrame's columns, in its order")
     if writer == WRITER_DELTA_SPARK and not use_delta_spark:
         raise ConfigError(
             "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
@@ -243,18 +234,15 @@ def merge_into_delta(
             f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
         )
     started = time.monotonic()
-    on_driver = not use_delta_spark and (
-        arrow_rows is not None
-        or (max_rows is not None and max_rows <= DRIVER_WRITE_ROWS and plain_arrow_type(df.schema)))
-    if max_rows is not None and not on_driver:
+    if max_rows is not None:
         from clinlinker_spark.spark.session import task_slots
 
-        df = df.coalesce(_file_count(max_rows, task_slots(spark)))
+        df = df.coalesce(_file_count(max_rows, task_slots(spark), rows_per_file))
     if use_delta_spark:
         result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
     else:
         result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at,
-                                  on_driver, arrow_rows)
+                                  broadcast_rows)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -312,6 +300,15 @@ def table_version(path: str) -> int | None:
     """The latest committed version of the Delta table at ``path``; None if there is none."""
     table = _open_table(_locate(path))
     return None if table is None else int(table.version())
+
+
+def readable_version(path: str) -> int | None:
+    """:func:`table_version` for a summary: None also when delta-rs cannot read the table
+    (e.g. a path only Spark can read)."""
+    try:
+        return table_version(path)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,20 +459,6 @@ def _conform(df: DataFrame, schema: StructType) -> DataFrame:
     ])
 
 
-def _conform_arrow(rows: pa.Table, df: DataFrame, schema: StructType) -> pa.Table:
-    """``rows`` (``df``'s rows as Arrow) as :func:`_conform` gives ``df``: the columns of
-    ``schema`` in its order, a type :func:`_merged_schema` widened cast to it (struct fields
-    matched by name, the ones ``df`` lacks null)."""
-    from pyspark.sql.pandas.types import to_arrow_type
-
-    rows = rows.select(schema.names)
-    have = {f.name: f.dataType for f in df.schema.fields}
-    for i, f in enumerate(schema.fields):
-        if _nullable(have[f.name]) != _nullable(f.dataType):
-            rows = rows.set_column(i, f.name, rows.column(i).cast(to_arrow_type(f.dataType)))
-    return rows
-
-
 def _quoted(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
@@ -564,125 +547,23 @@ def _raise_on_bad_keys(key: str, null_rows: int, dup_keys: int, max_n: int) -> N
         )
 
 
-# rows per file a write with a known row bound is staged in (a night of a few thousand rows
-# adds one file to the table, not one per partition of each part)
-ROWS_PER_FILE = 250_000
-# writes of at most this many rows (the caller's bound) are collected to the driver as Arrow and
-# staged by pyarrow in one file: no Spark write job, output committer or listing. A row with 25
-# candidates is ~2 KB of Arrow (a night's 5,000 rows ~10 MB), held once in the driver's JVM
-# and once in its Python; wide pass-through columns add to that, hence a bound well under 2 GB
-DRIVER_WRITE_ROWS = 20_000
-# ... and more files than rows / ROWS_PER_FILE, up to one per task slot, while each keeps at
-# least this many rows (one file of 100k rows is written by one core while the others idle)
-MIN_ROWS_PER_FILE = 25_000
-
-
-def _file_count(rows: int, slots: int | None) -> int:
-    """Files for a write of ``rows`` rows on ``slots`` task slots (None: unknown)."""
-    files = -(-rows // ROWS_PER_FILE)
+def _file_count(rows: int, slots: int | None, rows_per_file: int) -> int:
+    """Files for a write of ``rows`` rows on ``slots`` task slots (None: unknown): one per
+    ``rows_per_file`` rows, and more, up to one per slot, while each keeps at least a tenth of
+    ``rows_per_file`` (one file of 100k rows is written by one core while the others idle)."""
+    files = -(-rows // rows_per_file)
     if slots is not None:
-        files = max(files, min(slots, rows // MIN_ROWS_PER_FILE))
+        files = max(files, min(slots, rows // max(1, rows_per_file // 10)))
     return max(1, files)
 
 
-def plain_arrow_type(data_type: DataType) -> bool:
-    """Whether a column of ``data_type`` goes through Arrow and pyarrow's Parquet writer as
-    the same Parquet type Spark writes, and through Arrow and back into Spark unchanged:
-    strings, binary, booleans, numbers, decimals, dates, timestamps (with and without time
-    zone), and arrays, maps and structs of those. Others (intervals, variant, ...) are staged
-    by Spark, and an input with them is prepared by Spark."""
-    from pyspark.sql.types import (
-        ArrayType,
-        BinaryType,
-        BooleanType,
-        DateType,
-        DecimalType,
-        MapType,
-        NumericType,
-        StringType,
-        StructType,
-        TimestampNTZType,
-        TimestampType,
-    )
-
-    if isinstance(data_type, StructType):
-        return all(plain_arrow_type(f.dataType) for f in data_type.fields)
-    if isinstance(data_type, ArrayType):
-        return plain_arrow_type(data_type.elementType)
-    if isinstance(data_type, MapType):
-        return (plain_arrow_type(data_type.keyType)
-                and plain_arrow_type(data_type.valueType))
-    return isinstance(data_type, (StringType, BinaryType, BooleanType, NumericType, DecimalType,
-                                  DateType, TimestampType, TimestampNTZType))
-
-
-def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str, spark_folder: str,
-           on_driver: bool, rows: pa.Table | None = None) -> tuple[list[str], pa.Table | None]:
-    """Write ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
-    ``spark_folder``: the same for Spark); the files written, and the rows as Arrow when the
-    driver wrote them (None when Spark did).
-
-    ``on_driver`` (a row bound of at most DRIVER_WRITE_ROWS and only types that
-    :func:`plain_arrow_type`): ``df`` is collected as Arrow (its partitions computed in
-    parallel) and the driver writes one file with pyarrow (none without rows), with the
-    Parquet schema a Spark write gives under :data:`_PARQUET_WRITE_CONF` (the DataFrame's
-    nullability, microsecond UTC timestamps, standard 3-level lists, snappy). Otherwise Spark
-    writes it. ``rows``: ``df``'s rows as Arrow already (with ``on_driver``): written as
-    they are, ``df`` is not evaluated."""
-    import pyarrow.parquet as pq
-
-    if not on_driver:
-        with _parquet_write_conf(spark):
-            df.write.mode("errorifexists").parquet(spark_folder)
-        return _list_parquet(loc, folder), None
-    table = df.toArrow() if rows is None else rows
-    loc.fs.create_dir(folder, recursive=True)
-    if table.num_rows == 0:
-        return [], table
-    target = f"{folder}/part-00000-{uuid.uuid4().hex}.snappy.parquet"
-    pq.write_table(table, target, filesystem=loc.fs, compression="snappy")
-    return [target], table
-
-
-# staged writes of at most this many rows are key-checked on the driver (pyarrow reads their
-# key column: 2M keys of 64 characters are ~150 MB), larger ones by a Spark job
-DRIVER_KEY_CHECK_ROWS = 2_000_000
-
-
-def _check_staged_keys(loc: _Location, staged: Sequence[str], key: str,
-                       count_by: str | None = None) -> tuple[int, dict[str, int]] | None:
-    """:func:`_check_keys` of the staged Parquet files, read by pyarrow on the driver when
-    their footers count at most DRIVER_KEY_CHECK_ROWS rows; None when they count more (the
-    caller checks them with Spark). A night's few thousand rows are checked in milliseconds
-    instead of three small Spark jobs."""
-    import pyarrow.parquet as pq
-
-    total = sum(pq.read_metadata(path, filesystem=loc.fs).num_rows for path in staged)
-    if total > DRIVER_KEY_CHECK_ROWS:
-        return None
-    if not staged:
-        return 0, {}
-    columns = [key] if count_by is None or count_by == key else [key, count_by]
-    return _check_arrow_keys(pq.read_table(list(staged), filesystem=loc.fs, columns=columns),
-                             key, count_by)
-
-
-def _check_arrow_keys(table: pa.Table, key: str,
-                      count_by: str | None = None) -> tuple[int, dict[str, int]]:
-    """:func:`_check_keys` of rows held as Arrow: (rows, counts by ``count_by``)."""
-    import pyarrow.compute as pc
-
-    keys = table.column(key)
-    per_key = pc.value_counts(keys.drop_null()).field("counts")
-    repeated = pc.filter(per_key, pc.greater(per_key, 1))
-    _raise_on_bad_keys(key, null_rows=keys.null_count, dup_keys=len(repeated),
-                       max_n=pc.max(per_key).as_py() or 0)
-    counts: dict[str, int] = {}
-    if count_by is not None:
-        by_value = pc.value_counts(table.column(count_by))
-        counts = {str(value): int(n) for value, n in zip(
-            by_value.field("values").to_pylist(), by_value.field("counts").to_pylist())}
-    return table.num_rows, counts
+def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str,
+           spark_folder: str) -> list[str]:
+    """Spark writes ``df`` as Parquet into the staging ``folder`` (a path for ``loc.fs``;
+    ``spark_folder``: the same for Spark); the files written."""
+    with _parquet_write_conf(spark):
+        df.write.mode("errorifexists").parquet(spark_folder)
+    return _list_parquet(loc, folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1069,13 +950,13 @@ def _merge_deltalake(
     path: str,
     key: str,
     replace_keys_df: DataFrame | None,
-    count_by: str | None = None,
-    new_keys_at: int | None = None,
-    on_driver: bool = False,
-    arrow_rows: pa.Table | None = None,
+    count_by: str | None,
+    new_keys_at: int | None,
+    broadcast_rows: int,
 ) -> WriteResult:
-    from pyspark.sql import functions as F
-
+    """The deltalake MERGE: Spark stages ``df``'s Parquet files (and the rewritten survivors
+    of the table files that hold a replaced key) under the table's staging folder; the
+    driver checks the keys, moves the files into the table and commits the log once."""
     loc = _locate(path)
     table = _open_table(loc)
     table_schema = None
@@ -1083,24 +964,18 @@ def _merge_deltalake(
         _check_readable(table, loc)
         table_schema = _spark_schema(table)
     merged, changed = _merged_schema(table_schema, df.schema, key)
-    if arrow_rows is not None:
-        arrow_rows = _conform_arrow(arrow_rows, df, merged)
     write_id = uuid.uuid4().hex
     staging = loc.child(STAGING_DIR, write_id)
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
     moved: list[str] = []
     try:
-        staged_new, staged_rows = _stage(
-            spark, _conform(df, merged), loc, staging + "/new", spark_staging + "/new",
-            on_driver, arrow_rows)
+        staged_new = _stage(spark, _conform(df, merged), loc, staging + "/new",
+                            spark_staging + "/new")
         written = (
             spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
             if staged_new else spark.createDataFrame([], merged)
         )
-        # rows the driver staged are checked as it holds them; files Spark staged, as read back
-        checked = (_check_arrow_keys(staged_rows, key, count_by) if staged_rows is not None
-                   else _check_staged_keys(loc, staged_new, key, count_by))
-        rows, counts = checked if checked is not None else _check_keys(written, key, count_by)
+        rows, counts = _check_keys(written, key, count_by)
         metadata: dict[str, Any] = {
             "clinlinker.writer": WRITER_DELTALAKE,
             "clinlinker.write_id": write_id,
@@ -1113,79 +988,22 @@ def _merge_deltalake(
                     {**metadata, "clinlinker.operation": "CREATE"})
             return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0,
                                counts)
-
         assert table_schema is not None
-        key_type = merged[key].dataType
-        keys = written.select(key)
-        if replace_keys_df is not None:
-            keys = keys.unionByName(
-                replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
-                .where(F.col(_quoted(key)).isNotNull())
-            ).distinct()
-        # the key count is known only without replace_keys_df
-        hinted_keys = _maybe_broadcast(keys, rows if replace_keys_df is None else None)
-        actions = _add_actions(table)
-        index = _FileIndex([a["path"] for a in actions])
-        uri_of = {index.lookup(uri): _spark_uri(uri) for uri in table.file_uris()}
-        hits: dict[str, int] = {}
+        keys = _keys_to_replace(written, merged, key, replace_keys_df, rows, broadcast_rows)
         known_new = (new_keys_at is not None and replace_keys_df is None
                      and table.version() == new_keys_at)
-        if actions and not known_new:
-            old = spark.read.schema(table_schema).parquet(*uri_of.values())
-            located = old.select(
-                F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN)
-            )
-            for row in (
-                located.join(hinted_keys, on=key, how="left_semi")
-                .groupBy(_FILE_COLUMN).count().collect()
-            ):
-                relative = index.lookup(row[_FILE_COLUMN])
-                hits[relative] = hits.get(relative, 0) + int(row["count"])
-        replaced = sum(hits.values())
+        actions = _add_actions(table)
+        hits, uri_of = _files_with_keys(spark, table, table_schema, actions, keys, key,
+                                        search=bool(actions) and not known_new)
         full_rewrite = bool(changed) or _RemoveAction is None
         rewrite = [a["path"] for a in actions] if full_rewrite else sorted(hits)
-        staged_rewrite: list[str] = []
-        if rewrite:
-            survivors = (
-                spark.read.schema(table_schema).parquet(*[uri_of[p] for p in rewrite])
-                .join(hinted_keys, on=key, how="left_anti")
-            )
-            with _parquet_write_conf(spark):
-                survivors.select(
-                    *[
-                        _widen(F.col(_quoted(f.name)), table_schema[f.name].dataType,
-                               f.dataType).alias(f.name) if f.name in table_schema.names
-                        else F.lit(None).cast(f.dataType).alias(f.name)
-                        for f in merged.fields
-                    ]
-                ).write.mode("errorifexists").parquet(spark_staging + "/rewrite")
-            staged_rewrite = _list_parquet(loc, staging + "/rewrite")
+        staged_rewrite = _stage_survivors(spark, loc, [uri_of[p] for p in rewrite],
+                                          table_schema, merged, keys, key,
+                                          staging + "/rewrite", spark_staging + "/rewrite")
         adds = _publish(loc, staged_new + staged_rewrite, write_id, merged, moved)
-        removes = []
-        if full_rewrite:
-            mode = "overwrite"  # delta-rs removes every current file in the same commit
-        else:
-            mode = "append"
-            now = int(time.time() * 1000)
-            size_of = {a["path"]: a["size_bytes"] for a in actions}
-            removes = [
-                _RemoveAction(
-                    path=p, data_change=True, deletion_timestamp=now,
-                    size=int(size_of[p]), partition_values={},
-                )
-                for p in rewrite
-            ]
-        _commit(
-            loc, table, merged, adds, removes, mode,
-            {
-                **metadata,
-                "clinlinker.operation": "MERGE",
-                "clinlinker.rows_replaced": replaced,
-                "clinlinker.files_added": len(adds),
-                "clinlinker.files_removed": len(rewrite),
-                "clinlinker.full_rewrite": full_rewrite,
-            },
-        )
+        replaced = sum(hits.values())
+        _commit_merge(loc, table, merged, adds, rewrite, actions, full_rewrite, {
+            **metadata, "clinlinker.rows_replaced": replaced})
         log.debug(
             "deltalake MERGE %s: %d files added, %d removed (full rewrite: %s, keys known new "
             "at version %s: %s)", loc.uri, len(adds), len(rewrite), full_rewrite, new_keys_at,
@@ -1203,16 +1021,93 @@ def _merge_deltalake(
         _cleanup_staging(loc, staging)
 
 
-# merges of at most this many rows broadcast their keys to the scan of the old table files
-# instead of shuffling the table (a nightly batch into a large table)
-BROADCAST_KEY_ROWS = 500_000
-
-
-def _maybe_broadcast(keys: DataFrame, rows: int | None) -> DataFrame:
-    """``keys`` with a broadcast hint when their count (``rows``; None = unknown) is small."""
+def _keys_to_replace(written: DataFrame, merged: StructType, key: str,
+                     replace_keys_df: DataFrame | None, rows: int,
+                     broadcast_rows: int) -> DataFrame:
+    """The keys whose old rows the MERGE removes: the written rows' and ``replace_keys_df``'s
+    (non-null, distinct), broadcast to the scans of the table files when the written rows
+    alone are the keys and number at most ``broadcast_rows`` (``spark.broadcast_rows``: a
+    nightly batch into a large table is not shuffled with it)."""
     from pyspark.sql import functions as F
 
-    return F.broadcast(keys) if rows is not None and rows <= BROADCAST_KEY_ROWS else keys
+    keys = written.select(key)
+    if replace_keys_df is None:
+        return F.broadcast(keys) if rows <= broadcast_rows else keys
+    key_type = merged[key].dataType
+    return keys.unionByName(
+        replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
+        .where(F.col(_quoted(key)).isNotNull())
+    ).distinct()
+
+
+def _files_with_keys(spark: SparkSession, table: DeltaTable, table_schema: StructType,
+                     actions: list[dict[str, Any]], keys: DataFrame, key: str,
+                     search: bool) -> tuple[dict[str, int], dict[str, str]]:
+    """({table file: rows in it whose key is in ``keys``}, {table file: the URI Spark reads});
+    no file is searched unless ``search`` (the keys are known to be new)."""
+    from pyspark.sql import functions as F
+
+    index = _FileIndex([a["path"] for a in actions])
+    uri_of = {index.lookup(uri): _spark_uri(uri) for uri in table.file_uris()}
+    hits: dict[str, int] = {}
+    if not search:
+        return hits, uri_of
+    old = spark.read.schema(table_schema).parquet(*uri_of.values())
+    located = old.select(F.col(_quoted(key)), F.col("_metadata.file_path").alias(_FILE_COLUMN))
+    for row in (located.join(keys, on=key, how="left_semi")
+                .groupBy(_FILE_COLUMN).count().collect()):
+        relative = index.lookup(row[_FILE_COLUMN])
+        hits[relative] = hits.get(relative, 0) + int(row["count"])
+    return hits, uri_of
+
+
+def _stage_survivors(spark: SparkSession, loc: _Location, uris: list[str],
+                     table_schema: StructType, merged: StructType, keys: DataFrame, key: str,
+                     staging: str, spark_staging: str) -> list[str]:
+    """Stage the rows of the table files ``uris`` whose key is not in ``keys``, in the merged
+    schema (widened types, new columns null); the staged files ([] for no files)."""
+    from pyspark.sql import functions as F
+
+    if not uris:
+        return []
+    survivors = spark.read.schema(table_schema).parquet(*uris).join(keys, on=key,
+                                                                      how="left_anti")
+    with _parquet_write_conf(spark):
+        survivors.select(
+            *[
+                _widen(F.col(_quoted(f.name)), table_schema[f.name].dataType,
+                       f.dataType).alias(f.name) if f.name in table_schema.names
+                else F.lit(None).cast(f.dataType).alias(f.name)
+                for f in merged.fields
+            ]
+        ).write.mode("errorifexists").parquet(spark_staging)
+    return _list_parquet(loc, staging)
+
+
+def _commit_merge(loc: _Location, table: DeltaTable, merged: StructType, adds: list[Any],
+                  rewrite: list[str], actions: list[dict[str, Any]], full_rewrite: bool,
+                  metadata: dict[str, Any]) -> None:
+    """Commit a MERGE: ``adds`` added and the ``rewrite`` files removed, in one version (an
+    overwrite when every file is rewritten)."""
+    removes = []
+    if full_rewrite:
+        mode = "overwrite"  # delta-rs removes every current file in the same commit
+    else:
+        mode = "append"
+        now = int(time.time() * 1000)
+        size_of = {a["path"]: a["size_bytes"] for a in actions}
+        removes = [
+            _RemoveAction(path=p, data_change=True, deletion_timestamp=now,
+                          size=int(size_of[p]), partition_values={})
+            for p in rewrite
+        ]
+    _commit(loc, table, merged, adds, removes, mode, {
+        **metadata,
+        "clinlinker.operation": "MERGE",
+        "clinlinker.files_added": len(adds),
+        "clinlinker.files_removed": len(rewrite),
+        "clinlinker.full_rewrite": full_rewrite,
+    })
 
 
 def _spark_uri_for(loc: _Location, fs_path: str) -> str:

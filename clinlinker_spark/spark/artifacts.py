@@ -1,0 +1,259 @@
+"""The link job's artifacts: found (or built) and checked on the driver, then shipped.
+
+:func:`resolve_artifacts` fixes, before any Spark work, the encoder (the base encoder is built
+when missing and ``build_missing``), the index (built from ``terminology`` when missing), the
+index manifest checked against the encoder's fingerprint (EncoderMismatchError names both),
+the re-ranker, the ranker (trained on the driver when ``ranker.path`` holds none and
+``build_missing``, :func:`ensure_ranker`; checked against the encoder, re-ranker and
+retrievers, :func:`check_ranker`), and the versions (hashes) written into every row.
+:func:`linker_spec` turns them into the plain values the UDFs capture, shipping the
+directories to executors once (``spark.ship_artifacts``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clinlinker_spark.config import EncoderConfig, JobConfig, to_dict
+from clinlinker_spark.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+    from clinlinker_spark.spark.udfs import LinkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedArtifacts:
+    """Absolute artifact paths and their versions, fixed on the driver before Spark work."""
+
+    encoder_path: str
+    index_path: str
+    reranker_path: str
+    ranker_path: str
+    model_version: str
+    index_version: str
+    reranker_version: str
+    ranker_version: str
+    index_manifest: dict[str, Any]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """The lineage versions, as ``Linker.versions`` gives them ("" = none)."""
+        return {"model_version": self.model_version, "index_version": self.index_version,
+                "reranker_version": self.reranker_version,
+                "ranker_version": self.ranker_version}
+
+
+# Encoder fingerprints this driver process computed, by _encoder_key: a later job in the same
+# process (a notebook, the benchmark, a driver that runs several jobs) does not load the model
+# again just to fingerprint it. Executors still check the model hash they load.
+_FINGERPRINTS: dict[str, dict[str, Any]] = {}
+
+
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def _encoder_key(config: EncoderConfig) -> str | None:
+    """The encoder config plus (name, size, mtime) of its directory's files; None if unreadable."""
+    try:
+        path = Path(config.path).resolve()
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in path.iterdir() if f.is_file())
+    except OSError:
+        return None
+    return json.dumps([str(path), to_dict(config), files], sort_keys=True)
+
+
+def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
+    """Find (or build, with ``build_missing``) the encoder, index and ranker; check they match.
+
+    The encoder is loaded on the driver (CPU unless configured otherwise) for its fingerprint,
+    once per process and unchanged encoder directory; the index is not loaded, only its
+    manifest is read. The ranker is trained when missing (:func:`ensure_ranker`) and checked
+    against the encoder, re-ranker and retrievers (:func:`check_ranker`). Raises
+    EncoderMismatchError when the index was built with another encoder, ConfigError for a
+    ranker the job cannot use, ArtifactError/ModelLoadError when something is missing.
+    """
+    from clinlinker_spark.index import check_encoder, read_manifest
+    from clinlinker_spark.modeling import check_model_dir, model_hash
+
+    if config.context.reranker:
+        raise ConfigError("context.reranker is set, but the Spark job links from the mention "
+                          "text alone: the context stage runs in the core Linker and in "
+                          "clinlinker evaluate; leave context empty for the job")
+    encoder_path = Path(config.encoder.path)
+    if config.build_missing and not (encoder_path / "config.json").is_file():
+        from clinlinker_spark.base_encoder import ensure_base_encoder
+
+        ensure_base_encoder(encoder_path)
+    index_path, fingerprint = _index_and_fingerprint(config)
+    manifest = read_manifest(index_path)
+    check_encoder(manifest, fingerprint, index_path)
+    reranker_path = reranker_version = ""
+    if config.reranker.path:
+        reranker_path = str(check_model_dir(config.reranker.path).resolve())
+        reranker_version = model_hash(reranker_path)
+    ranker_path = ranker_version = ""
+    ranker_dir = ensure_ranker(config)
+    if ranker_dir is not None:
+        from clinlinker_spark.ranker import ranker_hash
+
+        ranker_path = str(ranker_dir.resolve())
+        ranker_version = ranker_hash(Path(ranker_path))
+        check_ranker(ranker_path, config, str(fingerprint["model_hash"]),
+                     str(manifest["content_hash"]))
+    resolved = ResolvedArtifacts(
+        encoder_path=str(encoder_path.resolve()),
+        index_path=str(Path(index_path).resolve()),
+        reranker_path=reranker_path,
+        ranker_path=ranker_path,
+        model_version=str(fingerprint["model_hash"]),
+        index_version=str(manifest["content_hash"]),
+        reranker_version=reranker_version,
+        ranker_version=ranker_version,
+        index_manifest=manifest,
+    )
+    _log_artifacts(resolved)
+    return resolved
+
+
+def _index_and_fingerprint(config: JobConfig) -> tuple[Path, dict[str, Any]]:
+    """The index directory (built when missing, ``index.ensure_index``) and the encoder's
+    fingerprint, from this process's memo when the encoder directory is unchanged and the
+    index exists (no model load)."""
+    from clinlinker_spark.index import MANIFEST_FILE, ensure_index
+
+    key = _encoder_key(config.encoder)
+    with _FINGERPRINTS_LOCK:
+        fingerprint = _FINGERPRINTS.get(key) if key is not None else None
+    if fingerprint is not None and (Path(config.index.path) / MANIFEST_FILE).is_file():
+        return Path(config.index.path), fingerprint
+    from clinlinker_spark.encoder import BiEncoder
+
+    driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
+    encoder = BiEncoder.from_config(dataclasses.replace(config.encoder, device=driver_device))
+    index_path = Path(ensure_index(config, encoder))
+    fingerprint = encoder.fingerprint()
+    del encoder
+    if key is not None:
+        with _FINGERPRINTS_LOCK:
+            _FINGERPRINTS[key] = fingerprint
+    return index_path, fingerprint
+
+
+def _log_artifacts(resolved: ResolvedArtifacts) -> None:
+    """One INFO line: the versions, the index's size, type and measured recall."""
+    manifest = resolved.index_manifest
+    # linking.reuse_index_vectors needs the precision the terms were embedded in: an index
+    # built before it was recorded encodes every form (rebuild it to reuse term vectors)
+    built_in = manifest.get("build", {}).get("precision") or "not recorded"
+    log.info("artifacts: model %s, index %s (%s rows, %s, recall@k %s, vectors computed in "
+             "%s), re-ranker %s, ranker %s", resolved.model_version[:12],
+             resolved.index_version[:12], manifest.get("terminology", {}).get("rows", "?"),
+             manifest.get("index", {}).get("type", "?"), index_recall(manifest) or "not measured",
+             built_in, resolved.reranker_version[:12] or "none",
+             resolved.ranker_version[:12] or "none")
+
+
+def ensure_ranker(config: JobConfig) -> Path | None:
+    """``config.ranker.path`` (None when no ranker is configured), trained on the driver first
+    when it holds no ranker and ``build_missing`` is true (as ``index.ensure_index`` builds a
+    missing index): ``training.ranker.train_ranker`` with the job's encoder, index,
+    terminology, re-ranker and linking settings. Without ``build_missing`` a missing ranker is
+    an ArtifactError."""
+    from clinlinker_spark.ranker import RANKER_FILE
+
+    if not config.ranker.path:
+        return None
+    path = Path(config.ranker.path)
+    if (path / RANKER_FILE).is_file():
+        return path
+    if not config.build_missing:
+        raise ArtifactError(f"no ranker at {path} (no {RANKER_FILE}): set build_missing: true "
+                            "to train it, or run clinlinker train-ranker")
+    from clinlinker_spark.training.ranker import train_ranker
+
+    started = time.perf_counter()
+    log.info("ranker missing: training it on the driver (%d terminology source(s), %d folds)",
+             len(config.terminology.sources), config.ranker.folds)
+    # the driver's device, as for the encoder's fingerprint (a GPU may be the executors' only)
+    driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
+    spec = train_ranker(dataclasses.replace(config, encoder=dataclasses.replace(
+        config.encoder, device=driver_device)), path)
+    metrics = spec["metrics"]
+    log.info("ranker trained: %d training mentions, %d candidates, %.1f s",
+             metrics["mentions"], metrics["candidates"], time.perf_counter() - started)
+    return path
+
+
+def check_ranker(path: str, config: JobConfig, model_version: str,
+                 index_version: str) -> None:
+    """Refuse, before any Spark work, a ranker the executors' Linker would refuse
+    (``Ranker.check_compatible``: trained with another bi-encoder, with or without a
+    re-ranker unlike the job, with other retrievers; it warns for another index). The check
+    reads only these attributes of a Linker, so it gets them without loading any model."""
+    from types import SimpleNamespace
+
+    from clinlinker_spark.ranker import Ranker
+
+    job = SimpleNamespace(encoder=SimpleNamespace(model_hash=model_version),
+                          index=SimpleNamespace(content_hash=index_version),
+                          reranker=config.reranker.path or None, linking=config.linking)
+    Ranker.load(path).check_compatible(job)  # type: ignore[arg-type]
+
+
+def index_recall(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The index's recall@k against exact search as measured when it was built
+    (``index.recall_mentions``): k, recall, the queries; None when it was not measured."""
+    block = manifest.get("recall")
+    if not block:
+        return None
+    return {"k": block["k"], "recall": block["recall"], "queries": block["queries"]}
+
+
+def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) -> LinkerSpec:
+    """The plain values the UDFs capture; ships the artifacts when ``spark.ship_artifacts``."""
+    from clinlinker_spark.spark.session import is_local_master
+    from clinlinker_spark.spark.udfs import ArtifactRef, LinkerSpec, ship_artifact
+
+    try:
+        sc = spark.sparkContext
+        master = sc.master
+    except Exception:  # noqa: BLE001 - Spark Connect (Databricks shared clusters): no context
+        sc, master = None, ""
+    if config.spark.ship_artifacts and sc is None:
+        raise ConfigError(
+            "spark.ship_artifacts needs a classic Spark session (SparkContext.addFile); on "
+            "Spark Connect put the artifacts on storage every executor reads (e.g. Unity "
+            "Catalog volumes) and set spark.ship_artifacts: false"
+        )
+
+    def ref(path: str, version: str) -> ArtifactRef:
+        if sc is not None and config.spark.ship_artifacts:
+            return ArtifactRef(path=path, spark_file=ship_artifact(sc, path, version))
+        return ArtifactRef(path=path)
+
+    return LinkerSpec(
+        config=to_dict(config),
+        encoder=ref(art.encoder_path, art.model_version),
+        index=ref(art.index_path, art.index_version),
+        reranker=ref(art.reranker_path, art.reranker_version) if art.reranker_path else None,
+        ranker=ref(art.ranker_path, art.ranker_version) if art.ranker_path else None,
+        model_version=art.model_version,
+        index_version=art.index_version,
+        reranker_version=art.reranker_version,
+        ranker_version=art.ranker_version,
+        mmap_index=config.spark.mmap_index,
+        local_master=is_local_master(master),
+    )
+

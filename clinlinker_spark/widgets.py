@@ -1,0 +1,56 @@
+"""Databricks notebook widgets -> ``--set`` style config overrides (the notebooks' only
+mapping from widget values to config keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# widget name -> config key of the link, index and evaluation notebooks (conf/job.yaml keys)
+LINK_WIDGETS = {
+    "input_path": "input.path",
+    "input_format": "input.format",
+    "output_path": "output.path",
+    "index_path": "index.path",
+    "encoder_path": "encoder.path",
+    "reranker_path": "reranker.path",
+    "top_k": "linking.top_k",
+    "incremental": "output.incremental",
+    "store_text": "output.store_text",
+}
+# widget name -> config key of the variables notebook (conf/variables.yaml keys)
+VARIABLES_WIDGETS = {
+    "assignments_path": "assignments.path",
+    "documents_path": "documents.path",
+    "patient_id_column": "documents.patient_id_column",
+    "date_column": "documents.date_column",
+    "definitions": "definitions",
+    "isa_path": "isa.path",
+    "index_path": "index_path",
+    "output_path": "output.path",
+    "emit_absent": "output.emit_absent",
+}
+# widgets that take a comma-separated list (a YAML list in the override)
+LIST_WIDGETS = frozenset({"definitions"})
+
+
+def widget_overrides(values: Mapping[str, str],
+                     widgets: Mapping[str, str] = LINK_WIDGETS) -> list[str]:
+    """``--set`` style overrides from widget ``values``.
+
+    Known widgets (``widgets``: name -> config key) map to one key each and are skipped when
+    empty; a list widget (:data:`LIST_WIDGETS`) takes comma-separated items. The free-form
+    ``overrides`` widget holds further ``key=value`` items separated by newlines or
+    semicolons. Later items win, as on the command line.
+    """
+    sets = []
+    for name, key in widgets.items():
+        value = str(values.get(name, "") or "").strip()
+        if not value:
+            continue
+        if name in LIST_WIDGETS:
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            value = "[" + ", ".join(f'"{v}"' for v in items) + "]"
+        sets.append(f"{key}={value}")
+    extra = str(values.get("overrides", "") or "")
+    sets += [item.strip() for item in extra.replace(";", "\n").splitlines() if item.strip()]
+    return sets
