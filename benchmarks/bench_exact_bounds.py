@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_exact_bounds.py --config conf/bench.yaml \\
         --set faiss.real_index=artifacts/indexes/cie10-codiesp-sample [--n 1500000]
 
-Issue 5 asks for FAISS search at most 10% of the bi-encoder's time, with exact search up to
+The target is FAISS search at most 10% of the bi-encoder's time, with exact search up to
 about 1.5M terms. Brute force needs 2·n·d FLOPs a query, three times the bi-encoder's a
 mention at 1.5M terms (see BENCHMARKS.md). An exact top-k does not have to score every term
 in full precision, if a cheaper pass gives bounds that prove the rest cannot enter it. This

@@ -4,7 +4,7 @@
 
 One batch of ``faiss.queries`` real mention forms (the corpus sources of conf/bench.yaml) is
 embedded with the bi-encoder of ``faiss.real_index`` (configured from that index's manifest),
-and that time is the denominator: the issue's target is FAISS search at most 10% of the
+and that time is the denominator: the target is FAISS search at most 10% of the
 bi-encoder time for the same mentions.
 
 Index vectors: at the real index's size, its own term vectors (read back from the flat index).

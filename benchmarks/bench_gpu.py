@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 5): bi-encoder mentions/s and TFLOP/s against the GPU's bf16 matrix
+"""GPU benchmark: bi-encoder mentions/s and TFLOP/s against the GPU's bf16 matrix
 peak, cross-encoder pairs/s, batch size and length bucketing, exact search on the GPU,
 whether a form's candidates depend on its batch (fp32 and bf16), and the core linker end to
 end with its models on the GPU.
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# --code DIR: clinlinker_spark from another checkout (an A/B in one GPU session); it must come
+# --code DIR: clinlinker_spark from another checkout (an A/B on one GPU machine); it must come
 # first on the path before benchlib imports the package
 if "--code" in sys.argv[:-1]:
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
@@ -271,7 +271,7 @@ def bi_encoder_sweep(bi_dir: Path, forms: list[str], enc_cfg: dict, batch_sizes:
                 "model_tflops": round(useful / model_s / 1e12, 2),
                 "padding_overhead": round(padded / sum(lengths) - 1, 4)}
     log.info("bi unsorted %s", unsorted)
-    # the wrapper tokenizer and per-row padding (the code before this session), same model
+    # the wrapper tokenizer and per-row padding (the legacy path, for comparison), same model
     legacy = _legacy_encode_seconds(enc, forms)
     return {"forms": len(forms), "mean_tokens": round(float(np.mean(lengths)), 2),
             "useful_gflop": round(useful / 1e9, 1), "tokenize_seconds": round(tokenize_s, 4),
