@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from clinlinker_spark import __version__
+from clinlinker_spark.candidates import Hits
 from clinlinker_spark.config import IndexConfig
 from clinlinker_spark.errors import (
     ArtifactError,
@@ -640,14 +641,6 @@ class CodeInfo:
     depth: int  # 1 without a parent in the index
     n_terms: int
     mention_count: int  # training mentions of all its terms
-
-
-@dataclass
-class Hits:
-    """Raw search hits: ``scores`` float32 [n, k], ``positions`` int64 [n, k] (-1 = none)."""
-
-    scores: np.ndarray
-    positions: np.ndarray
 
 
 class TerminologyIndex:

@@ -23,8 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from clinlinker_spark.candidates import Hits
 from clinlinker_spark.errors import ArtifactError
-from clinlinker_spark.index import Hits
 
 LEXICAL_JSON = "lexical.json"
 LEXICAL_NPZ = "lexical.npz"

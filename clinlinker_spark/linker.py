@@ -32,20 +32,17 @@ retrieval score.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 import math
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from clinlinker_spark.candidates import Candidate, Hits, gc_paused
 from clinlinker_spark.config import (
     RERANK_FUSIONS,
     ContextConfig,
@@ -54,7 +51,7 @@ from clinlinker_spark.config import (
     RerankerConfig,
 )
 from clinlinker_spark.errors import ConfigError, InputDataError
-from clinlinker_spark.index import Hits, TerminologyIndex, check_encoder
+from clinlinker_spark.index import TerminologyIndex, check_encoder
 from clinlinker_spark.text import normalize_code, normalize_text
 
 log = logging.getLogger(__name__)
@@ -88,21 +85,6 @@ VECTOR_COUNTS = ("texts_encoded", "vectors_reused")
 RERANK_DECIMALS = 4
 
 
-@dataclass(slots=True)
-class Candidate:
-    """One candidate code of a mention. Treated as a value: stages build new ones rather than
-    change them (not frozen, because a frozen dataclass costs 5x more to build and a night
-    builds about a hundred per distinct form)."""
-
-    code: str
-    term: str
-    retrieval_score: float  # bi-encoder score of ``term``
-    rerank_score: float | None = None  # cross-encoder logit (first reranker.top_n only)
-    exact: bool = False  # term equals the mention (normalised)
-    lexical_score: float | None = None  # TF-IDF cosine of ``term`` (lexical retriever on)
-    ranker_score: float | None = None  # the ranker's score (ranker on)
-
-
 def invalid_reason(text: Any, max_text_length: int) -> str | None:
     """Why a mention text cannot be linked, or None when it can."""
     if text is None or (isinstance(text, float) and math.isnan(text)):
@@ -114,35 +96,6 @@ def invalid_reason(text: Any, max_text_length: int) -> str | None:
     if len(text) > max_text_length:
         return f"text longer than {max_text_length} characters"
     return None
-
-
-_GC_LOCK = threading.Lock()
-_GC_PAUSES = 0  # pauses in force (gc_paused), across threads
-_GC_WAS_ENABLED = True  # the collector's state when the first of them began
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while building many small acyclic objects.
-
-    Candidate lists are freed by reference counting; the collector's passes over the
-    millions of objects a partition's linking holds cost more than building them. Pauses
-    nest and may overlap across threads: the collector runs again when the last one ends,
-    if it ran before the first.
-    """
-    global _GC_PAUSES, _GC_WAS_ENABLED
-    with _GC_LOCK:
-        if _GC_PAUSES == 0:
-            _GC_WAS_ENABLED = gc.isenabled()
-            gc.disable()
-        _GC_PAUSES += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _GC_PAUSES -= 1
-            if _GC_PAUSES == 0 and _GC_WAS_ENABLED:
-                gc.enable()
 
 
 def candidates_from_hits(

@@ -49,7 +49,8 @@ from clinlinker_spark.errors import ArtifactError, ConfigError
 from clinlinker_spark.index import TerminologyIndex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clinlinker_spark.linker import Candidate, Linker
+    from clinlinker_spark.candidates import Candidate
+    from clinlinker_spark.linker import Linker
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +534,7 @@ class Ranker:
         ``ranker_score`` set, the first ``keep`` of them (all when None), and the calibrated
         confidence of the first (None when a mention has no candidate). The confidence is
         computed over the whole list, whatever ``keep``."""
-        from clinlinker_spark.linker import Candidate, gc_paused
+        from clinlinker_spark.candidates import Candidate, gc_paused
 
         scores = self.score_matrix(candidate_features(index, texts_norm, candidates))
         sizes = np.fromiter((len(c) for c in candidates), np.int64, len(candidates))

@@ -234,7 +234,7 @@ def _reference_candidates(index, texts, hits, top_k, prior, self_scores):
 @pytest.mark.parametrize("prior", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_candidates_from_hits_equal_a_plain_reading_of_the_hits(toy_index, prior, seed):
-    from clinlinker_spark.index import Hits
+    from clinlinker_spark.candidates import Hits
     from clinlinker_spark.linker import candidates_from_hits
 
     rng = np.random.default_rng(seed)
@@ -257,7 +257,7 @@ def test_gc_paused_nests_across_threads_and_restores_the_collector():
     import gc
     import threading
 
-    from clinlinker_spark.linker import gc_paused
+    from clinlinker_spark.candidates import gc_paused
 
     assert gc.isenabled()
     inside = threading.Event()
