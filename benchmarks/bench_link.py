@@ -117,9 +117,9 @@ def core_run(job: dict[str, Any], corpus_path: str, out_path: str, mode: str,
              batch_size: int, threads: int) -> dict[str, Any]:
     """The plain core linker over one Parquet file of mentions; timings in seconds.
 
-    ``mode`` "all": every valid mention is embedded and searched (Linker.retrieve on batches
-    of ``batch_size`` normalised texts, Linker.outcome per mention), as the Spark job does
-    without surface-form de-duplication. "dedupe": one Linker.link call over every mention
+    ``mode`` "all": every valid mention is embedded and searched (Linker.retrieve and
+    Linker.rank on batches of ``batch_size`` normalised texts, Linker.outcome per mention), as
+    the Spark job does without surface-form de-duplication. "dedupe": one Linker.link call over every mention
     (each distinct normalised form embedded once). Results go to ``out_path`` (Parquet).
     """
     setup_logging("WARNING")
@@ -159,9 +159,11 @@ def core_run(job: dict[str, Any], corpus_path: str, out_path: str, mode: str,
         cands: list[Any] = [[] for _ in ids]
         for start in range(0, len(valid), batch_size):
             rows = valid[start:start + batch_size]
-            ranked = linker.retrieve([norms[i] for i in rows])
-            for i, candidates in zip(rows, ranked):
-                status[i], _reason, code[i], _term, score[i] = linker.outcome(candidates)
+            batch = [norms[i] for i in rows]
+            ranked, confidences = linker.rank(batch, linker.retrieve(batch))
+            for i, candidates, confidence in zip(rows, ranked, confidences):
+                status[i], _reason, code[i], _term, score[i], _conf = linker.outcome(
+                    candidates, confidence)
                 cands[i] = [dataclasses.asdict(c) for c in candidates]
         for i, r in enumerate(reasons):
             if r is not None:
