@@ -309,8 +309,9 @@ def _split_forms(spark: SparkSession, to_link: DataFrame, config: JobConfig,
 
 @dataclass(frozen=True)
 class Linked:
-    """What :func:`link_forms` gives: the results of every form to link (the cache's and the
-    computed ones, STAGE_SCHEMA; None when none), the computed ones alone, and their count."""
+    """What :func:`compute_forms` gives: the results of every form to link (the cache's and
+    the computed ones, STAGE_SCHEMA; None when none), the computed ones alone, and their
+    count."""
 
     results: DataFrame | None
     computed: DataFrame | None

@@ -1072,16 +1072,13 @@ def _stage_survivors(spark: SparkSession, loc: _Location, uris: list[str],
         return []
     survivors = spark.read.schema(table_schema).parquet(*uris).join(keys, on=key,
                                                                       how="left_anti")
-    with _parquet_write_conf(spark):
-        survivors.select(
-            *[
-                _widen(F.col(_quoted(f.name)), table_schema[f.name].dataType,
-                       f.dataType).alias(f.name) if f.name in table_schema.names
-                else F.lit(None).cast(f.dataType).alias(f.name)
-                for f in merged.fields
-            ]
-        ).write.mode("errorifexists").parquet(spark_staging)
-    return _list_parquet(loc, staging)
+    widened = survivors.select(*[
+        _widen(F.col(_quoted(f.name)), table_schema[f.name].dataType,
+               f.dataType).alias(f.name) if f.name in table_schema.names
+        else F.lit(None).cast(f.dataType).alias(f.name)
+        for f in merged.fields
+    ])
+    return _stage(spark, widened, loc, staging, spark_staging)
 
 
 def _commit_merge(loc: _Location, table: DeltaTable, merged: StructType, adds: list[Any],

@@ -150,15 +150,11 @@ def train_biencoder(
     global_step, train_s = train_loop(
         name="bi-encoder", model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, manager=manager, checkpoint_state={"fingerprint": fingerprint},
-        n_examples=len(batches), micro_batch=cfg.optim.batch_size,
+        optim=cfg.optim, run=cfg.run, n_examples=len(batches),
         micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, accumulation=cfg.optim.gradient_accumulation,
-        seed=cfg.run.seed, rank=rank, world=world,
+        total_steps=total_steps, rank=rank, world=world,
         micro_loss=_pair_loss(cfg, batches, tokenizer, train_model, device, amp_dtype),
-        global_step=start_step, step_losses=step_losses,
-        max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.run.checkpoint_every,
-        log_every=cfg.run.log_every, progress=cfg.run.progress,
-        stop_after_steps=stop_after_steps,
+        global_step=start_step, step_losses=step_losses, stop_after_steps=stop_after_steps,
     )
     if global_step < total_steps:
         log.info("stopped after step %d of %d (stop_after_steps); resume to finish",

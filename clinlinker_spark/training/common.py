@@ -595,59 +595,56 @@ def train_loop(
     scaler: Any,
     manager: CheckpointManager,
     checkpoint_state: dict[str, Any],
+    optim: OptimConfig,
+    run: RunConfig,
     n_examples: int,
-    micro_batch: int,
     micro_per_epoch: int,
     steps_per_epoch: int,
     total_steps: int,
-    accumulation: int,
-    seed: int,
     rank: int,
     world: int,
     micro_loss: Callable[[int, np.ndarray], torch.Tensor],
     global_step: int,
     step_losses: list[float],
-    max_grad_norm: float,
-    checkpoint_every: int,
-    log_every: int,
-    progress: bool,
     stop_after_steps: int | None = None,
 ) -> tuple[int, float]:
     """Run optimizer steps from ``global_step`` to the end (or ``stop_after_steps``).
 
-    Epoch e visits the ``n_examples`` in the order of a permutation drawn from ``(seed, e)``,
-    cut into ``micro_per_epoch`` micro-batches of ``micro_batch`` (the rest is dropped); rank r
-    of ``world`` takes micro-batches r, r + world, ...; an optimizer step takes
-    ``accumulation`` of them. ``micro_loss(epoch, rows)`` returns the loss of one micro-batch.
-    Appends each step's loss to ``step_losses`` (in place), writes checkpoints (rank 0), logs
-    loss and throughput. Returns (global step reached, seconds spent).
+    Epoch e visits the ``n_examples`` in the order of a permutation drawn from
+    ``(run.seed, e)``, cut into ``micro_per_epoch`` micro-batches of ``optim.batch_size`` (the
+    rest is dropped); rank r of ``world`` takes micro-batches r, r + world, ...; an optimizer
+    step takes ``optim.gradient_accumulation`` of them. ``micro_loss(epoch, rows)`` returns
+    the loss of one micro-batch. Appends each step's loss to ``step_losses`` (in place),
+    writes checkpoints every ``run.checkpoint_every`` steps (rank 0), logs loss and
+    throughput every ``run.log_every``. Returns (global step reached, seconds spent).
     """
+    micro_batch, accumulation = optim.batch_size, optim.gradient_accumulation
     started = window_started = time.perf_counter()
     start_step = global_step
     window: list[float] = []
-    bar = _progress_bar(name, total_steps, global_step) if progress and rank == 0 else None
+    bar = _progress_bar(name, total_steps, global_step) if run.progress and rank == 0 else None
     stop_at = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     while global_step < stop_at:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        mine = _micro_batches_of_rank(seed, epoch, n_examples, micro_batch, micro_per_epoch,
-                                      rank, world)
+        mine = _micro_batches_of_rank(run.seed, epoch, n_examples, micro_batch,
+                                      micro_per_epoch, rank, world)
         for s in range(step_in_epoch, steps_per_epoch):
             step_loss = _optimizer_step(
                 micro_loss, epoch, [mine[s * accumulation + a] for a in range(accumulation)],
-                optimizer, scheduler, scaler, trainable, max_grad_norm)
+                optimizer, scheduler, scaler, trainable, optim.max_grad_norm)
             global_step += 1
             step_losses.append(round(step_loss, 6))
             window.append(step_loss)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
-            if global_step % log_every == 0 or global_step == stop_at:
+            if global_step % run.log_every == 0 or global_step == stop_at:
                 _log_window(name, optimizer, epoch, global_step, total_steps, stop_at, window,
                             window_started, started, start_step,
                             accumulation * micro_batch * world)
                 window, window_started = [], time.perf_counter()
-            if (checkpoint_every and global_step % checkpoint_every == 0
+            if (run.checkpoint_every and global_step % run.checkpoint_every == 0
                     and global_step < total_steps and rank == 0):
                 manager.save(global_step, model, optimizer, scheduler, scaler,
                              {**checkpoint_state, "epoch": epoch, "step_losses": step_losses})
