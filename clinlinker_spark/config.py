@@ -8,6 +8,7 @@ given on the command line (``--set linking.top_k=50``) are parsed as YAML scalar
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ TERMINOLOGY_FORMATS = ("gazetteer", "table", "cie10", "icd10cm")
 GOLD_FORMATS = ("distemist", "medprocner", "codiesp")
 INPUT_FORMATS = ("parquet", "delta") + GOLD_FORMATS
 WRITERS = ("auto", "delta-spark", "deltalake")
+# a catalog table name: schema.table or catalog.schema.table, each part a plain identifier or
+# a backquoted one (`my-catalog`.clinical.mentions)
+_IDENTIFIER = r"(?:`[^`]+`|[A-Za-z_][A-Za-z0-9_]*)"
+TABLE_NAME = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER}){{1,2}}")
 
 
 @dataclass(frozen=True)
@@ -350,9 +355,51 @@ class SparkConfig:
 
 
 @dataclass(frozen=True)
+class TableRef:
+    """A Delta table named by its storage path or by its name in the Spark session's catalog
+    (Unity Catalog on Databricks; locally the spark_catalog with a warehouse folder)."""
+
+    path: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.name):
+            raise ValueError("a TableRef has a path or a name, exactly one")
+
+    @property
+    def by_name(self) -> bool:
+        return bool(self.name)
+
+    def __str__(self) -> str:
+        return self.name or self.path
+
+
+def table_ref(path: str, table: str, path_key: str, table_key: str,
+              required: bool = True) -> TableRef | None:
+    """The table that a config's ``path_key`` / ``table_key`` pair names: exactly one of the
+    two is set (``required``) or at most one (not ``required``: None when neither)."""
+    if path and table:
+        raise ConfigError(f"{path_key} ({path!r}) and {table_key} ({table!r}) are both set: "
+                          f"a config names a path or a table, never both; keep {path_key} for "
+                          f"a Delta table in a folder, {table_key} for a catalog table")
+    if table:
+        if not TABLE_NAME.fullmatch(table):
+            raise ConfigError(f"{table_key} must be catalog.schema.table or schema.table; got "
+                              f"{table!r}")
+        return TableRef(name=table)
+    if path:
+        return TableRef(path=path)
+    if required:
+        raise ConfigError(f"set {path_key} (a folder) or {table_key} (catalog.schema.table): "
+                          "neither is set")
+    return None
+
+
+@dataclass(frozen=True)
 class InputConfig:
     path: str = ""
-    format: str = "parquet"  # parquet | delta | distemist | medprocner | codiesp
+    table: str = ""  # a catalog table instead of path (any table format Spark reads)
+    format: str = "parquet"  # parquet | delta | distemist | medprocner | codiesp (path only)
     mention_id_column: str = "mention_id"
     doc_id_column: str = "doc_id"
     start_column: str = "start"
@@ -363,11 +410,21 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         _check_choice("input.format", self.format, INPUT_FORMATS)
+        table_ref(self.path, self.table, "input.path", "input.table", required=False)
+        if self.table and self.format in GOLD_FORMATS:
+            raise ConfigError(f"input.format {self.format} reads gold files from input.path; "
+                              "input.table is read as a table (format parquet or delta)")
+
+    @property
+    def target(self) -> TableRef | None:
+        """The input's path or catalog table; None when neither is set."""
+        return table_ref(self.path, self.table, "input.path", "input.table", required=False)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    path: str = "artifacts/tables/code_assignments"
+    path: str = ""  # a folder, or:
+    table: str = ""  # a catalog table (catalog.schema.table), written with delta-spark
     writer: str = "auto"  # auto | delta-spark | deltalake
     store_text: bool = True  # False: store a SHA-256 of the text instead of the text
     incremental: bool = True  # skip mentions already linked with the same model + index
@@ -376,6 +433,7 @@ class OutputConfig:
     # a nightly run only computes the forms it has never seen. "" = no cache. Needs
     # spark.dedupe_surface_forms.
     form_cache_path: str = ""
+    form_cache_table: str = ""  # the form cache as a catalog table instead
     # rows per Parquet file a run adds to the table (and the form cache): a night of a few
     # thousand rows adds one file, a large run one file per this many rows, more while each
     # task slot gets at least a tenth of it
@@ -384,6 +442,30 @@ class OutputConfig:
     def __post_init__(self) -> None:
         _check_choice("output.writer", self.writer, WRITERS)
         _check_positive("output.rows_per_file", self.rows_per_file)
+        check_writer("output", self.writer,
+                     table_ref(self.path, self.table, "output.path", "output.table", False),
+                     self.form_cache)
+
+    @property
+    def target(self) -> TableRef:
+        """The code-assignment table (``output.path`` or ``output.table``)."""
+        return table_ref(self.path, self.table, "output.path", "output.table")
+
+    @property
+    def form_cache(self) -> TableRef | None:
+        """The form cache table, None when there is none."""
+        return table_ref(self.form_cache_path, self.form_cache_table, "output.form_cache_path",
+                         "output.form_cache_table", required=False)
+
+
+def check_writer(section: str, writer: str, *tables: TableRef | None) -> None:
+    """Catalog tables are written through the session's catalog, which only delta-spark
+    does: refuse ``writer: deltalake`` with one."""
+    named = [str(t) for t in tables if t is not None and t.by_name]
+    if named and writer == "deltalake":
+        raise ConfigError(f"{section}.writer deltalake writes folders, not catalog tables "
+                          f"({', '.join(named)}): use writer auto or delta-spark (a session "
+                          "with Delta Lake), or name the tables by path")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from clinlinker_spark.config import SparkConfig, from_dict
+from clinlinker_spark.config import (
+    SparkConfig, TableRef, check_writer, from_dict, table_ref,
+)
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW
 from clinlinker_spark.text import normalize_code
@@ -712,11 +714,19 @@ def format_coverage(report: Sequence[VariableCoverage]) -> str:
 class AssignmentsTableConfig:
     """The code-assignment Delta table the variables are built from."""
 
-    path: str = "artifacts/tables/code_assignments"
+    path: str = ""  # a folder, or:
+    table: str = ""  # a catalog table (catalog.schema.table)
     # Optional boolean columns (e.g. pass-through columns of the link job's input); filtered
     # on only when the table has them.
     negated_column: str = "negated"
     uncertain_column: str = "uncertain"
+
+    def __post_init__(self) -> None:
+        table_ref(self.path, self.table, "assignments.path", "assignments.table", False)
+
+    @property
+    def target(self) -> TableRef:
+        return table_ref(self.path, self.table, "assignments.path", "assignments.table")
 
 
 @dataclass(frozen=True)
@@ -761,7 +771,8 @@ class IsaConfig:
 
 @dataclass(frozen=True)
 class VariablesOutputConfig:
-    path: str = "artifacts/tables/clinical_variables"
+    path: str = ""  # a folder, or:
+    table: str = ""  # a catalog table (catalog.schema.table), written with delta-spark
     writer: str = "auto"  # auto | delta-spark | deltalake
     # False: rows only for units with evidence (present = true). True: also a present = false
     # row for every (unit, variable) without evidence, for every unit that has at least one
@@ -772,6 +783,12 @@ class VariablesOutputConfig:
         if self.writer not in WRITERS:
             raise ConfigError(f"output.writer must be one of {', '.join(WRITERS)}; "
                               f"got {self.writer!r}")
+        check_writer("output", self.writer,
+                     table_ref(self.path, self.table, "output.path", "output.table", False))
+
+    @property
+    def target(self) -> TableRef:
+        return table_ref(self.path, self.table, "output.path", "output.table")
 
 
 def _default_spark() -> SparkConfig:

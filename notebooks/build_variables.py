@@ -18,14 +18,16 @@
 # ruff: noqa: E402, F821 (a notebook: imports per cell; dbutils and display are Databricks globals)
 dbutils.widgets.text(
     "config", "/Workspace/Repos/clinlinker-spark/conf/variables.yaml", "Config YAML")
-dbutils.widgets.text("assignments_path", "", "Code-assignment table (assignments.path)")
+dbutils.widgets.text("assignments_table", "clinical.linking.code_assignments",
+                     "Code-assignment table (catalog.schema.table)")
 dbutils.widgets.text("documents_path", "", "Documents table: doc_id -> patient, date")
 dbutils.widgets.text("patient_id_column", "", "Patient id column (empty: unit = document)")
 dbutils.widgets.text("date_column", "", "Document date column")
 dbutils.widgets.text("definitions", "", "Definition files/globs (comma separated)")
 dbutils.widgets.text("isa_path", "", "Is-a table (SNOMED-CT RF2 relationships or child/parent)")
 dbutils.widgets.text("index_path", "", "Index the assignments came from (validation)")
-dbutils.widgets.text("output_path", "", "Variables table (output.path)")
+dbutils.widgets.text("output_table", "clinical.linking.clinical_variables",
+                     "Variables table (catalog.schema.table)")
 dbutils.widgets.dropdown("emit_absent", "false", ["false", "true"], "Rows for absent variables")
 dbutils.widgets.text("overrides", "", "More key=value overrides (; separated)")
 dbutils.widgets.text("run_id", "", "Run id (empty: random)")
@@ -42,7 +44,8 @@ from clinlinker_spark.widgets import VARIABLES_WIDGETS, widget_overrides
 from clinlinker_spark.variables import VariablesJobConfig, format_coverage, validate_variables
 
 setup_logging("INFO")
-values = {name: dbutils.widgets.get(name) for name in [*VARIABLES_WIDGETS, "overrides"]}
+names = [n for n in VARIABLES_WIDGETS if n not in ("assignments_path", "output_path")]
+values = {name: dbutils.widgets.get(name) for name in [*names, "overrides"]}
 # spark.master= keeps the cluster's session (conf/variables.yaml names local[2] for laptops)
 overrides = ["spark.master=", *widget_overrides(values, VARIABLES_WIDGETS)]
 config = load_config(dbutils.widgets.get("config"), overrides, cls=VariablesJobConfig)
@@ -61,7 +64,7 @@ from pyspark.sql import functions as F
 
 from clinlinker_spark.spark.writer import read_delta
 
-variables = read_delta(spark, config.output.path)
+variables = read_delta(spark, config.output.target)
 display(
     variables.where(F.col("present"))
     .groupBy("unit_type", "variable")

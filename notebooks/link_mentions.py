@@ -15,11 +15,8 @@
 # ruff: noqa: E402, F821 (a notebook: imports per cell; dbutils and display are Databricks globals)
 dbutils.widgets.text(
     "config", "/Workspace/Repos/clinlinker-spark/conf/databricks.yaml", "Config YAML")
-dbutils.widgets.text("input_path", "", "Mentions (input.path)")
-dbutils.widgets.dropdown(
-    "input_format", "delta", ["delta", "parquet", "distemist", "medprocner", "codiesp"],
-    "Input format")
-dbutils.widgets.text("output_path", "", "Code-assignment table (output.path)")
+dbutils.widgets.text("input_table", "", "Mentions table (catalog.schema.table)")
+dbutils.widgets.text("output_table", "", "Code-assignment table (catalog.schema.table)")
 dbutils.widgets.text("index_path", "", "Index directory (index.path)")
 dbutils.widgets.dropdown("incremental", "true", ["true", "false"], "Skip mentions already linked")
 dbutils.widgets.text("overrides", "", "More key=value overrides (; separated)")
@@ -34,7 +31,7 @@ from clinlinker_spark.widgets import widget_overrides
 from clinlinker_spark.spark.session import build_spark_session
 
 setup_logging("INFO")
-names = ("input_path", "input_format", "output_path", "index_path", "incremental", "overrides")
+names = ("input_table", "output_table", "index_path", "incremental", "overrides")
 config = load_config(dbutils.widgets.get("config"),
                      widget_overrides({n: dbutils.widgets.get(n) for n in names}))
 spark = build_spark_session(config.spark)  # the cluster's session, with the job's SQL settings
@@ -45,13 +42,13 @@ print(summary.to_json(indent=2))
 
 from clinlinker_spark.spark.writer import read_delta
 
-assignments = read_delta(spark, config.output.path)
+assignments = read_delta(spark, config.output.target)
 display(assignments.groupBy("status", "run_id").count().orderBy("run_id", "status"))
 
 # COMMAND ----------
 
 display(
-    assignments.filter(assignments.run_id == summary["run_id"])
+    assignments.filter(assignments.run_id == summary.run_id)
     .select("mention_id", "status", "reason", "code", "term", "score")
     .limit(50)
 )

@@ -5,13 +5,15 @@ microsecond Parquet timestamps, a 2g driver. Delta Lake's jars are added only wh
 this machine, never downloaded: ``CLINLINKER_DELTA_SPARK_JARS`` may list jar files (comma or
 ``os.pathsep`` separated) or a folder of jars; otherwise an Ivy cache (``~/.ivy2.5.2`` for
 Spark 4, ``~/.ivy2``) that already holds ``io.delta:delta-spark_2.13:4.0.0`` is used through
-``spark.jars.packages`` with ``spark.jars.ivy`` pointing at it.
+``spark.jars.packages`` with ``spark.jars.ivy`` pointing at it. Catalog tables
+(``schema.table``) live in the spark_catalog with a temporary warehouse folder.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +78,7 @@ def make_local_spark(extra_conf: dict[str, str] | None = None) -> SparkSession:
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
         "spark.driver.memory": "2g",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.warehouse.dir": tempfile.mkdtemp(prefix="clinlinker-warehouse-"),
         **delta_spark_conf(),
         **(extra_conf or {}),
     }

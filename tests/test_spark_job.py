@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from clinlinker_spark.config import (
-    IndexConfig, JobConfig, RankerConfig, SparkConfig, TerminologyConfig,
+    IndexConfig, JobConfig, RankerConfig, SparkConfig, TableRef, TerminologyConfig,
     TerminologySourceConfig, load_config,
 )
 from clinlinker_spark.corpora import read_gold
@@ -570,14 +570,18 @@ def fail_once_after_first_batch(monkeypatch, marker: Path) -> None:
     monkeypatch.setattr(udfs, "make_retrieve_fn", failing_retrieve_fn)
 
 
+@pytest.mark.parametrize("writer", ["deltalake", "delta-spark"])
 def test_a_failed_task_is_retried_and_each_mention_written_once(
-    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
+    request, spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
+    writer,
 ):
     if not re.fullmatch(r"local\[(\d+|\*),\s*([2-9]|\d\d+)\]", spark.sparkContext.master):
         pytest.skip(f"master {spark.sparkContext.master} does not retry failed tasks")
+    if writer == "delta-spark":
+        request.getfixturevalue("delta_spark")
     # without surface-form de-duplication (every mention goes through the UDF), so that this
     # run also checks that path against the core linker
-    config = job_config(tmp_path, tiny_encoder_dir, sample_index)
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, f"output.writer={writer}")
     config = dataclasses.replace(config, spark=dataclasses.replace(
         TEST_SPARK, dedupe_surface_forms=False))
     marker = tmp_path / "failed-once"
@@ -589,6 +593,111 @@ def test_a_failed_task_is_retried_and_each_mention_written_once(
     assert summary["rows_written"] == len(dev_mentions)
     assert summary["surface_forms"] == len(dev_mentions)  # no de-duplication
     assert_matches_core(table, Linker.from_config(config).link(dev_mentions))
+    assert summary["writer"] == writer
+
+
+# --------------------------------------------------------------------------------------------
+# delta-spark (Databricks' and Spark clusters' writer) and catalog tables by name
+
+
+def sorted_rows(table: pd.DataFrame, drop: tuple[str, ...] = ("run_ts",)) -> pd.DataFrame:
+    columns = sorted(c for c in table.columns if c not in drop)
+    return table[columns].sort_values("mention_id").reset_index(drop=True).astype(str)
+
+
+def test_delta_spark_writes_the_rows_of_the_deltalake_writer_and_a_rerun_adds_a_version(
+    delta_spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    spark = delta_spark
+    lake = job_config(tmp_path / "lake", tiny_encoder_dir, sample_index,
+                      "output.writer=deltalake")
+    dspark = job_config(tmp_path / "dspark", tiny_encoder_dir, sample_index,
+                        "output.writer=delta-spark")
+    assert run_job(spark, lake, run_id="same")["writer"] == "deltalake"
+    first = run_job(spark, dspark, run_id="same")
+    assert (first["writer"], first["table_version"]) == ("delta-spark", 0)
+    assert (tmp_path / "dspark" / "code_assignments" / "_delta_log").is_dir()
+    # delta-rs reads what delta-spark wrote: the same rows, column for column
+    written = read_table(dspark.output.path)
+    pd.testing.assert_frame_equal(sorted_rows(written), sorted_rows(read_table(lake.output.path)))
+    assert len(written) == len(dev_mentions)
+
+    again = run_job(spark, dspark, run_id="again")
+    assert (again["table_version"], again["rows_replaced"]) == (1, len(dev_mentions))
+    rerun = read_table(dspark.output.path)
+    assert set(rerun["run_id"]) == {"again"}
+    pd.testing.assert_frame_equal(sorted_rows(rerun, ("run_ts", "run_id")),
+                                  sorted_rows(written, ("run_ts", "run_id")))
+
+
+def write_catalog_table(spark, df: pd.DataFrame, name: str) -> None:
+    spark.createDataFrame(df).write.format("delta").saveAsTable(name)
+
+
+def test_delta_spark_catalog_tables_by_name_evolve_and_feed_the_form_cache(
+    delta_spark, catalog_schema, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    spark = delta_spark
+    old, new = dev_mentions.iloc[:380], dev_mentions.iloc[380:]
+    write_catalog_table(spark, old[MENTION_COLUMNS], f"{catalog_schema}.night_1")
+    # the second night's mentions bring a column the table has not seen
+    write_catalog_table(spark, new[MENTION_COLUMNS + ["code"]].rename(
+        columns={"code": "gold_code"}), f"{catalog_schema}.night_2")
+    output, cache = f"{catalog_schema}.code_assignments", f"{catalog_schema}.form_cache"
+
+    def config(night: int, *sets: str) -> JobConfig:
+        return job_config(tmp_path, tiny_encoder_dir, sample_index, "input.path=",
+                          f"input.table={catalog_schema}.night_{night}", "input.format=delta",
+                          "output.path=", f"output.table={output}",
+                          f"output.form_cache_table={cache}", "output.incremental=true",
+                          *sets)
+
+    assert not spark.catalog.tableExists(output)
+    first = run_job(spark, config(1, "input.passthrough_columns=[]"), run_id="night-1")
+    assert first["table"] == output and first["writer"] == "delta-spark"
+    assert first["form_cache"]["table"] == cache
+    assert spark.catalog.tableExists(output) and spark.catalog.tableExists(cache)
+    table = spark.read.table(output).toPandas()
+    assert len(table) == len(old) and "gold_code" not in table.columns
+    assert_matches_core(table, Linker.from_config(config(1)).link(old))
+
+    second = run_job(spark, config(2, "input.passthrough_columns=[gold_code]"),
+                     run_id="night-2")
+    assert second["table_version"] == first["table_version"] + 1
+    forms = lambda df: {normalize_text(t) for t in df["text"]}  # noqa: E731
+    assert second["form_cache"]["hits"] == len(forms(new) & forms(old)) > 0, second
+    assert second["form_cache"]["added"] == len(forms(new) - forms(old)), second["form_cache"]
+    assert second["surface_forms"] == len(forms(new) - forms(old))
+    table = spark.read.table(output).toPandas()
+    assert len(table) == table["mention_id"].nunique() == len(dev_mentions)
+    # the new pass-through column: filled for night 2, null for the rows of night 1
+    by_run = table.groupby("run_id")["gold_code"].apply(lambda c: c.notna().all())
+    assert by_run.to_dict() == {"night-1": False, "night-2": True}
+    assert table.loc[table["run_id"] == "night-1", "gold_code"].isna().all()
+    assert_matches_core(table[table["run_id"] == "night-2"],
+                        Linker.from_config(config(2)).link(new))
+    assert len(spark.read.table(cache).toPandas()) == len(forms(dev_mentions))
+
+    # incremental: night 1 again links nothing and writes no version
+    third = run_job(spark, config(1, "input.passthrough_columns=[]"), run_id="night-1b")
+    assert third["skipped_already_linked"] == len(old) and third["rows_written"] == 0
+    assert third["table_version"] == second["table_version"]
+
+
+def test_catalog_tables_need_delta_spark_and_a_config_names_a_path_or_a_table(
+    spark, tmp_path, tiny_encoder_dir, sample_index,
+):
+    with pytest.raises(ConfigError, match="never both"):
+        job_config(tmp_path, tiny_encoder_dir, sample_index, "output.table=clin.assignments")
+    with pytest.raises(ConfigError, match="writes folders, not catalog tables"):
+        job_config(tmp_path, tiny_encoder_dir, sample_index, "output.path=",
+                   "output.table=clin.assignments", "output.writer=deltalake")
+    with pytest.raises(ConfigError, match="catalog.schema.table or schema.table"):
+        job_config(tmp_path, tiny_encoder_dir, sample_index, "output.path=",
+                   "output.table=assignments")
+    with pytest.raises(ConfigError, match="set output.path .* or output.table .*neither"):
+        run_job(spark, job_config(tmp_path, tiny_encoder_dir, sample_index, "output.path="))
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_worker_keeps_its_models_when_only_the_linking_settings_change(
@@ -1516,7 +1625,13 @@ def test_session_settings_and_notebook_overrides():
     assert "PYSPARK_PYTHON" not in env and env["SPARK_LOCAL_IP"] == "127.0.0.1"
     assert widget_overrides({"input_path": "/in", "top_k": "", "overrides":
                              "linking.top_k=5; output.incremental=false\nspark.task_cpus=2"}) == [
-        "input.path=/in", "linking.top_k=5", "output.incremental=false", "spark.task_cpus=2"]
+        "input.table=", "input.path=/in", "linking.top_k=5", "output.incremental=false",
+        "spark.task_cpus=2"]
+    # a table widget replaces the path the config YAML names
+    config = load_config(str(Path(__file__).parent.parent / "conf" / "local.yaml"),
+                         widget_overrides({"output_table": "clinical.linking.code_assignments",
+                                           "output_path": ""}))
+    assert config.output.target == TableRef(name="clinical.linking.code_assignments")
 
 
 def test_build_spark_session_reuses_a_running_session(spark):

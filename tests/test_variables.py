@@ -438,11 +438,13 @@ def test_notebook_widgets_map_to_overrides():
     sets = widget_overrides({
         "assignments_path": "/v/assignments", "definitions": "conf/a/*.yaml, conf/b.yaml",
         "patient_id_column": "patient_id", "emit_absent": "true", "output_path": "",
+        "output_table": "clinical.linking.variables",
         "overrides": "unit=patient; documents.path=/v/docs",
     }, VARIABLES_WIDGETS)
     config = load_config(None, sets, cls=VariablesJobConfig)
     assert config.assignments.path == "/v/assignments"
     assert config.definitions == ("conf/a/*.yaml", "conf/b.yaml")
     assert config.output.emit_absent is True
-    assert config.output.path == VariablesJobConfig().output.path  # empty widget: default
+    assert config.output.path == ""  # emptied by the table widget
+    assert str(config.output.target) == "clinical.linking.variables"
     assert config.unit_type == "patient" and config.documents.path == "/v/docs"

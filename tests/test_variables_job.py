@@ -343,3 +343,34 @@ def test_errors_before_any_work(spark, setup, tmp_path):
         run_variables_job(spark, dataclasses.replace(config, documents=dataclasses.replace(
             config.documents, path=str(dup))))
     assert not Path(config.output.path).exists()
+
+
+def test_delta_spark_catalog_tables_give_the_deltalake_rows_and_a_rerun_one_version(
+    delta_spark, catalog_schema, setup, tmp_path,
+):
+    from clinlinker_spark.config import TableRef
+    from clinlinker_spark.spark.variables_job import run_variables_job
+    from clinlinker_spark.spark.writer import read_delta
+
+    spark = delta_spark
+    config, _ = setup
+    lake = dataclasses.replace(config, output=VariablesOutputConfig(
+        path=str(tmp_path / "lake"), writer="deltalake"))
+    assert run_variables_job(spark, lake, run_id="run-1")["writer"] == "deltalake"
+    # the same assignments as a catalog table; the variables table by name, with delta-spark
+    assignments, variables = f"{catalog_schema}.code_assignments", f"{catalog_schema}.variables"
+    read_delta(spark, config.assignments.path).write.format("delta").saveAsTable(assignments)
+    named = dataclasses.replace(
+        config, assignments=AssignmentsTableConfig(table=assignments),
+        output=VariablesOutputConfig(table=variables, writer="delta-spark"))
+    first = run_variables_job(spark, named, run_id="run-1")
+    assert (first["writer"], first["table"]) == ("delta-spark", variables)
+    assert first["assignments"]["table"] == assignments
+    assert first["assignments"]["version"] == 0
+    rows = table(spark, TableRef(name=variables))
+    assert rows and without_run(rows) == without_run(table(spark, lake.output.path))
+
+    second = run_variables_job(spark, named, run_id="run-2")
+    assert second["table_version"] == first["table_version"] + 1
+    assert without_run(table(spark, TableRef(name=variables))) == without_run(rows)
+    assert second["rows_replaced"] == len(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. linking.top_k=50 (repeatable)")
     p.add_argument("--run-id", default=None, help="run id stamped on the rows (default: random)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the input's schema, the artifacts and the output "
+                   "tables' schemas, print what the run would do as JSON, and stop: nothing "
+                   "is linked, built or written")
     p.add_argument("--show", type=int, default=SHOW_ROWS,
                    help="how many linked and needs_review rows to print, followed by this "
                    "run's accuracy@1 against the input's gold_code column when the table has "
@@ -47,14 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.spark.writer import read_delta
 
     config = load_config(args.config, args.set)
-    if not config.input.path:
-        raise ConfigError("input.path is empty: give --config conf/local.yaml (the sample "
-                          "mentions) or --set input.path=...")
+    if config.input.target is None:
+        raise ConfigError("no input: give --config conf/local.yaml (the sample mentions), "
+                          "--set input.path=... or --set input.table=catalog.schema.table")
     spark = build_spark_session(config.spark)
     try:
+        if args.dry_run:
+            from clinlinker_spark.spark.dry_run import plan_link_job
+
+            print(json.dumps(plan_link_job(spark, config), indent=2))
+            return 0
         summary = run_link_job(spark, config, run_id=args.run_id)
         print(format_summary(summary))
-        table = read_delta(spark, summary.table_path) if args.show > 0 else None
+        table = read_delta(spark, config.output.target) if args.show > 0 else None
         if table is not None:
             print(format_rows(preview_rows(table, summary.run_id, args.show)))
             gold = gold_agreement(table, summary.run_id)
@@ -124,7 +134,7 @@ def format_summary(summary: LinkSummary) -> str:
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings_s.items())
     written = f"writer {summary.writer}" if summary.writer else "nothing new to write"
     return "\n".join([
-        f"code assignments: {summary.table_path} (Delta, version {summary.table_version}, "
+        f"code assignments: {summary.table} (Delta, version {summary.table_version}, "
         f"{written})",
         f"run {summary.run_id}: {summary.mentions} mentions; "
         + ", ".join(f"{k} {v}" for k, v in counts.items())

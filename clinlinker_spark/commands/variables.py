@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--validate", action="store_true",
                    help="only check each variable's codes against index_path's terminology; "
                    "exit 1 when a variable can produce nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the definitions, the assignments table and the output table, "
+                   "print what the run would do as JSON, and stop without writing")
     p.add_argument("--run-id", default=None, help="run id stamped on the rows (default: random)")
     p.add_argument("--show", type=int, default=SHOW_ROWS,
                    help="how many variable rows to print after the run (0: none)")
@@ -51,10 +54,15 @@ def run(args: argparse.Namespace) -> int:
 
     spark = build_spark_session(config.spark)
     try:
+        if args.dry_run:
+            from clinlinker_spark.spark.dry_run import plan_variables_job
+
+            print(json.dumps(plan_variables_job(spark, config), indent=2))
+            return 0
         summary = run_variables_job(spark, config, run_id=args.run_id)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         if args.show > 0:
-            print(format_rows(variable_rows(spark, summary, args.show)))
+            print(format_rows(variable_rows(spark, config, summary, args.show)))
     finally:
         if config.spark.master:  # an existing session we did not start (Databricks) stays up
             spark.stop()
@@ -80,13 +88,14 @@ def validate(config: Any, as_json: bool = False) -> int:
     return 0
 
 
-def variable_rows(spark: Any, summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
+def variable_rows(spark: Any, config: Any, summary: dict[str, Any],
+                  n: int) -> list[dict[str, Any]]:
     """A few present rows of this run (unit, variable, dates, n_mentions, evidence codes)."""
     from pyspark.sql import functions as F
 
     from clinlinker_spark.spark.writer import read_delta
 
-    table = read_delta(spark, summary["table_path"])
+    table = read_delta(spark, config.output.target)
     if table is None:
         return []
     rows = (table.where((F.col("run_id") == summary["run_id"]) & F.col("present"))
@@ -101,9 +110,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     a = summary["assignments"]
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items())
     lines = [
-        f"variables table: {summary['table_path']} (Delta, version {summary['table_version']}, "
+        f"variables table: {summary['table']} (Delta, version {summary['table_version']}, "
         f"writer {summary['writer']})",
-        f"run {summary['run_id']}: unit {summary['unit_type']}; assignments {a['path']} "
+        f"run {summary['run_id']}: unit {summary['unit_type']}; assignments {a['table']} "
         f"(version {a['version']}): {a['rows']} rows, {a['linked']} linked"
         + (f", {a['needs_review']} needs_review" if a.get("needs_review") else "") + "; "
         f"{summary['evidence_rows']} supporting mention rows"

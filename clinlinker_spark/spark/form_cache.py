@@ -150,7 +150,7 @@ def update_form_cache(spark: SparkSession, rows: DataFrame, n_rows: int, config:
     from clinlinker_spark.spark.writer import merge_into_delta
 
     try:
-        added = merge_into_delta(spark, rows, config.output.form_cache_path,
+        added = merge_into_delta(spark, rows, config.output.form_cache,
                                  key=CACHE_KEY_COLUMN, writer=config.output.writer,
                                  new_keys_at=cache_at, max_rows=n_rows,
                                  rows_per_file=config.output.rows_per_file,
@@ -159,6 +159,6 @@ def update_form_cache(spark: SparkSession, rows: DataFrame, n_rows: int, config:
     except Exception as exc:  # noqa: BLE001 - the assignments are already committed
         log.warning("link job %s: form cache %s not updated (%s: %s); the table is written, "
                     "the next run computes these forms again", run_id,
-                    config.output.form_cache_path, type(exc).__name__, exc)
+                    config.output.form_cache, type(exc).__name__, exc)
         return {"error": type(exc).__name__}
 

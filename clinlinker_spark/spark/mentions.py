@@ -52,15 +52,21 @@ def quoted_col(name: str, df: DataFrame | None = None) -> Column:
 
 
 def read_mentions(spark: SparkSession, cfg: InputConfig) -> DataFrame:
-    """Read the input named by ``cfg`` (lazily for Parquet and Delta).
+    """Read the input named by ``cfg`` (lazily for Parquet, Delta and catalog tables).
 
     Gold TSV formats (distemist | medprocner | codiesp; a file or a folder) are read by
     :func:`clinlinker_spark.corpora.read_gold` on the driver; their gold ``code``/``codes``
     columns are renamed ``gold_code``/``gold_codes`` so they can be passed through without
     clashing with the predicted code.
     """
+    if cfg.table:
+        if not spark.catalog.tableExists(cfg.table):
+            raise InputDataError(f"input.table {cfg.table} does not exist in the session's "
+                                 "catalog")
+        return spark.read.table(cfg.table)
     if not cfg.path:
-        raise ConfigError("input.path is empty: set it to the mentions to link")
+        raise ConfigError("no input: set input.path (a folder or file) or input.table "
+                          "(catalog.schema.table) to the mentions to link")
     if cfg.format == "parquet":
         if not Path(cfg.path).exists() and "://" not in cfg.path:
             raise InputDataError(f"input not found: {cfg.path}")
@@ -108,7 +114,7 @@ def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) ->
                 if c not in present]
     if missing:
         raise InputDataError(
-            f"input {cfg.path} is missing required column(s) {', '.join(missing)}; "
+            f"input {cfg.target} is missing required column(s) {', '.join(missing)}; "
             f"its columns are {present}"
         )
     clashes = [c for c in cfg.passthrough_columns if c in schemas.RESERVED_COLUMNS]

@@ -10,12 +10,13 @@ call it with a SparkSession they built. It reads as its data flow:
    checked on the driver before any Spark work, shipped to executors once.
 2. :func:`prepare`: one row per mention_id (identify and validate), skip what the table holds
    already (``output.incremental``), surface forms (``spark.dedupe_surface_forms``) split by
-   the form cache (``output.form_cache_path``). One Spark action; its counts come from
-   unions of ``tally`` rows.
+   the form cache (``output.form_cache_path`` or ``output.form_cache_table``). One Spark
+   action; its counts come from unions of ``tally`` rows.
 3. :func:`link_forms`: the UDF stages over the forms left to compute: candidates, re-rank
    when a re-ranker is set, and the ranker's order, confidence and status.
 4. :func:`assemble_output`: every mention's row with its form's result and lineage.
-5. :func:`write_assignments`: MERGE on mention_id into ``output.path``
+5. :func:`write_assignments`: MERGE on mention_id into the output table (``output.path`` or
+   ``output.table``)
    (:mod:`clinlinker_spark.spark.writer`).
 6. ``form_cache.update_form_cache``: the forms computed tonight, after the table (a failure
    there costs the next run time, never rows).
@@ -205,7 +206,7 @@ def skip_linked(spark: SparkSession, identified: DataFrame, config: JobConfig,
     from clinlinker_spark.spark.writer import read_delta_snapshot
 
     if config.output.incremental:
-        table, table_at = read_delta_snapshot(spark, config.output.path)
+        table, table_at = read_delta_snapshot(spark, config.output.target)
         keys = table_keys(table, versions)
         if keys is not None:
             broadcast = _broadcastable(input_rows, config.spark)
@@ -254,7 +255,7 @@ def prepare(spark: SparkSession, selected: DataFrame, config: JobConfig,
     already is shuffled and joined once, never cached."""
     from pyspark.sql import functions as F
 
-    cache_path = config.output.form_cache_path
+    has_cache = config.output.form_cache is not None
     marked, table_at = skip_linked(spark, identify_mentions(selected), config, versions,
                                    input_rows)
     validated, tallies = validate_remaining(marked, config, input_rows, slots, persist)
@@ -265,7 +266,7 @@ def prepare(spark: SparkSession, selected: DataFrame, config: JobConfig,
     # every night
     first: dict[str, int] = {}
     max_forms = input_rows
-    if cache_path and not _broadcastable(input_rows, config.spark):
+    if has_cache and not _broadcastable(input_rows, config.spark):
         first = collect_tallies(tallies)
         tallies = []
         max_forms = first["_remaining"] - first["invalid"] - first["unchanged_invalid"]
@@ -287,14 +288,14 @@ def _split_forms(spark: SparkSession, to_link: DataFrame, config: JobConfig,
     ``spark.shuffle_partitions`` partitions; with one, the caller repartitions them once the
     misses are counted."""
     partitions = config.spark.shuffle_partitions
-    cache_path = config.output.form_cache_path
+    cache_table = config.output.form_cache
     forms = surface_forms(to_link, config.spark.dedupe_surface_forms,
-                          None if cache_path else partitions)
-    if not cache_path:
+                          None if cache_table else partitions)
+    if cache_table is None:
         return forms, None, None
     from clinlinker_spark.spark.writer import read_delta_snapshot
 
-    cache, cache_at = read_delta_snapshot(spark, cache_path)
+    cache, cache_at = read_delta_snapshot(spark, cache_table)
     hits, forms, cache_tally = split_by_cache(forms, cache, cache_versions, persist,
                                               _broadcastable(max_forms, config.spark))
     if cache_tally is None:  # not read: the forms were not checked against it
@@ -485,14 +486,14 @@ class Written:
 
 def write_assignments(spark: SparkSession, out: DataFrame, rows: int, config: JobConfig,
                       new_keys_at: int | None) -> Written:
-    """MERGE ``out`` (at most ``rows`` rows) into ``output.path`` on mention_id; no commit
+    """MERGE ``out`` (at most ``rows`` rows) into the output table on mention_id; no commit
     when there is nothing to write (the table stays at its version)."""
     from clinlinker_spark.spark.writer import merge_into_delta, readable_version
 
     by_status = {s: 0 for s in STATUSES}
     if not rows:
-        return Written(None, readable_version(config.output.path), 0, 0, by_status)
-    written = merge_into_delta(spark, out, config.output.path, key="mention_id",
+        return Written(None, readable_version(spark, config.output.target), 0, 0, by_status)
+    written = merge_into_delta(spark, out, config.output.target, key="mention_id",
                                writer=config.output.writer, count_by="status",
                                new_keys_at=new_keys_at, max_rows=rows,
                                rows_per_file=config.output.rows_per_file,
@@ -522,7 +523,7 @@ class LinkSummary:
 
     run_id: str
     run_ts: str
-    table_path: str
+    table: str  # the output table's path or catalog name
     writer: str | None
     table_version: int | None
     rows_written: int
@@ -563,7 +564,7 @@ def _summary(run_id: str, run_ts: datetime, config: JobConfig, art: ResolvedArti
 
     udf_totals = stage_seconds.value if stage_seconds is not None else {}
     return LinkSummary(
-        run_id=run_id, run_ts=run_ts.isoformat(), table_path=config.output.path,
+        run_id=run_id, run_ts=run_ts.isoformat(), table=str(config.output.target),
         writer=written.writer, table_version=written.table_version,
         rows_written=written.rows_written, rows_replaced=written.rows_replaced,
         mentions=prep.counts["mentions"], counts_by_status=written.counts_by_status,
@@ -620,7 +621,7 @@ def run_link_job(
     run_id: str | None = None,
     mentions: DataFrame | None = None,
 ) -> LinkSummary:
-    """Link the configured input and MERGE the code assignments into ``output.path``.
+    """Link the configured input and MERGE the code assignments into the output table.
 
     ``mentions`` (optional) replaces reading ``config.input``: a DataFrame with the input's
     columns (the column mapping still applies). Returns the run's :class:`LinkSummary`.
@@ -635,9 +636,10 @@ def run_link_job(
     from clinlinker_spark.spark.udfs import stage_seconds_accumulator
 
     run_id = run_id or uuid.uuid4().hex
-    if config.output.form_cache_path and not config.spark.dedupe_surface_forms:
-        raise ConfigError("output.form_cache_path needs spark.dedupe_surface_forms: true (the "
-                          "cache holds surface forms)")
+    config.output.target  # noqa: B018 - no output table: a ConfigError before any work
+    if config.output.form_cache is not None and not config.spark.dedupe_surface_forms:
+        raise ConfigError("a form cache (output.form_cache_path / form_cache_table) needs "
+                          "spark.dedupe_surface_forms: true (the cache holds surface forms)")
     run_ts = datetime.now(timezone.utc)  # aware: Spark stores the instant, whatever the TZ
     clock = StageClock(spark, f"clinlinker link {run_id}")
     t_start = time.perf_counter()
@@ -691,9 +693,10 @@ def learn_forms(spark: SparkSession, config: JobConfig, prep: Prepared, linked: 
                 clock: StageClock) -> dict[str, Any]:
     """Add the forms this run computed to the form cache (after the table is committed):
     the summary's ``form_cache`` entry (path, hits, added, or the error of a failed write)."""
-    form_cache: dict[str, Any] = {"path": config.output.form_cache_path or None,
+    cache_table = config.output.form_cache
+    form_cache: dict[str, Any] = {"table": str(cache_table) if cache_table else None,
                                   "hits": prep.counts.get("cache_hits", 0), "added": 0}
-    if config.output.form_cache_path and linked.computed is not None and linked.n_computed:
+    if cache_table is not None and linked.computed is not None and linked.n_computed:
         clock.start("form_cache_write")
         # the computed forms missed the cache as read at prep.cache_at
         form_cache.update(update_form_cache(

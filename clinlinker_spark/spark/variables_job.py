@@ -146,11 +146,11 @@ def read_assignments(spark: SparkSession, config: VariablesJobConfig) -> DataFra
     """The code-assignment table; InputDataError when it is missing or lacks columns."""
     from clinlinker_spark.spark.writer import read_delta
 
-    path = config.assignments.path
-    df = read_delta(spark, path)
+    table = config.assignments.target
+    df = read_delta(spark, table)
     if df is None:
-        raise InputDataError(f"no code-assignment Delta table at {path} (run clinlinker link "
-                             "first, or set assignments.path)")
+        raise InputDataError(f"no code-assignment Delta table {table} (run clinlinker link "
+                             "first, or set assignments.path / assignments.table)")
     missing = [c for c in REQUIRED_ASSIGNMENT_COLUMNS if c not in df.columns]
     docs = config.documents
     if not docs.path:
@@ -158,7 +158,7 @@ def read_assignments(spark: SparkSession, config: VariablesJobConfig) -> DataFra
                     for c in (docs.patient_id_column, docs.date_column)
                     if c and c not in df.columns]
     if missing:
-        raise InputDataError(f"code-assignment table {path} lacks column(s) {missing}; its "
+        raise InputDataError(f"code-assignment table {table} lacks column(s) {missing}; its "
                              f"columns are {df.columns}")
     return df
 
@@ -425,9 +425,9 @@ def run_variables_job(
 ) -> dict[str, Any]:
     """Build the variables table from the code assignments; returns a summary.
 
-    Summary: run_id, run_ts, table_path, writer, table_version, rows_written, rows_replaced,
-    stale_rows_removed, unit_type, assignments (path, Delta version, rows, linked rows,
-    needs_review rows), evidence_rows and evidence_without_unit, per-variable
+    Summary: run_id, run_ts, table (path or catalog name), writer, table_version,
+    rows_written, rows_replaced, stale_rows_removed, unit_type, assignments (table, Delta
+    version, rows, linked rows, needs_review rows), evidence_rows and evidence_without_unit, per-variable
     {definition_hash, status (changed / unchanged / no previous rows), units_present,
     mentions, can_produce (when index_path is set)}, and wall time per stage in seconds.
     """
@@ -481,7 +481,7 @@ def run_variables_job(
     summary: dict[str, Any] = {
         "run_id": run_id,
         "run_ts": run_ts.isoformat(),
-        "table_path": config.output.path,
+        "table": str(config.output.target),
         "writer": written.writer,
         "table_version": written.table_version,
         "rows_written": written.rows_written,
@@ -489,8 +489,9 @@ def run_variables_job(
         "stale_rows_removed": stale,
         "unit_type": unit_type,
         "emit_absent": config.output.emit_absent,
-        "assignments": {"path": config.assignments.path,
-                        "version": readable_version(config.assignments.path), **counts},
+        "assignments": {"table": str(config.assignments.target),
+                        "version": readable_version(spark, config.assignments.target),
+                        **counts},
         "evidence_rows": n_evidence,
         "evidence_without_unit": n_matched - n_evidence,
         "rows": n_rows,
@@ -541,7 +542,7 @@ def _write_variables(spark: SparkSession, rows: DataFrame, config: VariablesJobC
 
     from clinlinker_spark.spark.writer import merge_into_delta, read_delta
 
-    existing = read_delta(spark, config.output.path)
+    existing = read_delta(spark, config.output.target)
     previous = _previous_hashes(existing, config.unit_type)
     replace_keys = None
     stale = 0
@@ -551,7 +552,7 @@ def _write_variables(spark: SparkSession, rows: DataFrame, config: VariablesJobC
         replace_keys = scope.select(KEY_COLUMN)
         stale = replace_keys.join(rows.select(KEY_COLUMN), on=KEY_COLUMN,
                                   how="left_anti").count()
-    written = merge_into_delta(spark, rows, config.output.path, key=KEY_COLUMN,
+    written = merge_into_delta(spark, rows, config.output.target, key=KEY_COLUMN,
                                writer=config.output.writer, replace_keys_df=replace_keys)
     return written, previous, stale
 

@@ -1,6 +1,6 @@
 """The one module that writes tables: an idempotent MERGE into a Delta table, and its readers.
 
-``merge_into_delta(spark, df, path, key)`` leaves the table holding exactly
+``merge_into_delta(spark, df, table, key)`` leaves the table holding exactly
 (old rows whose key is not in ``df``) + (``df``'s rows), so a rerun with the same ``df`` leaves
 the same rows and adds one Delta version. Two writers implement it:
 
@@ -13,7 +13,9 @@ the same rows and adds one Delta version. Two writers implement it:
     source carries a delete marker (``whenMatchedDelete`` / ``whenMatchedUpdate`` /
     ``whenNotMatchedInsert`` with explicit columns); new columns and struct fields are then
     added first by an empty ``mergeSchema`` append, one extra metadata-only version.
-    ``rows_replaced`` comes from the commit's ``operationMetrics``.
+    ``rows_replaced`` comes from the commit's ``operationMetrics``. The only writer of
+    catalog tables (``TableRef`` by name: ``DeltaTable.forName``, ``saveAsTable``): the
+    session's catalog (Unity Catalog on Databricks) owns their storage.
 
 ``deltalake``
     Everywhere else (plain pip installs, CI). Spark writes the Parquet files, the driver commits
@@ -86,6 +88,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
+from clinlinker_spark.config import TableRef
 from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,7 +192,7 @@ def delta_spark_available(spark: SparkSession) -> bool:
 def merge_into_delta(
     spark: SparkSession,
     df: DataFrame,
-    path: str,
+    table: str | TableRef,
     key: str = "mention_id",
     writer: str = "auto",
     replace_keys_df: DataFrame | None = None,
@@ -199,7 +202,8 @@ def merge_into_delta(
     rows_per_file: int = 250_000,
     broadcast_rows: int = 200_000,
 ) -> WriteResult:
-    """MERGE ``df`` into the Delta table at ``path`` on ``key``; create the table if missing.
+    """MERGE ``df`` into the Delta ``table`` (a path, or a :class:`TableRef` by path or by
+    catalog name) on ``key``; create the table if missing.
 
     After the call the table holds exactly (old rows whose key is neither in ``df`` nor in
     ``replace_keys_df``) + (``df``'s rows), in one new Delta version. ``writer`` is ``auto``
@@ -226,7 +230,16 @@ def merge_into_delta(
         raise SchemaMismatchError(f"replace_keys_df has no key column {key!r}")
     if count_by is not None and count_by not in df.columns:
         raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
+    ref = as_table_ref(table)
     use_delta_spark = writes_with_delta_spark(spark, writer)
+    if ref.by_name and not use_delta_spark:
+        raise ConfigError(
+            f"{ref} is a catalog table: it is written with delta-spark, and this Spark session "
+            f"{'cannot use Delta Lake' if writer != WRITER_DELTALAKE else 'asks for deltalake'}"
+            ": start it with the io.delta:delta-spark jars and "
+            f"spark.sql.extensions={_DELTA_EXTENSION} (Databricks has them), or name the "
+            "table by path"
+        )
     if writer == WRITER_DELTA_SPARK and not use_delta_spark:
         raise ConfigError(
             "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
@@ -239,14 +252,14 @@ def merge_into_delta(
 
         df = df.coalesce(_file_count(max_rows, task_slots(spark), rows_per_file))
     if use_delta_spark:
-        result = _merge_delta_spark(spark, df, path, key, replace_keys_df, count_by)
+        result = _merge_delta_spark(spark, df, ref, key, replace_keys_df, count_by)
     else:
-        result = _merge_deltalake(spark, df, path, key, replace_keys_df, count_by, new_keys_at,
+        result = _merge_deltalake(spark, df, ref.path, key, replace_keys_df, count_by, new_keys_at,
                                   broadcast_rows)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
-        path, result.writer, result.table_version, result.rows_written, result.rows_replaced,
+        ref, result.writer, result.table_version, result.rows_written, result.rows_replaced,
         time.monotonic() - started,
     )
     return result
@@ -257,27 +270,45 @@ def writes_with_delta_spark(spark: SparkSession, writer: str) -> bool:
     return writer in ("auto", WRITER_DELTA_SPARK) and delta_spark_available(spark)
 
 
-def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
-    """The current snapshot of the Delta table at ``path`` as a DataFrame; None if no table.
+def as_table_ref(table: str | TableRef) -> TableRef:
+    """``table`` as a :class:`TableRef` (a plain string is a path)."""
+    return table if isinstance(table, TableRef) else TableRef(path=str(table))
+
+
+def read_delta(spark: SparkSession, table: str | TableRef) -> DataFrame | None:
+    """The current snapshot of the Delta ``table`` (a path or a :class:`TableRef`) as a
+    DataFrame; None if there is no table. A catalog table is read by name.
 
     With delta-spark: ``spark.read.format("delta")``. Otherwise Spark reads exactly the Parquet
     files of the snapshot that deltalake lists (uncommitted or removed files in the folder are
     never read), with the table's schema (files written before a column was added read it as
     null).
     """
-    return read_delta_snapshot(spark, path)[0]
+    return read_delta_snapshot(spark, table)[0]
 
 
-def read_delta_snapshot(spark: SparkSession, path: str) -> tuple[DataFrame | None, int | None]:
-    """:func:`read_delta` and the version it reads (None when there is no table, or with
-    delta-spark, which does not pin one here)."""
+def read_delta_snapshot(spark: SparkSession,
+                        table: str | TableRef) -> tuple[DataFrame | None, int | None]:
+    """:func:`read_delta` and the version it reads (None when there is no table).
+
+    The DataFrame reads that version whenever Spark evaluates it, also after a later write to
+    the table: a job that reads its own output table (the incremental skip, the form cache)
+    and evaluates the read again after its write sees the rows it saw before. A catalog table
+    in a session without delta-spark is read at its current state (version None)."""
+    ref = as_table_ref(table)
     if delta_spark_available(spark):
-        from delta.tables import DeltaTable as SparkDeltaTable
-
-        if not SparkDeltaTable.isDeltaTable(spark, path):
+        if not _delta_spark_exists(spark, ref):
             return None, None
-        return spark.read.format("delta").load(path), None
-    loc = _locate(path)
+        version = int(_delta_spark_open(spark, ref).history(1).select("version").first()[0])
+        if ref.by_name:  # the name is checked against config.TABLE_NAME
+            return spark.sql(f"SELECT * FROM {ref.name} VERSION AS OF {version}"), version
+        return (spark.read.format("delta").option("versionAsOf", version).load(ref.path),
+                version)
+    if ref.by_name:
+        if not spark.catalog.tableExists(ref.name):
+            return None, None
+        return spark.read.table(ref.name), None
+    loc = _locate(ref.path)
     table = _open_table(loc)
     if table is None:
         return None, None
@@ -302,13 +333,25 @@ def table_version(path: str) -> int | None:
     return None if table is None else int(table.version())
 
 
-def readable_version(path: str) -> int | None:
-    """:func:`table_version` for a summary: None also when delta-rs cannot read the table
-    (e.g. a path only Spark can read)."""
+def readable_version(spark: SparkSession, table: str | TableRef) -> int | None:
+    """The latest version of ``table`` for a summary (a catalog table: from its history);
+    None when there is no table or it cannot be read (e.g. a path only Spark can read)."""
+    ref = as_table_ref(table)
     try:
-        return table_version(path)
+        if not ref.by_name:
+            return table_version(ref.path)
+        if not spark.catalog.tableExists(ref.name):
+            return None
+        last = spark.sql(f"DESCRIBE HISTORY {ref.name} LIMIT 1").first()
+        return None if last is None else int(last["version"])
     except Exception:  # noqa: BLE001 - informational only
         return None
+
+
+def schema_change(table: StructType, incoming: StructType, key: str) -> list[str]:
+    """The columns a MERGE of rows with schema ``incoming`` into a table with schema ``table``
+    would add or widen; raises :class:`SchemaMismatchError` where the rows do not fit."""
+    return list(_merged_schema(table, incoming, key)[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,17 +616,16 @@ def _stage(spark: SparkSession, df: DataFrame, loc: _Location, folder: str,
 def _merge_delta_spark(
     spark: SparkSession,
     df: DataFrame,
-    path: str,
+    ref: TableRef,
     key: str,
     replace_keys_df: DataFrame | None,
     count_by: str | None = None,
 ) -> WriteResult:
-    from delta.tables import DeltaTable as SparkDeltaTable
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    exists = bool(SparkDeltaTable.isDeltaTable(spark, path))
-    table_schema = spark.read.format("delta").load(path).schema if exists else None
+    exists = _delta_spark_exists(spark, ref)
+    table_schema = _delta_spark_open(spark, ref).toDF().schema if exists else None
     merged, changed = _merged_schema(table_schema, df.schema, key)
     source = df.select(*[F.col(_quoted(name)) for name in df.columns])
     # df is read by the key check and again by the MERGE: keep it rather than recompute it.
@@ -592,13 +634,12 @@ def _merge_delta_spark(
         rows, counts = _check_keys(source, key, count_by)
         with _parquet_write_conf(spark):
             if not exists:
-                _conform(source, merged).write.format("delta").mode("errorifexists").save(path)
+                _save(_conform(source, merged).write.format("delta").mode("errorifexists"),
+                      ref)
             else:
-                _delta_spark_merge(
-                    spark, SparkDeltaTable, source, path, key, merged, changed, replace_keys_df
-                )
+                _delta_spark_merge(spark, source, ref, key, merged, changed, replace_keys_df)
         last = (
-            SparkDeltaTable.forPath(spark, path).history(1)
+            _delta_spark_open(spark, ref).history(1)
             .select("version", "operation", "operationMetrics").first()
         )
         assert last is not None
@@ -614,11 +655,43 @@ def _merge_delta_spark(
         source.unpersist()
 
 
+def _delta_spark_exists(spark: SparkSession, ref: TableRef) -> bool:
+    """Whether ``ref`` is a Delta table (a catalog table of another format is an error)."""
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    if not ref.by_name:
+        return bool(SparkDeltaTable.isDeltaTable(spark, ref.path))
+    if not spark.catalog.tableExists(ref.name):
+        return False
+    try:
+        SparkDeltaTable.forName(spark, ref.name)
+    except Exception as exc:  # noqa: BLE001 - AnalysisException: not a Delta table
+        raise DeltaWriteError(f"catalog table {ref.name} exists and is not a Delta table "
+                              f"({type(exc).__name__})") from None
+    return True
+
+
+def _delta_spark_open(spark: SparkSession, ref: TableRef) -> Any:
+    """delta-spark's ``DeltaTable`` for ``ref`` (by name or by path)."""
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    if ref.by_name:
+        return SparkDeltaTable.forName(spark, ref.name)
+    return SparkDeltaTable.forPath(spark, ref.path)
+
+
+def _save(writer: Any, ref: TableRef) -> None:
+    """Run a ``DataFrameWriter`` into ``ref``: ``saveAsTable`` by name, ``save`` by path."""
+    if ref.by_name:
+        writer.saveAsTable(ref.name)
+    else:
+        writer.save(ref.path)
+
+
 def _delta_spark_merge(
     spark: SparkSession,
-    spark_delta_table: Any,
     source: DataFrame,
-    path: str,
+    ref: TableRef,
     key: str,
     merged: StructType,
     changed: Sequence[str],
@@ -631,7 +704,7 @@ def _delta_spark_merge(
     condition = f"t.{_quoted(key)} = s.{_quoted(key)}"
     if replace_keys_df is None:
         builder = (
-            spark_delta_table.forPath(spark, path).alias("t")
+            _delta_spark_open(spark, ref).alias("t")
             .merge(source.alias("s"), condition)
             .whenMatchedUpdateAll()
             .whenNotMatchedInsertAll()
@@ -642,9 +715,8 @@ def _delta_spark_merge(
         if changed:
             # Add the new columns first (a metadata-only commit): the MERGE below assigns
             # columns explicitly, and explicit assignments do not evolve a schema everywhere.
-            spark.createDataFrame([], merged).write.format("delta").mode("append").option(
-                "mergeSchema", "true"
-            ).save(path)
+            _save(spark.createDataFrame([], merged).write.format("delta").mode("append")
+                  .option("mergeSchema", "true"), ref)
         key_type = source.schema[key].dataType
         extra_keys = (
             replace_keys_df.select(F.col(_quoted(key)).cast(key_type).alias(key))
@@ -657,7 +729,7 @@ def _delta_spark_merge(
         )
         assignments = {_quoted(c): f"s.{_quoted(c)}" for c in source.columns}
         builder = (
-            spark_delta_table.forPath(spark, path).alias("t")
+            _delta_spark_open(spark, ref).alias("t")
             .merge(marked.alias("s"), condition)
             .whenMatchedDelete(condition=f"s.{_quoted(_DELETE_MARKER)}")
             .whenMatchedUpdate(set=assignments)
