@@ -8,6 +8,7 @@ are configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
@@ -29,15 +30,19 @@ log = logging.getLogger("clinlinker_spark")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # no abbreviated flags: a scheduled job's argv (a bundle task's parameters) must name
+    # each flag in full, so that a typo fails instead of matching another flag
     parser = argparse.ArgumentParser(
-        prog="clinlinker",
+        prog="clinlinker", allow_abbrev=False,
         description="Link Spanish clinical mentions to terminology codes (ClinLinker method).",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level (mention text is only ever logged at DEBUG)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser,
+                                                               allow_abbrev=False))
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"clinlinker_spark.commands.{name}")
         module.register(sub)

@@ -1646,3 +1646,41 @@ def test_build_spark_session_reuses_a_running_session(spark):
         assert again.conf.get("spark.sql.session.timeZone") == "UTC"
     finally:
         spark.conf.set(key, saved)
+
+
+def test_dry_run_plans_without_writing_and_refuses_rows_the_table_cannot_take(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions,
+):
+    from clinlinker_spark.spark.dry_run import plan_link_job
+    from clinlinker_spark.spark.writer import SchemaMismatchError
+
+    mentions = tmp_path / "mentions.parquet"
+    dev_mentions[MENTION_COLUMNS + ["code"]].rename(columns={"code": "gold_code"}).to_parquet(
+        mentions)
+    config = job_config(tmp_path, tiny_encoder_dir, sample_index, f"input.path={mentions}",
+                        "input.format=parquet", "input.passthrough_columns=[gold_code]")
+    plan = plan_link_job(spark, config)
+    assert plan["input"]["rows"] == len(dev_mentions)
+    assert plan["output"]["action"] == "create" and not Path(config.output.path).exists()
+    assert plan["artifacts"]["index"]["path"] == str(sample_index)
+    run_job(spark, config)
+    assert plan_link_job(spark, config)["output"]["columns_added_or_widened"] == []
+
+    # the same column as a number: the table's gold_code is a string
+    numeric = tmp_path / "numeric.parquet"
+    dev_mentions[MENTION_COLUMNS].assign(gold_code=range(len(dev_mentions))).to_parquet(numeric)
+    with pytest.raises(SchemaMismatchError):
+        plan_link_job(spark, dataclasses.replace(config, input=dataclasses.replace(
+            config.input, path=str(numeric))))
+    # a new pass-through column is planned as added
+    extra = tmp_path / "extra.parquet"
+    dev_mentions[MENTION_COLUMNS + ["code"]].rename(columns={"code": "gold_code"}).assign(
+        ward="A").to_parquet(extra)
+    wider = dataclasses.replace(config, input=dataclasses.replace(
+        config.input, path=str(extra), passthrough_columns=("gold_code", "ward")))
+    assert plan_link_job(spark, wider)["output"]["columns_added_or_widened"] == ["ward"]
+    # no index and no build_missing: the run's own error
+    missing = dataclasses.replace(config, index=dataclasses.replace(
+        config.index, path=str(tmp_path / "no-index")))
+    with pytest.raises(ArtifactError):
+        plan_link_job(spark, missing)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 from clinlinker_spark.config import (
     GOLD_FORMATS, TERMINOLOGY_FORMATS, TerminologyConfig, TerminologySourceConfig, load_config,
@@ -51,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "reaches this (index.target_recall; needs --recall-mentions)")
     p.add_argument("--name", default="", help="terminology name recorded in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read the sources and check the encoder and the index path, print "
+                   "what the build would do as JSON, and stop: nothing is embedded or written")
     p.set_defaults(func=run)
 
 
@@ -97,9 +103,30 @@ def run(args: argparse.Namespace) -> int:
         config.terminology, sources=tuple(sources))
     terminology = load_terminology(terminology_config)
     log.info("terminology: %s", terminology_stats(terminology))
+    if args.dry_run:
+        print(json.dumps(plan_build(config, terminology, args.overwrite), indent=2))
+        return 0
     encoder = BiEncoder.from_config(config.encoder)
     out = build_index(terminology, encoder, config.index, config.index.path,
                       name=terminology_config.name, version=terminology_config.version,
                       overwrite=args.overwrite, search_k=config.linking.search_k)
     print(out)
     return 0
+
+
+def plan_build(config: Any, terminology: Any, overwrite: bool) -> dict[str, Any]:
+    """What ``build-index`` would do with the ``terminology`` it read: the encoder (checked,
+    not loaded) and the index directory (refused when it holds an index and ``overwrite`` is
+    not given, as the build refuses it)."""
+    from clinlinker_spark.errors import ArtifactError
+    from clinlinker_spark.modeling import check_model_dir
+
+    check_model_dir(config.encoder.path)
+    out = Path(config.index.path)
+    exists = out.exists() and any(out.iterdir())
+    if exists and not overwrite:
+        raise ArtifactError(f"index directory {out} is not empty: choose a new index.path or "
+                            "pass --overwrite")
+    return {"job": "build-index", "encoder": config.encoder.path, "index": str(out),
+            "action": "replace" if exists else "create", "index_type": config.index.index_type,
+            "terms": int(len(terminology)), "codes": int(terminology["code"].nunique())}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spark-master", default="local[2]",
                    help="master of the SparkSession built for --distributed (ignored when a "
                    "session already exists, e.g. under spark-submit)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the base model and read the training sources, print what the "
+                   "training would do as JSON, and stop: nothing is trained or written")
     p.set_defaults(func=run)
 
 
@@ -36,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.training.config import BiEncoderTrainConfig
 
     config = load_config(args.config, args.set, cls=BiEncoderTrainConfig)
+    if args.dry_run:
+        print(json.dumps(plan_training(config, args), indent=2))
+        return 0
     if args.distributed:
         from clinlinker_spark.config import SparkConfig
         from clinlinker_spark.spark.session import build_spark_session
@@ -56,3 +63,25 @@ def run(args: argparse.Namespace) -> int:
                "final_loss": card.get("metrics", {}).get("final_loss_mean_last_10pct")}
     print(json.dumps(summary))
     return 0
+
+
+def plan_training(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``train-biencoder`` would do: the base model (checked, not loaded), the training
+    sources (read: terms and codes), the output directory and the processes."""
+    from clinlinker_spark.config import TerminologyConfig
+    from clinlinker_spark.errors import ConfigError
+    from clinlinker_spark.modeling import check_model_dir
+    from clinlinker_spark.terminology import load_terminology
+
+    check_model_dir(config.base_model)
+    if not config.data.sources:
+        raise ConfigError("data.sources is empty: nothing to train on")
+    terms = load_terminology(TerminologyConfig(sources=config.data.sources))
+    return {"job": "train-biencoder", "base_model": config.base_model,
+            "output_dir": config.output_dir, "sources": [s.path or s.format
+                                                         for s in config.data.sources],
+            "terms": int(len(terms)), "codes": int(terms["code"].nunique()),
+            "epochs": config.optim.epochs, "batch_size": config.optim.batch_size,
+            "distributed": bool(args.distributed),
+            "processes": args.num_processes if args.distributed else 1,
+            "use_gpu": bool(args.use_gpu)}
