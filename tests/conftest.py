@@ -51,6 +51,34 @@ def spark():
 
 # set (CI sets it) to fail, not skip, the delta-spark tests where the Delta jars are missing
 REQUIRE_DELTA_SPARK_ENV = "CLINLINKER_REQUIRE_DELTA_SPARK"
+# outcome of each delta-spark test (marker delta_spark, or the delta_spark fixture), by node id
+_DELTA_SPARK_OUTCOMES: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "delta_spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.delta_spark)
+        if item.get_closest_marker("delta_spark"):
+            _DELTA_SPARK_OUTCOMES[item.nodeid] = "not run"
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid not in _DELTA_SPARK_OUTCOMES:
+        return
+    if report.when == "call" or report.outcome != "passed":
+        if _DELTA_SPARK_OUTCOMES[report.nodeid] in ("not run", "passed"):
+            _DELTA_SPARK_OUTCOMES[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The delta-spark tests by name and outcome (CI shows that they ran, not skipped)."""
+    ran = {k: v for k, v in _DELTA_SPARK_OUTCOMES.items() if v != "not run"}
+    if not ran:
+        return
+    terminalreporter.section(f"delta-spark tests: {len(ran)}")
+    for nodeid, outcome in sorted(ran.items()):
+        terminalreporter.write_line(f"{outcome.upper():8} {nodeid}")
 
 
 @pytest.fixture()

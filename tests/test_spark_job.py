@@ -570,7 +570,8 @@ def fail_once_after_first_batch(monkeypatch, marker: Path) -> None:
     monkeypatch.setattr(udfs, "make_retrieve_fn", failing_retrieve_fn)
 
 
-@pytest.mark.parametrize("writer", ["deltalake", "delta-spark"])
+@pytest.mark.parametrize("writer", [
+    "deltalake", pytest.param("delta-spark", marks=pytest.mark.delta_spark)])
 def test_a_failed_task_is_retried_and_each_mention_written_once(
     request, spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, monkeypatch,
     writer,

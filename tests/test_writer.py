@@ -582,7 +582,8 @@ def test_delta_spark_probe_checks_the_jvm_class_not_only_the_conf(spark):
     assert writer._probe_delta_source(spark) is False
 
 
-@pytest.mark.parametrize("writer", ["deltalake", "delta-spark"])
+@pytest.mark.parametrize("writer", [
+    "deltalake", pytest.param("delta-spark", marks=pytest.mark.delta_spark)])
 def test_a_snapshot_reads_its_version_after_a_later_write(request, spark, tmp_path, writer):
     # the link job evaluates reads of its own output table again after its write
     if writer == "delta-spark":
