@@ -472,6 +472,16 @@ def measure_recall(index: faiss.Index, params: dict, vectors: np.ndarray,
     return block
 
 
+def check_index_dir(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` holds an index already; ArtifactError when it does and ``overwrite`` is
+    false (indexes are immutable)."""
+    exists = out.exists() and any(out.iterdir())
+    if exists and not overwrite:
+        raise ArtifactError(f"index directory {out} already exists (indexes are immutable; "
+                            "choose a new path or pass overwrite)")
+    return exists
+
+
 def build_index(
     terminology: pd.DataFrame,
     encoder: Any,
@@ -494,9 +504,7 @@ def build_index(
     nprobe / efSearch that reaches it (:func:`measure_recall`).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"index directory {out} already exists (indexes are immutable; "
-                            "choose a new path or pass overwrite)")
+    check_index_dir(out, overwrite)
     rows, texts = prepare_rows(terminology)
     started = time.perf_counter()
     log.info("embedding %d distinct terms (%d rows, %d codes)", len(texts), len(rows),

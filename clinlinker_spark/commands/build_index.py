@@ -118,15 +118,12 @@ def plan_build(config: Any, terminology: Any, overwrite: bool) -> dict[str, Any]
     """What ``build-index`` would do with the ``terminology`` it read: the encoder (checked,
     not loaded) and the index directory (refused when it holds an index and ``overwrite`` is
     not given, as the build refuses it)."""
-    from clinlinker_spark.errors import ArtifactError
+    from clinlinker_spark.index import check_index_dir
     from clinlinker_spark.modeling import check_model_dir
 
     check_model_dir(config.encoder.path)
     out = Path(config.index.path)
-    exists = out.exists() and any(out.iterdir())
-    if exists and not overwrite:
-        raise ArtifactError(f"index directory {out} is not empty: choose a new index.path or "
-                            "pass --overwrite")
+    exists = check_index_dir(out, overwrite)
     return {"job": "build-index", "encoder": config.encoder.path, "index": str(out),
             "action": "replace" if exists else "create", "index_type": config.index.index_type,
             "terms": int(len(terminology)), "codes": int(terminology["code"].nunique())}

@@ -87,26 +87,16 @@ def plan_table(spark: SparkSession, table: TableRef, incoming: StructType | None
     """What a write into ``table`` would do: create it, or MERGE into its current version
     (adding the columns ``incoming`` brings). Raises SchemaMismatchError when ``incoming``
     does not fit the table, and ConfigError when the session cannot write a catalog table."""
-    from clinlinker_spark.spark.writer import (
-        WRITER_DELTA_SPARK, read_delta, readable_version, schema_change, writes_with_delta_spark,
-    )
+    from clinlinker_spark.spark.writer import read_delta_snapshot, schema_change, writer_for
 
-    uses_delta_spark = writes_with_delta_spark(spark, writer)
-    if table.by_name and not uses_delta_spark:
-        from clinlinker_spark.errors import ConfigError
-
-        raise ConfigError(f"{table} is a catalog table: it is written with delta-spark, which "
-                          "this Spark session cannot use (no Delta Lake jars or extension)")
-    existing = read_delta(spark, table)
-    plan: dict[str, Any] = {
-        "table": str(table), "by_name": table.by_name,
-        "writer": WRITER_DELTA_SPARK if uses_delta_spark else "deltalake",
-        "exists": existing is not None, "key": key,
-    }
+    plan: dict[str, Any] = {"table": str(table), "by_name": table.by_name,
+                            "writer": writer_for(spark, table, writer)}
+    existing, version = read_delta_snapshot(spark, table)
+    plan.update(exists=existing is not None, key=key)
     if existing is None:
         plan["action"] = "create"
         return plan
-    plan["version"] = readable_version(spark, table)
+    plan["version"] = version
     plan["action"] = "merge"
     if incoming is not None:
         plan["columns_added_or_widened"] = schema_change(existing.schema, incoming, key)

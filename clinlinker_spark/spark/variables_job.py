@@ -427,8 +427,8 @@ def run_variables_job(
 
     Summary: run_id, run_ts, table (path or catalog name), writer, table_version,
     rows_written, rows_replaced, stale_rows_removed, unit_type, assignments (table, Delta
-    version, rows, linked rows, needs_review rows), evidence_rows and evidence_without_unit, per-variable
-    {definition_hash, status (changed / unchanged / no previous rows), units_present,
+    version, rows, linked rows, needs_review rows), evidence_rows and evidence_without_unit,
+    per-variable {definition_hash, status (changed / unchanged / no previous rows), units_present,
     mentions, can_produce (when index_path is set)}, and wall time per stage in seconds.
     """
     from clinlinker_spark.spark.session import Persisted

@@ -231,21 +231,7 @@ def merge_into_delta(
     if count_by is not None and count_by not in df.columns:
         raise SchemaMismatchError(f"the DataFrame to merge has no column {count_by!r} to count")
     ref = as_table_ref(table)
-    use_delta_spark = writes_with_delta_spark(spark, writer)
-    if ref.by_name and not use_delta_spark:
-        raise ConfigError(
-            f"{ref} is a catalog table: it is written with delta-spark, and this Spark session "
-            f"{'cannot use Delta Lake' if writer != WRITER_DELTALAKE else 'asks for deltalake'}"
-            ": start it with the io.delta:delta-spark jars and "
-            f"spark.sql.extensions={_DELTA_EXTENSION} (Databricks has them), or name the "
-            "table by path"
-        )
-    if writer == WRITER_DELTA_SPARK and not use_delta_spark:
-        raise ConfigError(
-            "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
-            "start it with the io.delta:delta-spark jars and "
-            f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
-        )
+    use_delta_spark = writer_for(spark, ref, writer) == WRITER_DELTA_SPARK
     started = time.monotonic()
     if max_rows is not None:
         from clinlinker_spark.spark.session import task_slots
@@ -263,6 +249,29 @@ def merge_into_delta(
         time.monotonic() - started,
     )
     return result
+
+
+def writer_for(spark: SparkSession, table: str | TableRef, writer: str) -> str:
+    """The writer :func:`merge_into_delta` uses for ``table`` in this session with ``writer``
+    (``auto``, ``delta-spark`` or ``deltalake``); ConfigError where it cannot write: a
+    catalog table or an explicit ``delta-spark`` in a session without Delta Lake."""
+    ref = as_table_ref(table)
+    use_delta_spark = writes_with_delta_spark(spark, writer)
+    if ref.by_name and not use_delta_spark:
+        raise ConfigError(
+            f"{ref} is a catalog table: it is written with delta-spark, and this Spark session "
+            f"{'cannot use Delta Lake' if writer != WRITER_DELTALAKE else 'asks for deltalake'}"
+            ": start it with the io.delta:delta-spark jars and "
+            f"spark.sql.extensions={_DELTA_EXTENSION} (Databricks has them), or name the "
+            "table by path"
+        )
+    if writer == WRITER_DELTA_SPARK and not use_delta_spark:
+        raise ConfigError(
+            "writer 'delta-spark' asked for, but this Spark session cannot use Delta Lake: "
+            "start it with the io.delta:delta-spark jars and "
+            f"spark.sql.extensions={_DELTA_EXTENSION}, or use writer 'deltalake'/'auto'"
+        )
+    return WRITER_DELTA_SPARK if use_delta_spark else WRITER_DELTALAKE
 
 
 def writes_with_delta_spark(spark: SparkSession, writer: str) -> bool:
@@ -299,7 +308,7 @@ def read_delta_snapshot(spark: SparkSession,
     if delta_spark_available(spark):
         if not _delta_spark_exists(spark, ref):
             return None, None
-        version = int(_delta_spark_open(spark, ref).history(1).select("version").first()[0])
+        version = _delta_spark_version(spark, ref)
         if ref.by_name:  # the name is checked against config.TABLE_NAME
             return spark.sql(f"SELECT * FROM {ref.name} VERSION AS OF {version}"), version
         return (spark.read.format("delta").option("versionAsOf", version).load(ref.path),
@@ -342,8 +351,7 @@ def readable_version(spark: SparkSession, table: str | TableRef) -> int | None:
             return table_version(ref.path)
         if not spark.catalog.tableExists(ref.name):
             return None
-        last = spark.sql(f"DESCRIBE HISTORY {ref.name} LIMIT 1").first()
-        return None if last is None else int(last["version"])
+        return _delta_spark_version(spark, ref)
     except Exception:  # noqa: BLE001 - informational only
         return None
 
@@ -678,6 +686,11 @@ def _delta_spark_open(spark: SparkSession, ref: TableRef) -> Any:
     if ref.by_name:
         return SparkDeltaTable.forName(spark, ref.name)
     return SparkDeltaTable.forPath(spark, ref.path)
+
+
+def _delta_spark_version(spark: SparkSession, ref: TableRef) -> int:
+    """The latest committed version of the Delta table ``ref`` (from its history)."""
+    return int(_delta_spark_open(spark, ref).history(1).select("version").first()[0])
 
 
 def _save(writer: Any, ref: TableRef) -> None:
