@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from clinlinker_spark.errors import ClinLinkerError
+from clinlinker_spark.errors import ClinLinkerError, root_cause
 
 COMMAND_MODULES = (
     "base_encoder",
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClinLinkerError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 2
+    except Exception as exc:  # noqa: BLE001 - one line on the console, the trace at DEBUG
+        log.debug("%s failed", args.command, exc_info=True)
+        log.error("%s failed (%s): %s (the trace: --log-level DEBUG)", args.command,
+                  type(exc).__name__, root_cause(exc))
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ClinLinkerError(Exception):
     """Base class of every error the project raises on purpose."""
@@ -25,3 +27,29 @@ class ArtifactError(ClinLinkerError):
 
 class EncoderMismatchError(ArtifactError):
     """An index was built with another encoder than the one given to load or use it."""
+
+
+# "Caused by: java.lang.RuntimeException: message" in a Java trace carried by a Spark error
+_JAVA_CAUSE = re.compile(r"^Caused by: [\w$.]+: (.+)$", re.MULTILINE)
+# "RuntimeError: message" ending a Python traceback (a Python worker's, inside a Spark error)
+_PYTHON_LAST = re.compile(r"^([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (.+)$",
+                          re.MULTILINE)
+
+
+def root_cause(exc: BaseException) -> str:
+    """One line saying what went wrong at the bottom of ``exc``: the last exception of a
+    Python worker's traceback, else the innermost cause of a Java trace (Spark and Py4J errors
+    carry both in their text), else the first line of the message; Spark's SQLSTATE suffix
+    dropped. The line may name files and columns; the caller decides where it is logged."""
+    text = str(exc).split("Driver stacktrace:", 1)[0]
+    python = _PYTHON_LAST.findall(text)
+    java = [c.strip() for c in _JAVA_CAUSE.findall(text) if c.strip()]
+    if python:
+        line = "{}: {}".format(*python[-1])
+    elif java:
+        line = java[-1]
+    else:
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        line = re.sub(r"^An error occurred while calling [\w.]+\.\s*", "", line)
+    line = re.sub(r"\s*SQLSTATE: \w+\.?$", "", line)
+    return line or type(exc).__name__

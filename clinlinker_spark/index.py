@@ -938,8 +938,10 @@ def ensure_index(config: Any, encoder: Any) -> Path:
     ``config`` is a JobConfig. Building only happens when ``config.build_missing`` is true and
     terminology sources are configured; otherwise a missing index is an error.
     """
+    from clinlinker_spark.fsutil import needs_build
+
     path = Path(config.index.path)
-    if (path / MANIFEST_FILE).is_file():
+    if not needs_build(path, MANIFEST_FILE, "index", ArtifactError):
         return path
     if not config.build_missing:
         raise ArtifactError(f"no index at {path} (set build_missing: true to build it)")

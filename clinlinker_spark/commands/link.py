@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.config import load_config
     from clinlinker_spark.errors import ConfigError
     from clinlinker_spark.spark.pipeline import run_link_job
-    from clinlinker_spark.spark.session import build_spark_session
+    from clinlinker_spark.spark.session import build_spark_session, quiet_task_failures
     from clinlinker_spark.spark.writer import read_delta
 
     config = load_config(args.config, args.set)
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no input: give --config conf/local.yaml (the sample mentions), "
                           "--set input.path=... or --set input.table=catalog.schema.table")
     spark = build_spark_session(config.spark)
+    if args.log_level != "DEBUG":
+        quiet_task_failures(spark)
     try:
         if args.dry_run:
             from clinlinker_spark.spark.dry_run import plan_link_job

@@ -49,10 +49,12 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         return validate(config, as_json=args.json)
 
-    from clinlinker_spark.spark.session import build_spark_session
+    from clinlinker_spark.spark.session import build_spark_session, quiet_task_failures
     from clinlinker_spark.spark.variables_job import run_variables_job
 
     spark = build_spark_session(config.spark)
+    if args.log_level != "DEBUG":
+        quiet_task_failures(spark)
     try:
         if args.dry_run:
             from clinlinker_spark.spark.dry_run import plan_variables_job

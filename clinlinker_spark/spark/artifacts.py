@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clinlinker_spark.config import EncoderConfig, JobConfig, to_dict
-from clinlinker_spark.errors import ArtifactError, ConfigError
+from clinlinker_spark.errors import ArtifactError, ConfigError, ModelLoadError
+from clinlinker_spark.fsutil import needs_build
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -92,7 +93,7 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
                           "text alone: the context stage runs in the core Linker and in "
                           "clinlinker evaluate; leave context empty for the job")
     encoder_path = Path(config.encoder.path)
-    if config.build_missing and not (encoder_path / "config.json").is_file():
+    if needs_build(encoder_path, "config.json", "encoder", ModelLoadError) and config.build_missing:
         from clinlinker_spark.base_encoder import ensure_base_encoder
 
         ensure_base_encoder(encoder_path)
@@ -176,7 +177,7 @@ def ensure_ranker(config: JobConfig) -> Path | None:
     if not config.ranker.path:
         return None
     path = Path(config.ranker.path)
-    if (path / RANKER_FILE).is_file():
+    if not needs_build(path, RANKER_FILE, "ranker", ModelLoadError):
         return path
     if not config.build_missing:
         raise ArtifactError(f"no ranker at {path} (no {RANKER_FILE}): set build_missing: true "

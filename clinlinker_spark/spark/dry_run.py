@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clinlinker_spark.errors import ArtifactError, EncoderMismatchError
+from clinlinker_spark.errors import ArtifactError, EncoderMismatchError, ModelLoadError
+from clinlinker_spark.fsutil import needs_build
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -30,14 +31,17 @@ log = logging.getLogger(__name__)
 
 def plan_link_job(spark: SparkSession, config: JobConfig) -> dict[str, Any]:
     """The plan of ``run_link_job(spark, config)``; raises what the run would raise first."""
-    from clinlinker_spark.spark.mentions import read_mentions, select_mentions
+    from clinlinker_spark.spark.mentions import input_errors, read_mentions, select_mentions
     from clinlinker_spark.spark.schemas import assignment_schema
 
     output = config.output.target
-    raw = read_mentions(spark, config.input)
-    selected = select_mentions(raw, config.input, config.output.store_text)
+    with input_errors(config.input):
+        raw = read_mentions(spark, config.input)
+        selected = select_mentions(raw, config.input, config.output.store_text)
     passthrough = [selected.schema[c] for c in config.input.passthrough_columns]
     artifacts = plan_artifacts(config)
+    with input_errors(config.input):
+        rows = selected.count()
     table = plan_table(spark, output, assignment_schema(config.output.store_text, passthrough),
                        "mention_id", config.output.writer)
     cache = config.output.form_cache
@@ -45,7 +49,7 @@ def plan_link_job(spark: SparkSession, config: JobConfig) -> dict[str, Any]:
         "job": "link",
         "input": {"source": str(config.input.target), "format": "table" if config.input.table
                   else config.input.format, "columns": list(raw.columns),
-                  "rows": selected.count()},
+                  "rows": rows},
         "artifacts": artifacts,
         "output": table,
         "form_cache": None if cache is None else plan_table(spark, cache, None, "cache_key",
@@ -126,14 +130,14 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
     plan: dict[str, Any] = {}
     encoder_path, index_path = Path(config.encoder.path), Path(config.index.path)
     model_version = manifest = None
-    if (encoder_path / "config.json").is_file():
+    if not needs_build(encoder_path, "config.json", "encoder", ModelLoadError):
         check_model_dir(encoder_path)
         model_version = model_hash(encoder_path)
         plan["encoder"] = {"path": str(encoder_path), "model_version": model_version}
     else:
         plan["encoder"] = {"path": str(encoder_path),
                            "action": missing("bi-encoder", str(encoder_path))}
-    if (index_path / MANIFEST_FILE).is_file():
+    if not needs_build(index_path, MANIFEST_FILE, "index", ArtifactError):
         manifest = read_manifest(index_path)
         built_with = manifest["encoder"]
         ours = {"model_hash": model_version, "pooling": config.encoder.pooling,
@@ -154,7 +158,7 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
         plan["reranker"] = {"path": config.reranker.path,
                             "reranker_version": model_hash(config.reranker.path)}
     if config.ranker.path:
-        if (Path(config.ranker.path) / RANKER_FILE).is_file():
+        if not needs_build(Path(config.ranker.path), RANKER_FILE, "ranker", ModelLoadError):
             if model_version is not None and manifest is not None:
                 check_ranker(config.ranker.path, config, model_version,
                              str(manifest["content_hash"]))

@@ -8,7 +8,8 @@ Row rules (every distinct mention_id gets exactly one output row):
   by (doc_id, start, end, text_sha256). Linking one of them would silently pick a winner.
 - null or blank mention_id: the row cannot be a MERGE key, so it gets the synthetic id
   ``"null:" + sha256`` of its (doc_id, start, end, text) as JSON, status invalid_input and
-  reason ``"null mention_id"`` (identical such rows collapse into one, with ``(N rows)``).
+  reason ``"null mention_id"``, or ``"empty mention_id"`` for an empty or whitespace-only one
+  (identical such rows collapse into one, with ``(N rows)``).
   The id is deterministic, so a rerun replaces these rows instead of adding new ones.
 - null, empty/whitespace-only or over-long text (``linking.max_text_length`` characters):
   status invalid_input with ``linker.invalid_reason``'s reason.
@@ -24,11 +25,13 @@ The counts of a run come from :func:`tally` rows, unioned into one Spark action
 from __future__ import annotations
 
 import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from clinlinker_spark.config import GOLD_FORMATS, InputConfig
-from clinlinker_spark.errors import ConfigError, InputDataError
+from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError, root_cause
 from clinlinker_spark.linker import FINAL_STATUSES, STATUS_INVALID
 from clinlinker_spark.spark import schemas
 from clinlinker_spark.spark.schemas import TEXT_NORM_COLUMN
@@ -87,6 +90,53 @@ def read_mentions(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     raise ConfigError(f"input.format {cfg.format!r} is not supported")
 
 
+# What Spark, delta-spark and delta-rs say when the input's files or log cannot be read
+_UNREADABLE_MARKS = ("FAILED_READ_FILE", "CANNOT_READ_FILE_FOOTER", "is not a Parquet file",
+                     "PATH_NOT_FOUND", "Permission denied", "AccessDenied",
+                     "DELTA_", "_delta_log", "FileNotFoundException")
+_FAILED_FILE = re.compile(r"Encountered error while reading file (\S+?)\.?(?:\s|$)")
+
+
+def unreadable_reason(exc: BaseException) -> str | None:
+    """One line saying which file could not be read and why, when ``exc`` (a Spark, Py4J or
+    delta-rs error) is a failure to read input files or a Delta log; None for other errors.
+    The line is :func:`~clinlinker_spark.errors.root_cause` (its message names the file, or
+    the file is put in front), without the trace."""
+    text = str(exc)
+    from_deltalake = type(exc).__module__.startswith("deltalake")
+    if not from_deltalake and not any(mark in text for mark in _UNREADABLE_MARKS):
+        return None
+    reason = root_cause(exc)
+    failed = _FAILED_FILE.search(text)
+    if failed and failed.group(1) not in reason:
+        reason = f"{failed.group(1)}: {reason}"
+    return reason
+
+
+@contextmanager
+def input_errors(cfg: InputConfig, files_under: bool = False) -> Iterator[None]:
+    """Turn a failure to read the input (not Parquet, truncated, an unreadable Delta log,
+    permission denied) into an :class:`InputDataError` of one line naming the file and the
+    reason; the full trace is logged at DEBUG only. ``files_under``: convert only failures
+    that name a file under ``input.path`` (around stages that also read the output table)."""
+    try:
+        yield
+    except ClinLinkerError:
+        raise
+    except Exception as exc:
+        reason = unreadable_reason(exc)
+        if reason is None or (files_under and not (cfg.path and _under(reason, cfg.path))):
+            raise
+        log.debug("input %s could not be read", cfg.target, exc_info=True)
+        raise InputDataError(f"input {cfg.target} cannot be read: {reason}") from None
+
+
+def _under(reason: str, path: str) -> bool:
+    """Whether ``reason`` names a file under ``path`` (a local path or a URI)."""
+    root = path.split("://", 1)[-1].rstrip("/")
+    return any(root in word for word in reason.split())
+
+
 def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) -> DataFrame:
     """Map input columns to the canonical mention columns plus the pass-through columns.
 
@@ -117,6 +167,7 @@ def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) ->
             f"input {cfg.target} is missing required column(s) {', '.join(missing)}; "
             f"its columns are {present}"
         )
+    _check_types(df, mapping, cfg.target)
     clashes = [c for c in cfg.passthrough_columns if c in schemas.RESERVED_COLUMNS]
     if clashes:
         raise ConfigError(f"input.passthrough_columns {clashes} clash with output columns; "
@@ -137,23 +188,44 @@ def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) ->
     return df.select(*columns)
 
 
+def _check_types(df: DataFrame, mapping: dict[str, str], target: str) -> None:
+    """Refuse a text column that is not a string and an id column that is neither a string
+    nor an integer, before any row is read: cast to strings, numbers would be linked with
+    confident scores ('21' -> 'Trisomía 21')."""
+    from pyspark.sql.types import CharType, IntegralType, StringType, VarcharType
+
+    allowed = {"text": ((StringType, CharType, VarcharType), "a string"),
+               "mention_id": ((StringType, CharType, VarcharType, IntegralType),
+                              "a string or an integer")}
+    for name, (types, what) in allowed.items():
+        field = df.schema[mapping[name]]
+        if not isinstance(field.dataType, types):
+            raise InputDataError(
+                f"input {target}: column {field.name!r} (input.{name}_column) is "
+                f"{field.dataType.simpleString()}, not {what}; point input.{name}_column at "
+                "the right column or cast it in the input")
+
+
 # of the input rows sharing a mention_id, the first by these columns (nulls first) is kept
 FIRST_ROW_ORDER = ("doc_id", "start", "end", "text_sha256")
 
 
 def keyed_mentions(mentions: DataFrame) -> DataFrame:
-    """The row-wise part of :func:`identify_mentions` (no shuffle): ``_null_id``, the
-    synthetic id of a null or blank mention_id, and ``text_sha256``."""
+    """The row-wise part of :func:`identify_mentions` (no shuffle): ``_bad_id`` (the reason
+    of a null or blank mention_id, else null), the synthetic id of such an id, and
+    ``text_sha256``."""
     from pyspark.sql import functions as F
 
-    blank_id = F.col("mention_id").isNull() | (F.trim(F.col("mention_id")) == "")
+    bad_id = (F.when(F.col("mention_id").isNull(), F.lit("null mention_id"))
+              .when(F.trim(F.col("mention_id")) == "", F.lit("empty mention_id")))
+    blank_id = bad_id.isNotNull()
     synthetic = F.concat(
         F.lit("null:"),
         F.sha2(F.to_json(F.struct("doc_id", "start", "end", "text")), 256),
     )
     return (
         mentions
-        .withColumn("_null_id", blank_id)
+        .withColumn("_bad_id", bad_id)
         .withColumn("mention_id", F.when(blank_id, synthetic).otherwise(F.col("mention_id")))
         .withColumn("text_sha256", F.sha2(F.col("text"), 256))
     )
@@ -161,7 +233,7 @@ def keyed_mentions(mentions: DataFrame) -> DataFrame:
 
 def identify_mentions(mentions: DataFrame) -> DataFrame:
     """One row per distinct mention_id, with ``text_sha256`` and the helper columns ``_rows``
-    (input rows sharing the id) and ``_null_id``; cheap (no Python), so that rows an
+    (input rows sharing the id) and ``_bad_id``; cheap (no Python), so that rows an
     incremental run skips never reach :func:`check_mentions`. See the module docstring for the
     duplicate and null-id rules."""
     from pyspark.sql import Window
@@ -188,11 +260,11 @@ def check_mentions(identified: DataFrame, max_text_length: int) -> DataFrame:
 
     prepare = make_prepare_udf(max_text_length)
     df = identified.withColumn("_prep", prepare(F.col("text"), F.col("_rows"),
-                                                F.col("_null_id")))
+                                                F.col("_bad_id")))
     return (
         df.withColumn("reason", F.col("_prep.reason"))
         .withColumn(TEXT_NORM_COLUMN, F.col(f"_prep.{TEXT_NORM_COLUMN}"))
-        .drop("_prep", "_rows", "_null_id")
+        .drop("_prep", "_rows", "_bad_id")
     )
 
 
@@ -230,7 +302,7 @@ def _single_id() -> Column:
     """An :func:`identify_mentions` row that came from one input row with a real id."""
     from pyspark.sql import functions as F
 
-    return (F.col("_rows") == 1) & ~F.col("_null_id")
+    return (F.col("_rows") == 1) & F.col("_bad_id").isNull()
 
 
 def _marks(single: Column, input_sha: Column, table_sha: Column) -> list[Column]:

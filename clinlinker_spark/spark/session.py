@@ -129,6 +129,25 @@ def build_spark_session(
     return spark
 
 
+# Spark's loggers that print each failed task's whole Java trace (local masters run the
+# executor in the driver's JVM, so a console run shows it)
+TASK_FAILURE_LOGGERS = ("org.apache.spark.executor.Executor",
+                        "org.apache.spark.scheduler.TaskSetManager")
+
+
+def quiet_task_failures(spark: SparkSession) -> None:
+    """Turn off the per-task failure traces of :data:`TASK_FAILURE_LOGGERS` in this driver:
+    a failed run is reported once, by its own error (the CLI's one line; the trace at DEBUG).
+    A failure to reach log4j (Spark Connect) leaves the logging as it is."""
+    try:
+        jvm = spark.sparkContext._jvm
+        off = jvm.org.apache.logging.log4j.Level.OFF
+        for name in TASK_FAILURE_LOGGERS:
+            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
+    except Exception:  # noqa: BLE001 - no JVM of ours to configure
+        log.debug("Spark's task-failure logging left as it is")
+
+
 def _submitted_conf() -> set[str]:
     """Keys spark-submit already set for this driver (empty when Python started the JVM).
 

@@ -368,24 +368,23 @@ def clear_cache() -> None:
 # Row checks
 
 
-def check_mentions_batch(texts: list[Any], rows: list[int], null_ids: list[bool],
+def check_mentions_batch(texts: list[Any], rows: list[int], bad_ids: list[str | None],
                          max_text_length: int) -> tuple[list[str | None], list[str | None]]:
     """(text_norm, reason) lists of :func:`~clinlinker_spark.spark.mentions.identify_mentions`
-    rows: ``rows`` input rows shared each one's id, ``null_ids``: the id was null or blank.
-    A null or duplicated id is invalid whatever the text (``"null mention_id"``,
-    ``"duplicate mention_id (N rows)"``); otherwise ``linker.invalid_reason``. ``text_norm``
-    is ``normalize_text(text)`` for a row that can be linked, else None. The one statement of
-    these rules: the job's Spark path runs it in :func:`make_prepare_udf`, its driver path
-    directly."""
+    rows: ``rows`` input rows shared each one's id, ``bad_ids``: why the id cannot be a key
+    (``"null mention_id"``, ``"empty mention_id"``) or None. A null, blank or duplicated id is
+    invalid whatever the text (that reason, or ``"duplicate mention_id (N rows)"``); otherwise
+    ``linker.invalid_reason``. ``text_norm`` is ``normalize_text(text)`` for a row that can be
+    linked, else None. The one statement of these rules, run by :func:`make_prepare_udf`."""
     from clinlinker_spark.linker import invalid_reason
     from clinlinker_spark.text import normalize_text
 
     norms: list[str | None] = []
     reasons: list[str | None] = []
-    for text, n, null_id in zip(texts, rows, null_ids):
+    for text, n, bad_id in zip(texts, rows, bad_ids):
         note = f" ({n} rows)" if n > 1 else ""
-        if null_id:
-            norm, reason = None, "null mention_id" + note
+        if bad_id:
+            norm, reason = None, bad_id + note
         elif n > 1:
             norm, reason = None, "duplicate mention_id" + note
         else:
@@ -402,9 +401,9 @@ def make_prepare_udf(max_text_length: int) -> Any:
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(PREPARED_STRUCT)  # type: ignore[call-overload]
-    def prepare(texts: pd.Series, rows: pd.Series, null_ids: pd.Series) -> pd.DataFrame:
+    def prepare(texts: pd.Series, rows: pd.Series, bad_ids: pd.Series) -> pd.DataFrame:
         norms, reasons = check_mentions_batch(texts.tolist(), rows.tolist(),
-                                              null_ids.tolist(), max_text_length)
+                                              bad_ids.tolist(), max_text_length)
         return pd.DataFrame({TEXT_NORM_COLUMN: norms, "reason": reasons})
 
     return prepare
