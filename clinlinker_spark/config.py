@@ -438,10 +438,20 @@ class OutputConfig:
     # thousand rows adds one file, a large run one file per this many rows, more while each
     # task slot gets at least a tenth of it
     rows_per_file: int = 250_000
+    # hours after which a staging folder of the deltalake writer (<table>/_clinlinker_staging/)
+    # is removed by the next write even when its process may be alive on another host (a
+    # process that ended on the same host loses its folder at once)
+    staging_max_age_hours: float = 24.0
+    # times a write commits again when another write committed to the table first without
+    # touching what it replaces (else the run ends with ConcurrentWriteError; a rerun is safe)
+    commit_retries: int = 3
 
     def __post_init__(self) -> None:
         _check_choice("output.writer", self.writer, WRITERS)
         _check_positive("output.rows_per_file", self.rows_per_file)
+        _check_positive("output.staging_max_age_hours", self.staging_max_age_hours)
+        if self.commit_retries < 0:
+            raise ConfigError(f"output.commit_retries must be >= 0; got {self.commit_retries}")
         check_writer("output", self.writer,
                      table_ref(self.path, self.table, "output.path", "output.table", False),
                      self.form_cache)
@@ -494,7 +504,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_positive(name: str, value: int) -> None:
+def _check_positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be > 0; got {value}")
 

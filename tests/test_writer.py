@@ -624,3 +624,25 @@ def test_merge_with_delta_spark(delta_spark, tmp_path):
     with pytest.raises(DuplicateKeyError):
         merge_into_delta(spark, make_df(spark, [6, 6], "r2").withColumn("reason", F.lit("x")),
                          path, writer="delta-spark")
+
+
+def test_merge_metrics_in_the_history_read_as_delta_sparks(delta_spark, tmp_path):
+    """Both writers record a MERGE's rows inserted and updated under delta-spark's metric
+    names; delta-rs records the operation itself as WRITE (it lets no writer name it)."""
+    spark = delta_spark
+    metrics = {}
+    for name in ("deltalake", "delta-spark"):
+        path = str(tmp_path / name)
+        merge_into_delta(spark, make_df(spark, [1, 2, 3], "r1"), path, writer=name)
+        merge_into_delta(spark, make_df(spark, [2, 3, 4, 5], "r2"), path, writer=name)
+        last = DeltaTable(path).history(1)[0]
+        metrics[name] = {k: int(last["operationMetrics"][k]) for k in (
+            "numSourceRows", "numTargetRowsInserted", "numTargetRowsUpdated",
+            "numTargetRowsDeleted")}
+        assert last["operation"] == ("WRITE" if name == "deltalake" else "MERGE")
+    assert metrics["deltalake"] == metrics["delta-spark"] == {
+        "numSourceRows": 4, "numTargetRowsInserted": 2, "numTargetRowsUpdated": 2,
+        "numTargetRowsDeleted": 0}
+    lake = DeltaTable(str(tmp_path / "deltalake")).history(1)[0]
+    assert lake["clinlinker.operation"] == "MERGE"
+    assert "mention_id" in lake["operationParameters"]["predicate"]

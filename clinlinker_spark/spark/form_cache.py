@@ -154,7 +154,9 @@ def update_form_cache(spark: SparkSession, rows: DataFrame, n_rows: int, config:
                                  key=CACHE_KEY_COLUMN, writer=config.output.writer,
                                  new_keys_at=cache_at, max_rows=n_rows,
                                  rows_per_file=config.output.rows_per_file,
-                                 broadcast_rows=config.spark.broadcast_rows)
+                                 broadcast_rows=config.spark.broadcast_rows,
+                                 staging_max_age_hours=config.output.staging_max_age_hours,
+                                 commit_retries=config.output.commit_retries)
         return {"added": added.rows_written}
     except Exception as exc:  # noqa: BLE001 - the assignments are already committed
         log.warning("link job %s: form cache %s not updated (%s: %s); the table is written, "

@@ -60,6 +60,7 @@ from clinlinker_spark.spark.mentions import (
     check_mentions,
     collect_tallies,
     identify_mentions,
+    input_errors,
     mark_linked,
     quoted_col,
     read_mentions,
@@ -497,7 +498,9 @@ def write_assignments(spark: SparkSession, out: DataFrame, rows: int, config: Jo
                                writer=config.output.writer, count_by="status",
                                new_keys_at=new_keys_at, max_rows=rows,
                                rows_per_file=config.output.rows_per_file,
-                               broadcast_rows=config.spark.broadcast_rows)
+                               broadcast_rows=config.spark.broadcast_rows,
+                               staging_max_age_hours=config.output.staging_max_age_hours,
+                               commit_retries=config.output.commit_retries)
     by_status.update(written.counts)
     return Written(written.writer, written.table_version, written.rows_written,
                    written.rows_replaced, by_status)
@@ -645,8 +648,9 @@ def run_link_job(
     t_start = time.perf_counter()
     log.info("link job %s: starting", run_id)
 
-    raw = mentions if mentions is not None else read_mentions(spark, config.input)
-    selected = select_mentions(raw, config.input, config.output.store_text)
+    with input_errors(config.input):
+        raw = mentions if mentions is not None else read_mentions(spark, config.input)
+        selected = select_mentions(raw, config.input, config.output.store_text)
     clock.start("artifacts")
     art = resolve_artifacts(config)
     spec = linker_spec(spark, config, art)
@@ -659,9 +663,11 @@ def run_link_job(
         clock.start("prepare")
         # an upper bound of every count (identify only merges rows), to decide what is small
         # enough to broadcast; Parquet answers it from its file footers
-        input_rows = selected.count()
-        prep = prepare(spark, selected, config, art.versions, cache_versions, input_rows,
-                       task_slots(spark, config.spark.task_cpus), persisted)
+        with input_errors(config.input):
+            input_rows = selected.count()
+        with input_errors(config.input, files_under=True):
+            prep = prepare(spark, selected, config, art.versions, cache_versions, input_rows,
+                           task_slots(spark, config.spark.task_cpus), persisted)
         clock.stop()
         linked = compute_forms(prep, spec, stage_seconds, clock, persisted)
         _log_counts(run_id, prep, linked)

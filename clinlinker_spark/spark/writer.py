@@ -56,10 +56,20 @@ the same rows and adds one Delta version. Two writers implement it:
       here the remove, and would drop those rows).
 
     Crash safety: the log alone decides what the table holds. Files staged or moved by a write
-    that fails before its commit are unreferenced (they are deleted on the way out when
-    possible, and ``VACUUM`` removes any that a killed process left); nothing committed is
+    that fails before its commit are unreferenced; the staging folder is removed when the write
+    ends and moved files are deleted unless the commit landed. A killed process leaves its
+    staging folder (VACUUM skips ``_`` folders): the next write removes the folders whose
+    owner process has ended on this host or that are older than ``staging_max_age_hours``
+    (:func:`sweep_staging`); moved files it left are for ``VACUUM``. Nothing committed is
     touched before the commit, so the table reads as before. ``read_delta`` reads exactly the
     current snapshot's files.
+
+    Concurrent writers: delta-rs is told not to retry a commit by itself (it would append on a
+    newer version without knowing whether that version wrote this write's keys). On a
+    conflict the commits in between are read; a write commits again only when they removed
+    none of its rewritten files, wrote none of its keys and changed no schema
+    (``commit_retries`` times at most), else :class:`ConcurrentWriteError`. The commit records
+    delta-spark's MERGE metrics; delta-rs names the operation WRITE whatever the writer asks.
 
 Both writers: ``df`` must hold one row per non-null key (checked, error otherwise); it must
 have every column of an existing table (a missing column is an error, not silently null), may
@@ -69,10 +79,9 @@ otherwise change a column's type. ``replace_keys_df``
 (a DataFrame with the key column) names further keys whose old rows are deleted even when
 ``df`` has no row for them; the table then holds (old rows whose key is in neither) + ``df``.
 The ``deltalake`` writer supports unpartitioned tables without deletion vectors or column
-mapping (the tables this project writes), assumes one writer per table at a time, and needs
-the driver to reach the table's storage through pyarrow / deltalake: plain paths are local
-paths, on clusters give URIs both Spark and delta-rs understand (``s3://``, ``abfss://``,
-``gs://``).
+mapping (the tables this project writes) and needs the driver to reach the table's storage
+through pyarrow / deltalake: plain paths are local paths, on clusters give URIs both Spark and
+delta-rs understand (``s3://``, ``abfss://``, ``gs://``).
 """
 
 from __future__ import annotations
@@ -85,7 +94,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 from clinlinker_spark.config import TableRef
@@ -130,6 +139,11 @@ class DeltaWriteError(ClinLinkerError):
 
 class SchemaMismatchError(DeltaWriteError):
     """The DataFrame's schema is not compatible with the existing table's schema."""
+
+
+class ConcurrentWriteError(DeltaWriteError):
+    """Another write committed to the table first, touching what this write replaces; this
+    write committed nothing."""
 
 
 class DuplicateKeyError(InputDataError):
@@ -201,6 +215,8 @@ def merge_into_delta(
     max_rows: int | None = None,
     rows_per_file: int = 250_000,
     broadcast_rows: int = 200_000,
+    staging_max_age_hours: float = 24.0,
+    commit_retries: int = 3,
 ) -> WriteResult:
     """MERGE ``df`` into the Delta ``table`` (a path, or a :class:`TableRef` by path or by
     catalog name) on ``key``; create the table if missing.
@@ -220,7 +236,12 @@ def merge_into_delta(
     ``max_rows``: an upper bound of ``df``'s rows that the caller knows (None: unknown). ``df``
     is then written in about ``max_rows / rows_per_file`` files (``output.rows_per_file``),
     more while every task slot gets a share (:func:`_file_count`): a night of a few thousand
-    rows adds one file to the table, not one per partition.
+    thousand rows adds one file to the table, not one per partition.
+
+    ``staging_max_age_hours``: before it writes, the deltalake writer removes the staging
+    folders that writes of ended processes on this host left, and any older than this.
+    ``commit_retries``: how many times the deltalake writer commits again when another write
+    committed first without touching what this one replaces (else :class:`ConcurrentWriteError`).
     """
     if writer not in _WRITER_CHOICES:
         raise ConfigError(f"writer must be one of {', '.join(_WRITER_CHOICES)}; got {writer!r}")
@@ -241,7 +262,8 @@ def merge_into_delta(
         result = _merge_delta_spark(spark, df, ref, key, replace_keys_df, count_by)
     else:
         result = _merge_deltalake(spark, df, ref.path, key, replace_keys_df, count_by, new_keys_at,
-                                  broadcast_rows)
+                                  broadcast_rows, staging_max_age_hours * 3600.0,
+                                  commit_retries)
     log.info(
         "merged into Delta table %s with %s: version %d, %d rows written, %d old rows "
         "replaced, %.1fs",
@@ -973,7 +995,9 @@ def _commit(
     """The single commit of a write (tests replace this to simulate a crash before it)."""
     from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
-    properties = CommitProperties(custom_metadata=custom_metadata)
+    # delta-rs would commit an append again on a newer version by itself, without knowing
+    # whether the newer commits wrote this write's keys: _commit_merge_retrying decides
+    properties = CommitProperties(custom_metadata=custom_metadata, max_commit_retries=0)
     if table is None:
         create_table_with_add_actions(
             loc.uri, _delta_schema(schema), list(adds), mode="error", commit_properties=properties
@@ -1029,6 +1053,71 @@ def _cleanup_staging(loc: _Location, staging: str) -> None:
         log.warning("could not delete staging folder %s", staging)
 
 
+_OWNER_FILE = "_owner.json"
+
+
+def _claim_staging(loc: _Location, staging: str) -> None:
+    """Write the staging folder's owner (host, process id, start time), which tells a later
+    run's :func:`sweep_staging` whether the write is still alive."""
+    import socket
+
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    loc.fs.create_dir(staging, recursive=True)
+    with loc.fs.open_output_stream(f"{staging}/{_OWNER_FILE}") as out:
+        out.write(json.dumps(owner).encode())
+
+
+def _owner_gone(loc: _Location, folder: str, max_age_s: float) -> bool:
+    """Whether the staging ``folder`` belongs to no live write: its process ended on this host,
+    or it started more than ``max_age_s`` seconds ago (by its owner file, else its folder's
+    modification time)."""
+    import socket
+
+    try:
+        with loc.fs.open_input_stream(f"{folder}/{_OWNER_FILE}") as src:
+            owner = json.loads(src.read())
+        started = float(owner["started"])
+        if owner.get("host") == socket.gethostname() and not _process_alive(int(owner["pid"])):
+            return True
+    except Exception:  # noqa: BLE001 - no or broken owner file: judged by age alone
+        mtime = loc.fs.get_file_info(folder).mtime
+        started = mtime.timestamp() if mtime is not None else time.time()
+    return time.time() - started > max_age_s
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_staging(path: str, max_age_s: float) -> list[str]:
+    """Remove the staging folders of the deltalake table at ``path`` that no live write owns
+    (a run killed while staging leaves its folder; Delta's VACUUM skips folders whose name
+    starts with ``_``); the folders removed."""
+    import pyarrow.fs as pafs
+
+    loc = _locate(path)
+    root = loc.child(STAGING_DIR)
+    try:
+        entries = loc.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except Exception:  # noqa: BLE001 - an unlistable root: nothing of ours to sweep
+        return []
+    removed = []
+    for entry in entries:
+        if entry.type == pafs.FileType.Directory and _owner_gone(loc, entry.path, max_age_s):
+            _cleanup_staging(loc, entry.path)
+            removed.append(entry.path)
+    if removed:
+        log.info("removed %d staging folder(s) that no live write owns under %s",
+                 len(removed), root)
+    return removed
+
+
 def _merge_deltalake(
     spark: SparkSession,
     df: DataFrame,
@@ -1038,10 +1127,15 @@ def _merge_deltalake(
     count_by: str | None,
     new_keys_at: int | None,
     broadcast_rows: int,
+    staging_max_age_s: float,
+    commit_retries: int,
 ) -> WriteResult:
     """The deltalake MERGE: Spark stages ``df``'s Parquet files (and the rewritten survivors
     of the table files that hold a replaced key) under the table's staging folder; the
-    driver checks the keys, moves the files into the table and commits the log once."""
+    driver checks the keys, moves the files into the table and commits the log once. The
+    staging folders of dead writes are swept first (:func:`sweep_staging`); this write's is
+    removed when it ends, whatever the outcome."""
+    sweep_staging(path, staging_max_age_s)
     loc = _locate(path)
     table = _open_table(loc)
     table_schema = None
@@ -1054,12 +1148,10 @@ def _merge_deltalake(
     spark_staging = loc.spark_child(STAGING_DIR, write_id)
     moved: list[str] = []
     try:
+        _claim_staging(loc, staging)
         staged_new = _stage(spark, _conform(df, merged), loc, staging + "/new",
                             spark_staging + "/new")
-        written = (
-            spark.read.schema(merged).parquet(*[_spark_uri_for(loc, p) for p in staged_new])
-            if staged_new else spark.createDataFrame([], merged)
-        )
+        written = _read_files(spark, loc, staged_new, merged)
         rows, counts = _check_keys(written, key, count_by)
         metadata: dict[str, Any] = {
             "clinlinker.writer": WRITER_DELTALAKE,
@@ -1069,8 +1161,15 @@ def _merge_deltalake(
         }
         if table is None:
             adds = _publish(loc, staged_new, write_id, merged, moved)
-            _commit(loc, None, merged, adds, [], "error",
-                    {**metadata, "clinlinker.operation": "CREATE"})
+            try:
+                _commit(loc, None, merged, adds, [], "error",
+                        {**metadata, "clinlinker.operation": "CREATE"})
+            except Exception as exc:
+                if _open_table(loc) is None:
+                    raise
+                raise ConcurrentWriteError(
+                    f"Delta table {loc.uri}: another write created the table first; this run "
+                    "committed nothing, and a rerun is safe") from exc
             return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0,
                                counts)
         assert table_schema is not None
@@ -1087,8 +1186,11 @@ def _merge_deltalake(
                                           staging + "/rewrite", spark_staging + "/rewrite")
         adds = _publish(loc, staged_new + staged_rewrite, write_id, merged, moved)
         replaced = sum(hits.values())
-        _commit_merge(loc, table, merged, adds, rewrite, actions, full_rewrite, {
-            **metadata, "clinlinker.rows_replaced": replaced})
+        _commit_merge_retrying(spark, loc, table, merged, adds, rewrite, actions, full_rewrite, {
+            **metadata, "clinlinker.rows_replaced": replaced,
+            **_merge_metrics(key, rows, replaced, replace_keys_df is None, len(adds), rewrite),
+        }, lambda: _keys_to_replace(_read_files(spark, loc, moved, merged), merged, key,
+                                    replace_keys_df, rows, broadcast_rows), key, commit_retries)
         log.debug(
             "deltalake MERGE %s: %d files added, %d removed (full rewrite: %s, keys known new "
             "at version %s: %s)", loc.uri, len(adds), len(rewrite), full_rewrite, new_keys_at,
@@ -1190,6 +1292,95 @@ def _commit_merge(loc: _Location, table: DeltaTable, merged: StructType, adds: l
         "clinlinker.files_removed": len(rewrite),
         "clinlinker.full_rewrite": full_rewrite,
     })
+
+
+def _merge_metrics(key: str, rows: int, replaced: int, upsert: bool, files_added: int,
+                   rewrite: list[str]) -> dict[str, Any]:
+    """The commit's ``operationParameters`` and ``operationMetrics`` under the names
+    delta-spark gives a MERGE (delta-rs records the operation itself as WRITE and lets no
+    writer change that). An upsert updates the rows it replaces and inserts the rest; with
+    ``replace_keys_df`` the replaced rows are deleted and every written row inserted."""
+    updated = replaced if upsert else 0
+    return {
+        "operationParameters": {"predicate": f'["(target.{key} = source.{key})"]'},
+        "operationMetrics": {k: str(v) for k, v in {
+            "numSourceRows": rows,
+            "numTargetRowsInserted": rows - updated,
+            "numTargetRowsUpdated": updated,
+            "numTargetRowsDeleted": replaced - updated,
+            "numTargetFilesAdded": files_added,
+            "numTargetFilesRemoved": len(rewrite),
+        }.items()},
+    }
+
+
+def _commit_merge_retrying(spark: SparkSession, loc: _Location, table: DeltaTable,
+                           merged: StructType, adds: list[Any], rewrite: list[str],
+                           actions: list[dict[str, Any]], full_rewrite: bool,
+                           metadata: dict[str, Any], keys: Callable[[], DataFrame], key: str,
+                           retries: int) -> None:
+    """:func:`_commit_merge`, committed again on the newer version (up to ``retries`` times)
+    when another write committed first without touching this write's work: it removed none
+    of the files this write rewrites, wrote no row with a key this write writes or replaces,
+    and changed no schema. Otherwise :class:`ConcurrentWriteError`, in one line. ``keys``
+    gives the keys this write writes or replaces, read from its published files (the staged
+    ones are gone by then)."""
+    from deltalake.exceptions import CommitFailedError
+
+    read_version = table.version()
+    for attempt in range(retries + 1):
+        try:
+            _commit_merge(loc, table, merged, adds, rewrite, actions, full_rewrite, metadata)
+            return
+        except CommitFailedError:
+            latest = _open_table(loc)
+            if latest is None or latest.version() == table.version():
+                raise  # no newer commit: not a conflict
+            why = ("this write rewrites every file" if full_rewrite else
+                   _conflict(spark, loc, read_version, latest.version(), rewrite, keys(),
+                             key))
+            if why or attempt == retries:
+                raise ConcurrentWriteError(
+                    f"Delta table {loc.uri}: another write committed version "
+                    f"{latest.version()} first ({why or f'{retries} retries spent'}); this run "
+                    "committed nothing, and a rerun is safe") from None
+            log.info("Delta table %s: another write committed version %d first, touching "
+                     "nothing of this write: committing again", loc.uri, latest.version())
+            table = latest
+
+
+def _read_files(spark: SparkSession, loc: _Location, paths: list[str],
+                schema: StructType) -> DataFrame:
+    """The Parquet files ``paths`` (under the table root, as ``loc.fs`` lists them)."""
+    if not paths:
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(*[_spark_uri_for(loc, p) for p in paths])
+
+
+def _conflict(spark: SparkSession, loc: _Location, read_version: int, latest: int,
+              rewrite: list[str], keys: DataFrame, key: str) -> str | None:
+    """Why the commits after ``read_version`` up to ``latest`` conflict with a write that
+    rewrites the files ``rewrite`` and writes or replaces ``keys``; None when they do not."""
+    rewritten = set(rewrite)
+    added: list[str] = []
+    for version in range(read_version + 1, latest + 1):
+        with loc.fs.open_input_stream(loc.child("_delta_log", f"{version:020d}.json")) as src:
+            lines = src.read().decode().splitlines()
+        for action in (json.loads(line) for line in lines if line.strip()):
+            if "metaData" in action:
+                return f"version {version} changed the table's schema or settings"
+            if "remove" in action and unquote(action["remove"]["path"]) in rewritten:
+                return f"version {version} removed a file this write rewrites"
+            if "add" in action:
+                added.append(unquote(action["add"]["path"]))
+    if added:
+        from pyspark.sql import functions as F
+
+        uris = [loc.spark_child(p) for p in added]
+        theirs = spark.read.parquet(*uris).select(F.col(_quoted(key)))
+        if theirs.join(keys, on=key, how="left_semi").limit(1).count():
+            return "it wrote rows with keys this write writes"
+    return None
 
 
 def _spark_uri_for(loc: _Location, fs_path: str) -> str:
