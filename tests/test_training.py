@@ -116,10 +116,14 @@ def test_biencoder_loss_decreases_and_output_is_an_encoder(tiny_encoder_dir, tmp
 
 
 def test_infonce_option_trains(tiny_encoder_dir, tmp_path) -> None:
-    cfg = _bi_config(tiny_encoder_dir, tmp_path / "bi", "optim.batch_size=16",
-                     "optim.max_steps=3", "loss.name=infonce")
+    # one micro-batch holds every pair: the loss on the same examples must come down
+    cfg = _bi_config(tiny_encoder_dir, tmp_path / "bi", f"optim.batch_size={len(PAIRS)}",
+                     "optim.max_steps=12", "loss.name=infonce", "loss.miner=none",
+                     "optim.learning_rate=3e-3")
     result = train_biencoder(cfg, pairs=PAIRS)
-    assert result.global_step == 3 and all(np.isfinite(result.step_losses))
+    losses = result.step_losses
+    assert result.global_step == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
 
 
 def test_checkpoint_resume_gives_the_same_next_steps(tiny_encoder_dir, tmp_path) -> None:
@@ -245,20 +249,37 @@ def test_crossencoder_trains_from_the_biencoder_and_loads_as_reranker(
     assert reranker.model.config.num_labels == 1
 
 
-def test_crossencoder_bce_option(tiny_encoder_dir, tiny_index, tmp_path) -> None:
+def _fixed_mined() -> list:
+    """One query per CORPUS term ("<term> leve"), its term the positive, the next term the
+    negative."""
     from clinlinker_spark.training.negatives import MinedNegative, MinedQuery
 
-    mined = [MinedQuery(f"{t} leve", f"c{i}", t, 0.9,
-                        (MinedNegative(f"c{(i + 1) % len(CORPUS)}",
-                                       CORPUS[(i + 1) % len(CORPUS)], 0.5),))
-             for i, t in enumerate(CORPUS)]
+    return [MinedQuery(f"{t} leve", f"c{i}", t, 0.9,
+                       (MinedNegative(f"c{(i + 1) % len(CORPUS)}",
+                                      CORPUS[(i + 1) % len(CORPUS)], 0.5),))
+            for i, t in enumerate(CORPUS)]
+
+
+@pytest.mark.parametrize("loss", ["bce", "listwise"])
+def test_crossencoder_learns_the_positive_with_either_loss(tiny_encoder_dir, tiny_index,
+                                                          tmp_path, loss) -> None:
+    mined = _fixed_mined()
     cfg = load_config(None, [
         f"biencoder={tiny_encoder_dir}", f"index={tiny_index}", f"output_dir={tmp_path / 'ce'}",
-        "optim.batch_size=4", "optim.max_steps=3", "loss=bce", "run.progress=false",
-        "run.resume=never",
+        f"optim.batch_size={len(mined)}", "optim.max_steps=30", f"loss={loss}",
+        "optim.learning_rate=1e-2", "head_learning_rate=1e-2", "optim.warmup_ratio=0",
+        "run.progress=false", "run.resume=never",
     ], cls=CrossEncoderTrainConfig)
     result = train_crossencoder(cfg, mined=mined)
-    assert result.global_step == 3 and all(np.isfinite(result.step_losses))
+    losses = result.step_losses
+    assert result.global_step == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    # the trained model ranks each query's positive over its negative
+    reranker = CrossEncoderReranker(result.output_dir, max_length=32)
+    queries = [m.query for m in mined]
+    positive = reranker.score(queries, [m.positive_term for m in mined])
+    negative = reranker.score(queries, [m.negatives[0].term for m in mined])
+    assert (positive > negative).mean() >= 0.8
 
 
 def _tiny_gold(tmp_path: Path) -> Path:

@@ -60,17 +60,6 @@ DEFINITIONS = {"variables": [
 ISA = "child\tparent\n44054006\t73211009\n46635009\t73211009\n"
 
 
-@pytest.fixture(scope="session")
-def spark():
-    """The Spark tier's shared local session (tests/spark_fixtures.py)."""
-    from spark_fixtures import make_local_spark
-
-    session = make_local_spark()
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 def assignments_df(spark, mentions=MENTIONS):
     """Rows in the code-assignment table schema (spark/schemas.py) + a ``negated`` column."""
     from pyspark.sql.types import BooleanType, StructField
