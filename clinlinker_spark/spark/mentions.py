@@ -5,7 +5,7 @@ Row rules (every distinct mention_id gets exactly one output row):
 
 - duplicate mention_id: all rows sharing an id become ONE row with status invalid_input and
   reason ``"duplicate mention_id (N rows)"``; the row kept for doc_id/span/text is the first
-  by (doc_id, start, end, text_sha256). Linking one of them would silently pick a winner.
+  by (doc_id, start, end, text), nulls first. Linking one of them would silently pick a winner.
 - null or blank mention_id: the row cannot be a MERGE key, so it gets the synthetic id
   ``"null:" + sha256`` of its (doc_id, start, end, text) as JSON, status invalid_input and
   reason ``"null mention_id"``, or ``"empty mention_id"`` for an empty or whitespace-only one
@@ -207,13 +207,12 @@ def _check_types(df: DataFrame, mapping: dict[str, str], target: str) -> None:
 
 
 # of the input rows sharing a mention_id, the first by these columns (nulls first) is kept
-FIRST_ROW_ORDER = ("doc_id", "start", "end", "text_sha256")
+FIRST_ROW_ORDER = ("doc_id", "start", "end", "text")
 
 
 def keyed_mentions(mentions: DataFrame) -> DataFrame:
     """The row-wise part of :func:`identify_mentions` (no shuffle): ``_bad_id`` (the reason
-    of a null or blank mention_id, else null), the synthetic id of such an id, and
-    ``text_sha256``."""
+    of a null or blank mention_id, else null) and the synthetic id of such an id."""
     from pyspark.sql import functions as F
 
     bad_id = (F.when(F.col("mention_id").isNull(), F.lit("null mention_id"))
@@ -227,7 +226,6 @@ def keyed_mentions(mentions: DataFrame) -> DataFrame:
         mentions
         .withColumn("_bad_id", bad_id)
         .withColumn("mention_id", F.when(blank_id, synthetic).otherwise(F.col("mention_id")))
-        .withColumn("text_sha256", F.sha2(F.col("text"), 256))
     )
 
 
@@ -242,11 +240,14 @@ def identify_mentions(mentions: DataFrame) -> DataFrame:
     df = keyed_mentions(mentions)
     by_id = Window.partitionBy("mention_id")
     first = by_id.orderBy(*[F.col(c).asc_nulls_first() for c in FIRST_ROW_ORDER])
+    # the SHA-256 is taken after the shuffle of the window: its 64 characters a row would
+    # otherwise make up most of the bytes a whole history shuffles
     return (
         df.withColumn("_rows", F.count(F.lit(1)).over(by_id))
         .withColumn("_rank", F.row_number().over(first))
         .filter(F.col("_rank") == 1)
         .drop("_rank")
+        .withColumn("text_sha256", F.sha2(F.col("text"), 256))
     )
 
 
