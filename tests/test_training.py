@@ -266,20 +266,22 @@ def test_crossencoder_learns_the_positive_with_either_loss(tiny_encoder_dir, tin
     mined = _fixed_mined()
     cfg = load_config(None, [
         f"biencoder={tiny_encoder_dir}", f"index={tiny_index}", f"output_dir={tmp_path / 'ce'}",
-        f"optim.batch_size={len(mined)}", "optim.max_steps=30", f"loss={loss}",
+        f"optim.batch_size={len(mined)}", "optim.max_steps=80", f"loss={loss}",
         "optim.learning_rate=1e-2", "head_learning_rate=1e-2", "optim.warmup_ratio=0",
         "run.progress=false", "run.resume=never",
     ], cls=CrossEncoderTrainConfig)
     result = train_crossencoder(cfg, mined=mined)
     losses = result.step_losses
-    assert result.global_step == 30 and all(np.isfinite(losses))
+    # 80 steps: over seeds 0-2, 5 and 13 the loss ends at 0.005-0.60 of where it starts and
+    # 86-100% of positives come first (in 18 runs); an untrained model stays near ln 2 and 50%
+    assert result.global_step == 80 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     # the trained model ranks each query's positive over its negative
     reranker = CrossEncoderReranker(result.output_dir, max_length=32)
     queries = [m.query for m in mined]
     positive = reranker.score(queries, [m.positive_term for m in mined])
     negative = reranker.score(queries, [m.negatives[0].term for m in mined])
-    assert (positive > negative).mean() >= 0.8
+    assert (positive > negative).mean() >= 0.75
 
 
 def _tiny_gold(tmp_path: Path) -> Path:
