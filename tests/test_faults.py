@@ -34,6 +34,7 @@ from test_spark_job import (  # noqa: F401 - fixtures used by name
     run_job,
     sample_index,
     sample_terminology,
+    table_version,
 )
 
 pytestmark = [pytest.mark.spark, pytest.mark.faults]
@@ -106,12 +107,6 @@ def assert_whole(table: Path, ids: list[str]) -> None:
     assert on_disk <= referenced_files(table), on_disk - referenced_files(table)
     staging = table / writer.STAGING_DIR
     assert not staging.exists() or not any(staging.iterdir())
-
-
-def table_version(table: Path) -> int:
-    from deltalake import DeltaTable
-
-    return DeltaTable(str(table)).version()
 
 
 # --------------------------------------------------------------------------------------------

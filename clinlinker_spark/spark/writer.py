@@ -1327,7 +1327,6 @@ def _commit_merge_retrying(spark: SparkSession, loc: _Location, table: DeltaTabl
     ones are gone by then)."""
     from deltalake.exceptions import CommitFailedError
 
-    read_version = table.version()
     for attempt in range(retries + 1):
         try:
             _commit_merge(loc, table, merged, adds, rewrite, actions, full_rewrite, metadata)
@@ -1336,8 +1335,9 @@ def _commit_merge_retrying(spark: SparkSession, loc: _Location, table: DeltaTabl
             latest = _open_table(loc)
             if latest is None or latest.version() == table.version():
                 raise  # no newer commit: not a conflict
+            # the commits up to table.version() were cleared by the attempt before
             why = ("this write rewrites every file" if full_rewrite else
-                   _conflict(spark, loc, read_version, latest.version(), rewrite, keys(),
+                   _conflict(spark, loc, table.version(), latest.version(), rewrite, keys(),
                              key))
             if why or attempt == retries:
                 raise ConcurrentWriteError(
