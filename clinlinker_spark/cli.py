@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "build_index",
     "link",
     "evaluate",
+    "export_pyfunc",
     "train_biencoder",
     "train_crossencoder",
     "train_ranker",

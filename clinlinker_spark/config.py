@@ -478,6 +478,47 @@ def check_writer(section: str, writer: str, *tables: TableRef | None) -> None:
                           "with Delta Lake), or name the tables by path")
 
 
+DEFAULT_TRACKING_URI = "sqlite:///artifacts/mlflow/mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` where it is set (empty: tracking off), else ``databricks`` on
+    a Databricks runtime, else a local SQLite store under ``artifacts/mlflow`` (relative to
+    the working directory)."""
+    import os
+
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return "databricks"
+    return DEFAULT_TRACKING_URI
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow tracking and the model registry (``clinlinker_spark.tracking``).
+
+    Training, evaluation, the link job and the variables job log one run each to
+    ``tracking_uri``; training registers the model it wrote. Runs hold ids, counts, timings,
+    metrics, versions and the config, never mention text."""
+
+    # "": tracking off; "databricks" on Databricks; http(s)://... a tracking server
+    tracking_uri: str = field(default_factory=default_tracking_uri)
+    registry_uri: str = ""  # "": the tracking store's registry
+    experiment: str = "clinlinker"
+    # where a new experiment keeps its artifacts; "": <store folder>/artifacts for a local
+    # SQLite store, the server's default otherwise
+    artifact_location: str = ""
+    register: bool = True  # training registers the model it wrote
+    registered_model: str = ""  # the registered model's name; "": the output folder's name
+    # where models:/ URIs of a remote registry are downloaded (one folder per name/version)
+    download_dir: str = "artifacts/mlflow/models"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracking_uri.strip())
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """The linking job's whole configuration (conf/local.yaml, conf/cluster.yaml, ...)."""
@@ -492,6 +533,7 @@ class JobConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     build_missing: bool = True  # build the base encoder / index when their directory is missing
 
 

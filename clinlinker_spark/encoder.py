@@ -66,6 +66,9 @@ class BiEncoder(LoadedModel):
         self.prefix = prefix
         self.normalize = bool(normalize)
         self.batch_size = int(batch_size)
+        #: the model registry's entry this model was resolved from ({"uri", "name",
+        #: "version"}), set by whoever resolved it; an index built with it records it
+        self.registered: dict[str, str] | None = None
         self._load(path, "encoder", max_length, device, precision, num_threads)
         self._dim = int(self.model.config.hidden_size)
         log.info(

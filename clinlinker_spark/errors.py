@@ -53,3 +53,22 @@ def root_cause(exc: BaseException) -> str:
         line = re.sub(r"^An error occurred while calling [\w.]+\.\s*", "", line)
     line = re.sub(r"\s*SQLSTATE: \w+\.?$", "", line)
     return line or type(exc).__name__
+
+
+_JAVA_CAUSE_CLASS = re.compile(r"^Caused by: ([\w$.]+):", re.MULTILINE)
+
+
+def root_cause_class(exc: BaseException) -> str:
+    """The class name at the bottom of ``exc`` (no message: safe to record anywhere): the
+    last exception of a Python worker's traceback, else the innermost Java cause's class,
+    else the innermost chained Python exception's."""
+    text = str(exc).split("Driver stacktrace:", 1)[0]
+    python = _PYTHON_LAST.findall(text)
+    if python:
+        return python[-1][0]
+    java = _JAVA_CAUSE_CLASS.findall(text)
+    if java:
+        return java[-1].rsplit(".", 1)[-1]
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return type(exc).__name__

@@ -528,6 +528,9 @@ def build_index(
             "content_hash": _content_hash(tmp),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "encoder": encoder.fingerprint(),
+            # the model registry's entry of the encoder (models:/ URI, name, version)
+            **({"encoder_registered": encoder.registered}
+               if getattr(encoder, "registered", None) else {}),
             "normalisation": NORMALISATION,
             "index": params,
             "terminology": _terminology_summary(rows, codes, texts, name, version),

@@ -493,9 +493,12 @@ class Linker:
     def from_config(cls, config: JobConfig, index_path: str | None = None,
                     mmap: bool = False) -> "Linker":
         """Load encoder, index (``index_path`` overrides ``config.index.path``), re-ranker and
-        ranker."""
+        ranker; each model a directory or a ``models:/`` URI of ``config.mlflow``'s
+        registry."""
         from clinlinker_spark.encoder import BiEncoder
+        from clinlinker_spark.tracking import resolve_model_paths
 
+        config, _ = resolve_model_paths(config)
         encoder = BiEncoder.from_config(config.encoder)
         index = TerminologyIndex.load(index_path or config.index.path,
                                       expected_fingerprint=encoder.fingerprint(), mmap=mmap)

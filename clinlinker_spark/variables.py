@@ -59,7 +59,7 @@ import pandas as pd
 import yaml
 
 from clinlinker_spark.config import (
-    SparkConfig, TableRef, check_writer, from_dict, table_ref,
+    MlflowConfig, SparkConfig, TableRef, check_writer, from_dict, table_ref,
 )
 from clinlinker_spark.errors import ConfigError, InputDataError
 from clinlinker_spark.linker import STATUS_LINKED, STATUS_NEEDS_REVIEW
@@ -809,6 +809,7 @@ class VariablesJobConfig:
     unit: str = "auto"  # auto (patient when documents.patient_id_column is set) | patient |
     #                     document
     output: VariablesOutputConfig = field(default_factory=VariablesOutputConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:

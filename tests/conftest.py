@@ -11,6 +11,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(TESTS_DIR))
+# MLflow tracking off unless a test sets mlflow.tracking_uri (config default:
+# $MLFLOW_TRACKING_URI): no test run lands in a developer's store or in artifacts/mlflow
+os.environ["MLFLOW_TRACKING_URI"] = ""
 
 from tiny_models import make_tiny_cross_encoder, make_tiny_encoder  # noqa: E402
 

@@ -363,3 +363,27 @@ def test_delta_spark_catalog_tables_give_the_deltalake_rows_and_a_rerun_one_vers
     assert second["table_version"] == first["table_version"] + 1
     assert without_run(table(spark, TableRef(name=variables))) == without_run(rows)
     assert second["rows_replaced"] == len(rows)
+
+
+def test_a_variables_night_is_one_mlflow_run_with_its_counts(spark, setup, tmp_path):
+    from mlflow import MlflowClient
+
+    from clinlinker_spark.config import MlflowConfig
+    from clinlinker_spark.spark.variables_job import run_variables_job
+
+    config, _ = setup
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    tracked = dataclasses.replace(config, mlflow=MlflowConfig(tracking_uri=uri,
+                                                              experiment="variables"))
+    summary = run_variables_job(spark, tracked, run_id="vars-1")
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("variables")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["clinlinker.kind"] == "variables"
+    assert run.data.tags["clinlinker.run_id"] == "vars-1"
+    assert run.data.metrics["rows_written"] == summary["rows_written"] > 0
+    assert run.data.metrics["assignments.linked"] == summary["assignments"]["linked"]
+    assert run.data.params["unit"] == "auto"
+    # tracking off: no run id
+    assert run_variables_job(spark, config, run_id="vars-2")["mlflow_run_id"] == ""

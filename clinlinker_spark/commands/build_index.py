@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.encoder import BiEncoder
     from clinlinker_spark.index import build_index
     from clinlinker_spark.terminology import load_terminology, terminology_stats
+    from clinlinker_spark.tracking import resolve_model_paths
 
     config = load_config(args.config, _flag_overrides(args))
     sources = list(config.terminology.sources)
@@ -106,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(plan_build(config, terminology, args.overwrite), indent=2))
         return 0
+    config, registered = resolve_model_paths(config)
     encoder = BiEncoder.from_config(config.encoder)
+    encoder.registered = registered.get("encoder")
     out = build_index(terminology, encoder, config.index, config.index.path,
                       name=terminology_config.name, version=terminology_config.version,
                       overwrite=args.overwrite, search_k=config.linking.search_k)

@@ -97,7 +97,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--json-out", default="", help="also write the JSON report to this file")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI the evaluation is logged to as a run (default: "
+                   "$MLFLOW_TRACKING_URI, else sqlite:///artifacts/mlflow/mlflow.db; '': off); "
+                   "also the registry that models:/ URIs of --encoder, --reranker, --ranker "
+                   "and the context models resolve in")
+    p.add_argument("--experiment", default="clinlinker", help="MLflow experiment")
     p.set_defaults(func=run)
+
+
+def mlflow_config(args: argparse.Namespace):
+    """The MlflowConfig of ``--tracking-uri`` and ``--experiment``."""
+    import dataclasses
+
+    from clinlinker_spark.config import MlflowConfig
+
+    found = MlflowConfig(experiment=args.experiment)
+    if args.tracking_uri is not None:
+        found = dataclasses.replace(found, tracking_uri=args.tracking_uri)
+    return found
+
+
+def resolve_model_args(args: argparse.Namespace, mlflow) -> dict[str, dict[str, str]]:
+    """Replace ``models:/`` URIs among the model arguments by their directories (in place);
+    returns the registry entries by argument."""
+    from clinlinker_spark.tracking import resolve_model
+
+    registered = {}
+    for name in ("encoder", "reranker", "ranker", "context_reranker", "context_ranker"):
+        found = resolve_model(getattr(args, name), mlflow)
+        if found.registered:
+            registered[name] = found.registered
+            setattr(args, name, found.path)
+    return registered
 
 
 def load_gold(args: argparse.Namespace):
@@ -113,6 +145,60 @@ def load_gold(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from clinlinker_spark.tracking import tracked_run
+
+    mlflow = mlflow_config(args)
+    registered = resolve_model_args(args, mlflow)
+    with tracked_run(mlflow, "evaluate", f"evaluate {Path(str(args.gold)).name}") as tracked:
+        tracked.log_params({k: v for k, v in vars(args).items() if k != "func"})
+        report = evaluate(args)
+        log_evaluation(tracked, args, report, registered)
+    return 0
+
+
+def log_evaluation(tracked, args: argparse.Namespace, report: dict,
+                   registered: dict[str, dict[str, str]]) -> None:
+    """The report on the evaluation's run (its numbers as metrics, the JSON and the plot as
+    artifacts, the models' registry entries as tags), and its headline row (accuracy@k of
+    the ranker, else of the bi-encoder with the exact-match prior; ECE) on the runs that
+    trained the models evaluated (``tracking.RUN_FILE`` beside them), under
+    ``evaluation.<gold name>.``."""
+    from clinlinker_spark.tracking import TrackedRun, numeric_metrics, training_run_id
+
+    if not tracked.enabled:
+        return
+    numbers = {k: v for k, v in report.items() if k not in ("confidence", "confidence_context")}
+    for name in ("confidence", "confidence_context"):
+        if name in report:
+            numbers[name] = {k: v for k, v in report[name].items() if k != "curve"}
+    tracked.log_metrics(numeric_metrics(numbers))
+    tracked.set_tags({f"clinlinker.registered.{k}": v["uri"] for k, v in registered.items()})
+    tracked.log_dict(report, "evaluation.json")
+    for path in (args.plot, str(Path(args.json_out).with_suffix(".png")) if args.json_out
+                 else ""):
+        if path and Path(path).is_file():
+            tracked.log_file(path)
+            break
+    row = "ranker" if "ranker" in report["results"] else next(
+        (r for r in ("dense+exact_prior", "dense", "tfidf+exact_prior")
+         if r in report["results"]), None)
+    if row is None:
+        return
+    headline = {"all": report["results"][row]["subsets"]["all"],
+                "ece": report.get("confidence", {}).get("ece")}
+    prefix = f"evaluation.{Path(str(args.gold)).stem}.{row}."
+    metrics = numeric_metrics(headline, prefix)
+    for model_dir in {args.encoder, args.reranker, args.ranker} - {""}:
+        run_id = training_run_id(model_dir)
+        if run_id:
+            try:
+                TrackedRun(tracked.client, run_id, tracked.config, "").log_metrics(metrics)
+            except Exception:  # noqa: BLE001 - another store's run: this run has it anyway
+                log.warning("could not log the evaluation on training run %s", run_id)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The evaluation report of ``args`` (printed, and written where asked)."""
     ks, retrievers, fusions, needs_encoder = _parse_choices(args)
     gold = load_gold(args)
     manifest = read_manifest(args.index)
@@ -162,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     }
     _print_report(report)
     _write_outputs(args, report, confidence, context_confidence)
-    return 0
+    return report
 
 
 def _parse_choices(args: argparse.Namespace) -> tuple[list[int], list[str], list[str], bool]:

@@ -146,6 +146,7 @@ def format_summary(summary: LinkSummary) -> str:
         f"{summary.surface_forms} surface forms embedded, "
         f"{summary.form_cache.get('hits', 0)} taken from the form cache",
         f"timings: {timings}",
+        *([f"MLflow run {summary.mlflow_run_id}"] if summary.mlflow_run_id else []),
     ])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clinlinker_spark.config import load_config
+    from clinlinker_spark.config import load_config, to_dict
+    from clinlinker_spark.modeling import model_hash
+    from clinlinker_spark.tracking import log_trained_model, tracked_run
     from clinlinker_spark.training.config import BiEncoderTrainConfig
 
     config = load_config(args.config, args.set, cls=BiEncoderTrainConfig)
     if args.dry_run:
         print(json.dumps(plan_training(config, args), indent=2))
         return 0
+    with tracked_run(config.mlflow, "train-biencoder", Path(config.output_dir).name) as run:
+        run.log_params(to_dict(config))
+        out, steps, card = _train(config, args)
+        log_trained_model(run, out, card, card.get("metrics", {}),
+                          encoder_tags(card.get("model_hash") or model_hash(out), card))
+    summary = {"output_dir": out, "steps": steps, "wall_time_s": card.get("wall_time_s"),
+               "final_loss": card.get("metrics", {}).get("final_loss_mean_last_10pct"),
+               "mlflow_run": run.run_id or None}
+    print(json.dumps(summary))
+    return 0
+
+
+def _train(config: Any, args: argparse.Namespace) -> tuple[str, int, dict[str, Any]]:
+    """Train (in this process, or under TorchDistributor): (output directory, steps, card)."""
     if args.distributed:
         from clinlinker_spark.config import SparkConfig
         from clinlinker_spark.spark.session import build_spark_session
@@ -59,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
 
         result = train_biencoder(config)
         out, steps, card = str(result.output_dir), result.global_step, result.card
-    summary = {"output_dir": out, "steps": steps, "wall_time_s": card.get("wall_time_s"),
-               "final_loss": card.get("metrics", {}).get("final_loss_mean_last_10pct")}
-    print(json.dumps(summary))
-    return 0
+    return out, steps, card
+
+
+def encoder_tags(model_hash: str, card: dict[str, Any]) -> dict[str, Any]:
+    """The registered version's tags: the model's hash and the encoder contract an index built
+    with it records (pooling, max length, prefix)."""
+    contract = card.get("config", {}).get("encoder", {})
+    return {"clinlinker.model_kind": card.get("kind", ""), "clinlinker.model_hash": model_hash,
+            **{f"clinlinker.encoder.{k}": v for k, v in contract.items()}}
 
 
 def plan_training(config: Any, args: argparse.Namespace) -> dict[str, Any]:

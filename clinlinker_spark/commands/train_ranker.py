@@ -27,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.config import load_config
     from clinlinker_spark.errors import ConfigError
-    from clinlinker_spark.training.ranker import train_ranker
+    from clinlinker_spark.training.ranker import train_ranker_tracked
 
     config = load_config(args.config, args.set)
     if not config.ranker.path:
         raise ConfigError("ranker.path: where to write the ranker is required")
-    spec = train_ranker(config, config.ranker.path, overwrite=args.overwrite)
+    spec, run_id = train_ranker_tracked(config, config.ranker.path, overwrite=args.overwrite)
     print(json.dumps({"ranker": config.ranker.path, "model_type": spec["model_type"],
                       "metrics": spec["metrics"], "thresholds": spec["thresholds"],
-                      "wall_seconds": spec["wall_seconds"]}))
+                      "wall_seconds": spec["wall_seconds"], "mlflow_run": run_id or None}))
     return 0

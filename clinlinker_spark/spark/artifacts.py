@@ -46,6 +46,9 @@ class ResolvedArtifacts:
     reranker_version: str
     ranker_version: str
     index_manifest: dict[str, Any]
+    # the model registry's entries the models came from (models:/ URIs), by role: encoder,
+    # reranker, ranker -> {"uri", "name", "version"}
+    registered: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -87,7 +90,9 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
     """
     from clinlinker_spark.index import check_encoder, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
+    from clinlinker_spark.tracking import resolve_model_paths
 
+    config, registered = resolve_model_paths(config)
     if config.context.reranker:
         raise ConfigError("context.reranker is set, but the Spark job links from the mention "
                           "text alone: the context stage runs in the core Linker and in "
@@ -97,7 +102,7 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         from clinlinker_spark.base_encoder import ensure_base_encoder
 
         ensure_base_encoder(encoder_path)
-    index_path, fingerprint = _index_and_fingerprint(config)
+    index_path, fingerprint = _index_and_fingerprint(config, registered.get("encoder"))
     manifest = read_manifest(index_path)
     check_encoder(manifest, fingerprint, index_path)
     reranker_path = reranker_version = ""
@@ -123,15 +128,18 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         reranker_version=reranker_version,
         ranker_version=ranker_version,
         index_manifest=manifest,
+        registered=registered,
     )
     _log_artifacts(resolved)
     return resolved
 
 
-def _index_and_fingerprint(config: JobConfig) -> tuple[Path, dict[str, Any]]:
-    """The index directory (built when missing, ``index.ensure_index``) and the encoder's
-    fingerprint, from this process's memo when the encoder directory is unchanged and the
-    index exists (no model load)."""
+def _index_and_fingerprint(config: JobConfig, registered: dict[str, str] | None = None
+                           ) -> tuple[Path, dict[str, Any]]:
+    """The index directory (built when missing, ``index.ensure_index``; its manifest records
+    the encoder's ``registered`` entry where it came from the model registry) and the
+    encoder's fingerprint, from this process's memo when the encoder directory is unchanged
+    and the index exists (no model load)."""
     from clinlinker_spark.index import MANIFEST_FILE, ensure_index
 
     key = _encoder_key(config.encoder)
@@ -143,6 +151,7 @@ def _index_and_fingerprint(config: JobConfig) -> tuple[Path, dict[str, Any]]:
 
     driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
     encoder = BiEncoder.from_config(dataclasses.replace(config.encoder, device=driver_device))
+    encoder.registered = registered
     index_path = Path(ensure_index(config, encoder))
     fingerprint = encoder.fingerprint()
     del encoder
@@ -182,14 +191,14 @@ def ensure_ranker(config: JobConfig) -> Path | None:
     if not config.build_missing:
         raise ArtifactError(f"no ranker at {path} (no {RANKER_FILE}): set build_missing: true "
                             "to train it, or run clinlinker train-ranker")
-    from clinlinker_spark.training.ranker import train_ranker
+    from clinlinker_spark.training.ranker import train_ranker_tracked
 
     started = time.perf_counter()
     log.info("ranker missing: training it on the driver (%d terminology source(s), %d folds)",
              len(config.terminology.sources), config.ranker.folds)
     # the driver's device, as for the encoder's fingerprint (a GPU may be the executors' only)
     driver_device = "auto" if config.encoder.device == "cuda" else config.encoder.device
-    spec = train_ranker(dataclasses.replace(config, encoder=dataclasses.replace(
+    spec, _ = train_ranker_tracked(dataclasses.replace(config, encoder=dataclasses.replace(
         config.encoder, device=driver_device)), path)
     metrics = spec["metrics"]
     log.info("ranker trained: %d training mentions, %d candidates, %.1f s",

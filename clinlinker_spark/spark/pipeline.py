@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from clinlinker_spark.config import JobConfig, SparkConfig
+from clinlinker_spark.config import JobConfig, SparkConfig, to_dict
 from clinlinker_spark.errors import ConfigError
 from clinlinker_spark.linker import STATUS_INVALID, STATUSES
 from clinlinker_spark.spark import schemas
@@ -548,6 +548,9 @@ class LinkSummary:
     timings_s: dict[str, float]
     udf_task_seconds: dict[str, float]
     vectors: dict[str, int] | None
+    # the model registry's entries the models came from (models:/ URIs), by role
+    registered_models: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    mlflow_run_id: str = ""  # the MLflow run that logged this summary ("": tracking off)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -582,6 +585,7 @@ def _summary(run_id: str, run_ts: datetime, config: JobConfig, art: ResolvedArti
                           if k not in VECTOR_COUNTS},
         vectors=({k: int(udf_totals.get(k, 0)) for k in VECTOR_COUNTS}
                  if stage_seconds is not None else None),
+        registered_models=art.registered,
     )
 
 
@@ -629,6 +633,31 @@ def run_link_job(
     ``mentions`` (optional) replaces reading ``config.input``: a DataFrame with the input's
     columns (the column mapping still applies). Returns the run's :class:`LinkSummary`.
 
+    With ``mlflow.tracking_uri`` set, the night is one MLflow run: the config as params, the
+    summary's counts and timings as metrics, the versions as tags (``tracking.
+    log_link_summary``); a night that fails is marked failed with its error's class.
+    """
+    from clinlinker_spark.tracking import log_link_summary, tracked_run
+
+    run_id = run_id or uuid.uuid4().hex
+    with tracked_run(config.mlflow, "link", f"link {run_id[:12]}",
+                     {"clinlinker.run_id": run_id}) as tracked:
+        tracked.log_params(to_dict(config))
+        summary = _run_link_job(spark, config, run_id, mentions)
+        if tracked.enabled:
+            summary = dataclasses.replace(summary, mlflow_run_id=tracked.run_id)
+        log_link_summary(tracked, summary.to_dict())
+    return summary
+
+
+def _run_link_job(
+    spark: SparkSession,
+    config: JobConfig,
+    run_id: str,
+    mentions: DataFrame | None = None,
+) -> LinkSummary:
+    """:func:`run_link_job` without its MLflow run.
+
     The input is read twice: a row count first (from file footers for Parquet and Delta; a
     ``mentions`` DataFrame is evaluated for it), then the one pass of :func:`prepare`. Both
     must see the same rows (``mentions.remaining_counts`` derives the counts of mentions and
@@ -638,7 +667,6 @@ def run_link_job(
     from clinlinker_spark.spark.session import Persisted, task_slots
     from clinlinker_spark.spark.udfs import stage_seconds_accumulator
 
-    run_id = run_id or uuid.uuid4().hex
     config.output.target  # noqa: B018 - no output table: a ConfigError before any work
     if config.output.form_cache is not None and not config.spark.dedupe_surface_forms:
         raise ConfigError("a form cache (output.form_cache_path / form_cache_table) needs "

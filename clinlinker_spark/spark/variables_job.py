@@ -429,12 +429,29 @@ def run_variables_job(
     rows_written, rows_replaced, stale_rows_removed, unit_type, assignments (table, Delta
     version, rows, linked rows, needs_review rows), evidence_rows and evidence_without_unit,
     per-variable {definition_hash, status (changed / unchanged / no previous rows), units_present,
-    mentions, can_produce (when index_path is set)}, and wall time per stage in seconds.
+    mentions, can_produce (when index_path is set)}, wall time per stage in seconds, and
+    mlflow_run_id (the MLflow run that logged it, with ``mlflow.tracking_uri`` set; a failed
+    night's run is marked failed).
     """
+    from clinlinker_spark.config import to_dict
+    from clinlinker_spark.tracking import log_link_summary, tracked_run
+
+    run_id = run_id or uuid.uuid4().hex
+    with tracked_run(config.mlflow, "variables", f"variables {run_id[:12]}",
+                     {"clinlinker.run_id": run_id}) as tracked:
+        tracked.log_params(to_dict(config))
+        summary = _run_variables_job(spark, config, run_id)
+        summary["mlflow_run_id"] = tracked.run_id
+        log_link_summary(tracked, summary)
+    return summary
+
+
+def _run_variables_job(spark: SparkSession, config: VariablesJobConfig,
+                       run_id: str) -> dict[str, Any]:
+    """:func:`run_variables_job` without its MLflow run."""
     from clinlinker_spark.spark.session import Persisted
     from clinlinker_spark.spark.writer import readable_version
 
-    run_id = run_id or uuid.uuid4().hex
     run_ts = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()

@@ -39,6 +39,7 @@ from clinlinker_spark.modeling import (
     resolve_device,
     set_torch_threads,
 )
+from clinlinker_spark.tracking import log_step
 from clinlinker_spark.training.config import OptimConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -720,3 +721,5 @@ def _log_window(name: str, optimizer: torch.optim.Optimizer, epoch: int, global_
              "eta %.0f s", name, global_step, total_steps, epoch + 1,
              float(np.mean(window)), lr_of(optimizer), rate,
              per_step * (stop_at - global_step))
+    log_step(global_step, {"loss": float(np.mean(window)), "learning_rate": lr_of(optimizer),
+                           "examples_per_s": rate})

@@ -19,6 +19,7 @@ from clinlinker_spark.config import (
     GOLD_FORMATS,
     POOLINGS,
     PRECISIONS,
+    MlflowConfig,
     TerminologySourceConfig,
     _check_choice,
     _check_positive,
@@ -160,6 +161,7 @@ class BiEncoderTrainConfig:
     loss: BiEncoderLossConfig = field(default_factory=BiEncoderLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ class CrossEncoderTrainConfig:
     document_share: float = 1.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=8))
     run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, CROSSENCODER_LOSSES)

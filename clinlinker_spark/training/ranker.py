@@ -402,6 +402,31 @@ def train_ranker(config: JobConfig, out_dir: str | Path, linker: Any = None,
     return spec
 
 
+def train_ranker_tracked(config: JobConfig, out_dir: str | Path,
+                         overwrite: bool = False) -> tuple[dict[str, Any], str]:
+    """:func:`train_ranker` as one MLflow run (``config.mlflow``): the job config as params,
+    the out-of-fold metrics and thresholds, the ranker directory registered with its hash and
+    the versions it was trained with. Returns (the spec, the run id or "")."""
+    from clinlinker_spark.ranker import ranker_hash
+    from clinlinker_spark.tracking import log_trained_model, tracked_run
+
+    with tracked_run(config.mlflow, "train-ranker", Path(out_dir).name) as run:
+        run.log_params(to_dict(config))
+        spec = train_ranker(config, out_dir, overwrite=overwrite)
+        with_ = spec["trained_with"]
+        metrics = {**spec["metrics"], "wall_seconds": spec["wall_seconds"],
+                   **{f"threshold_for_precision_{k}": v
+                      for k, v in spec["thresholds"].items() if v is not None}}
+        log_trained_model(run, out_dir, {k: spec[k] for k in ("trained_with", "training_data")},
+                          metrics, {
+                              "clinlinker.model_kind": spec["kind"],
+                              "clinlinker.model_hash": ranker_hash(Path(out_dir)),
+                              "clinlinker.model_version": with_["model_version"],
+                              "clinlinker.index_version": with_["index_version"],
+                              "clinlinker.reranker_version": with_["reranker_version"]})
+    return spec, run.run_id
+
+
 def _ranker_metrics(examples: Examples, raws: np.ndarray, confidence: np.ndarray,
                     right: np.ndarray, ranks: np.ndarray) -> dict[str, Any]:
     """The spec's metrics: candidate lists, out-of-fold accuracy and calibration error, and
@@ -465,5 +490,5 @@ __all__ = [
     "Examples", "TrainingMentions", "cross_fitted_scores", "feature_names", "fit_model",
     "fold_of_documents", "fold_terminology", "list_outcomes", "load_training_mentions",
     "mention_queries", "out_of_fold_examples", "predict", "train_ranker",
-    "unseen_by_reranker",
+    "train_ranker_tracked", "unseen_by_reranker",
 ]
