@@ -165,6 +165,11 @@ def test_a_link_night_logs_its_summary_and_a_failed_one_is_marked_failed(
                                  "encoder.path=models:/tiny-bi/1"), root)
     config = dataclasses.replace(config, mlflow=dataclasses.replace(
         config.mlflow, registry_uri=trained[1].tracking_uri))
+    from clinlinker_spark.spark.dry_run import plan_link_job
+
+    plan = plan_link_job(spark, config)["artifacts"]
+    assert plan["registered_models"]["encoder"]["uri"] == "models:/tiny-bi/1"
+    assert plan["encoder"]["model_version"] == model_hash(trained[2])
     summary = run_link_job(spark, config, run_id="night-1")
     (run,) = runs_of(config.mlflow, "link")
     assert run.info.run_id == summary.mlflow_run_id

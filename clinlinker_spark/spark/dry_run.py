@@ -111,7 +111,8 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
     """The encoder, index, re-ranker and ranker the run would use, checked as the run checks
     them but without loading a model: the index's manifest records the encoder it was built
     with (model hash, pooling, length), compared with the encoder directory's files. A missing
-    artifact is "would build" with ``build_missing``, else the run's ArtifactError."""
+    artifact is "would build" with ``build_missing``, else the run's ArtifactError. ``models:/``
+    URIs are resolved in the registry (a remote version is downloaded, as the run would)."""
     from clinlinker_spark.index import MANIFEST_FILE, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
     from clinlinker_spark.ranker import RANKER_FILE
@@ -127,7 +128,12 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
 
         raise ConfigError("context.reranker is set, but the Spark job links from the mention "
                           "text alone; leave context empty for the job")
+    from clinlinker_spark.tracking import resolve_model_paths
+
     plan: dict[str, Any] = {}
+    config, registered = resolve_model_paths(config)  # models:/ URIs: the registry's files
+    if registered:
+        plan["registered_models"] = registered
     encoder_path, index_path = Path(config.encoder.path), Path(config.index.path)
     model_version = manifest = None
     if not needs_build(encoder_path, "config.json", "encoder", ModelLoadError):
