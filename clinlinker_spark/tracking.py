@@ -226,7 +226,8 @@ def _experiment_id(client: Any, config: MlflowConfig) -> str:
 def tracked_run(config: MlflowConfig, kind: str, run_name: str = "",
                 tags: Mapping[str, Any] | None = None) -> Iterator[TrackedRun | NoRun]:
     """One MLflow run of ``kind`` (train-biencoder, evaluate, link, variables, ...) in
-    ``mlflow.experiment``; a :class:`NoRun` when ``mlflow.tracking_uri`` is empty.
+    ``mlflow.experiment``; a :class:`NoRun` when ``mlflow.tracking_uri`` is empty, or, with a
+    WARNING, when the store cannot be opened (a night is not stopped by its tracking).
 
     The run ends FINISHED, or FAILED with the tags ``clinlinker.error_class`` (the exception's
     class) and ``clinlinker.error_root_class`` (its root cause's) when the block raises; the
@@ -235,12 +236,23 @@ def tracked_run(config: MlflowConfig, kind: str, run_name: str = "",
     if not config.enabled:
         yield NoRun()
         return
-    client = client_of(config)
-    experiment_id = _experiment_id(client, config)
-    created = client.create_run(experiment_id, run_name=run_name or kind,
-                                tags={"clinlinker.kind": kind,
-                                      **{k: _param_text(v) for k, v in (tags or {}).items()
-                                         if v not in (None, "")}})
+    created = None
+    try:
+        client = client_of(config)
+        experiment_id = _experiment_id(client, config)
+        created = client.create_run(experiment_id, run_name=run_name or kind,
+                                    tags={"clinlinker.kind": kind,
+                                          **{k: _param_text(v) for k, v in (tags or {}).items()
+                                             if v not in (None, "")}})
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be reached stops no night
+        log.warning("MLflow store %s cannot be used (%s): this %s run is not tracked",
+                    _safe_uri(config.tracking_uri), type(exc).__name__, kind)
+        log.debug("MLflow store error", exc_info=True)
+    if created is None:
+        yield NoRun()
+        return
     run = TrackedRun(client, created.info.run_id, config, experiment_id)
     log.info("MLflow run %s (%s) in experiment %s at %s", run.run_id, kind,
              config.experiment, _safe_uri(config.tracking_uri))
@@ -484,10 +496,14 @@ def log_link_summary(run: TrackedRun | NoRun, summary: Mapping[str, Any]) -> Non
     from, and the summary as ``summary.json``."""
     if not run.enabled:
         return
-    run.log_metrics(numeric_metrics({k: v for k, v in summary.items()
-                                     if k not in ("registered_models",)}))
-    run.set_tags({f"clinlinker.{k}": summary[k] for k in _SUMMARY_TAGS
-                  if isinstance(summary.get(k), (str, int)) and summary.get(k) != ""})
-    for role, entry in (summary.get("registered_models") or {}).items():
-        run.set_tags({f"clinlinker.registered.{role}": entry.get("uri", "")})
-    run.log_dict(dict(summary), "summary.json")
+    try:
+        run.log_metrics(numeric_metrics({k: v for k, v in summary.items()
+                                         if k not in ("registered_models",)}))
+        run.set_tags({f"clinlinker.{k}": summary[k] for k in _SUMMARY_TAGS
+                      if isinstance(summary.get(k), (str, int)) and summary.get(k) != ""})
+        for role, entry in (summary.get("registered_models") or {}).items():
+            run.set_tags({f"clinlinker.registered.{role}": entry.get("uri", "")})
+        run.log_dict(dict(summary), "summary.json")
+    except Exception as exc:  # noqa: BLE001 - the table is written: the night succeeded
+        log.warning("could not log the summary on MLflow run %s (%s)", run.run_id,
+                    type(exc).__name__)

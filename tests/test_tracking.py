@@ -213,6 +213,10 @@ def test_a_failed_block_ends_its_run_failed_with_the_error_class_only(tmp_path) 
     assert "torácico" not in json.dumps(found.data.tags)
     with tracked_run(MlflowConfig(tracking_uri=""), "link") as off:
         assert not off.enabled and off.run_id == ""
+    # a store that cannot be opened: the block runs untracked
+    with tracked_run(MlflowConfig(tracking_uri="sqlite:////proc/no-store/mlflow.db"),
+                     "link") as unusable:
+        assert not unusable.enabled
 
 
 def assert_no_mention_text(root: Path, mentions: pd.DataFrame, skip: tuple[str, ...] = ()
