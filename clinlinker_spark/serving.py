@@ -23,20 +23,18 @@ CONFIG_ARTIFACT = "linker_config"
 CONFIG_FILE = "linker_config.json"
 # the JobConfig sections a pyfunc model's Linker is built from
 LINKER_SECTIONS = ("encoder", "index", "reranker", "ranker", "linking")
-# artifact key -> the JobConfig section whose path it replaces at load
-ARTIFACT_SECTIONS = {"encoder": "encoder", "index": "index", "reranker": "reranker",
-                     "ranker": "ranker"}
+# the sections whose path is a bundled artifact (the artifact's key is the section's name)
+ARTIFACT_SECTIONS = ("encoder", "index", "reranker", "ranker")
 
 
 def linker_config(config: Any, paths: dict[str, str]) -> dict[str, Any]:
-    """The linker sections of a JobConfig as a dict, with ``paths`` (artifact key ->
-    directory) as the sections' paths and the encoder and re-ranker on the CPU unless set."""
+    """The linker sections of a JobConfig as a dict, with ``paths`` (section -> directory)
+    as the sections' paths ("" where the config has no such model)."""
     from clinlinker_spark.config import to_dict
 
     sections = {name: to_dict(getattr(config, name)) for name in LINKER_SECTIONS}
-    for key, section in ARTIFACT_SECTIONS.items():
-        sections[section]["path"] = paths.get(key, "")
-    sections["linking"]["review_below"] = config.linking.review_below
+    for section in ARTIFACT_SECTIONS:
+        sections[section]["path"] = paths.get(section, "")
     return sections
 
 
@@ -46,8 +44,8 @@ def load_linker(config_file: str | Path, artifacts: dict[str, str]) -> Any:
     from clinlinker_spark.linker import Linker
 
     sections = json.loads(Path(config_file).read_text(encoding="utf-8"))
-    for key, section in ARTIFACT_SECTIONS.items():
-        sections[section]["path"] = artifacts.get(key, "")
+    for section in ARTIFACT_SECTIONS:
+        sections[section]["path"] = artifacts.get(section, "")
     sections["mlflow"] = {"tracking_uri": ""}  # nothing to resolve: the files are bundled
     return Linker.from_config(from_dict(JobConfig, sections))
 

@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from clinlinker_spark.errors import ArtifactError, ConfigError
 
@@ -79,12 +79,10 @@ def numeric_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 class TrackedRun:
     """One MLflow run, logged through an ``MlflowClient`` bound to the config's store."""
 
-    def __init__(self, client: Any, run_id: str, config: MlflowConfig,
-                 experiment_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, config: MlflowConfig) -> None:
         self.client = client
         self.run_id = run_id
         self.config = config
-        self.experiment_id = experiment_id
         #: per-step metric lines logged while the run was active (training's loss windows)
         self.steps_logged = 0
 
@@ -102,21 +100,19 @@ class TrackedRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Numbers at ``step`` (keys made MLflow keys; non-finite values left out)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(metric_key(k), float(v), now, int(step)) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), _BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH_METRICS])
+        self._log_points((k, v, int(step)) for k, v in metrics.items())
 
     def log_series(self, name: str, values: list[float], first_step: int = 1) -> None:
         """One metric's values at steps ``first_step``, ``first_step + 1``, ..."""
+        self._log_points((name, v, first_step + i) for i, v in enumerate(values))
+
+    def _log_points(self, points: Iterable[tuple[str, Any, int]]) -> None:
+        """(name, value, step) points, in batches; None and non-finite values left out."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(metric_key(name), float(v), now, first_step + i)
-                 for i, v in enumerate(values) if v is not None and math.isfinite(float(v))]
+        items = [Metric(metric_key(k), float(v), now, step) for k, v, step in points
+                 if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), _BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH_METRICS])
 
@@ -145,14 +141,13 @@ class TrackedRun:
         if not self.config.register:
             return None
         name = self.config.registered_model or name or directory.name
-        registry = registry_client(self.config)
-        try:
-            registry.get_registered_model(name)
+        try:  # the client registers in mlflow.registry_uri (client_of)
+            self.client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
-            registry.create_registered_model(name)
+            self.client.create_registered_model(name)
         run = self.client.get_run(self.run_id)
         source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
-        version = registry.create_model_version(
+        version = self.client.create_model_version(
             name, source, run_id=self.run_id,
             tags={k: _param_text(v) for k, v in tags.items() if v not in (None, "")})
         registered = {"name": name, "version": str(version.version),
@@ -185,7 +180,8 @@ def _local_store_dir(tracking_uri: str) -> Path | None:
 
 
 def client_of(config: MlflowConfig) -> Any:
-    """An ``MlflowClient`` on the config's store (its folder made for a local SQLite store)."""
+    """An ``MlflowClient`` on the config's tracking store (its folder made for a local SQLite
+    store) and registry (``mlflow.registry_uri``, else the tracking store)."""
     try:
         from mlflow import MlflowClient
     except ImportError:  # pragma: no cover - mlflow is a dependency
@@ -196,12 +192,6 @@ def client_of(config: MlflowConfig) -> Any:
         store.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=config.tracking_uri,
                         registry_uri=config.registry_uri or config.tracking_uri)
-
-
-def registry_client(config: MlflowConfig) -> Any:
-    """The client whose registry ``models:/`` URIs are resolved in (``mlflow.registry_uri``,
-    else the tracking store)."""
-    return client_of(config)
 
 
 def _experiment_id(client: Any, config: MlflowConfig) -> str:
@@ -253,7 +243,7 @@ def tracked_run(config: MlflowConfig, kind: str, run_name: str = "",
     if created is None:
         yield NoRun()
         return
-    run = TrackedRun(client, created.info.run_id, config, experiment_id)
+    run = TrackedRun(client, created.info.run_id, config)
     log.info("MLflow run %s (%s) in experiment %s at %s", run.run_id, kind,
              config.experiment, _safe_uri(config.tracking_uri))
     token = _ACTIVE.set(run)
@@ -346,7 +336,7 @@ def resolve_model(reference: str, config: MlflowConfig) -> ResolvedModel:
         raise ConfigError(f"{reference} needs a model registry: set mlflow.tracking_uri "
                           "(or mlflow.registry_uri)")
     name, version, alias = parse_model_uri(reference)
-    registry = registry_client(config)
+    registry = client_of(config)
     try:
         found = (registry.get_model_version(name, version) if version
                  else registry.get_model_version_by_alias(name, alias))

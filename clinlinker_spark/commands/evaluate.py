@@ -174,11 +174,9 @@ def log_evaluation(tracked, args: argparse.Namespace, report: dict,
     tracked.log_metrics(numeric_metrics(numbers))
     tracked.set_tags({f"clinlinker.registered.{k}": v["uri"] for k, v in registered.items()})
     tracked.log_dict(report, "evaluation.json")
-    for path in (args.plot, str(Path(args.json_out).with_suffix(".png")) if args.json_out
-                 else ""):
-        if path and Path(path).is_file():
-            tracked.log_file(path)
-            break
+    plot = plot_path(args, "confidence" in report)
+    if plot and Path(plot).is_file():
+        tracked.log_file(plot)
     row = "ranker" if "ranker" in report["results"] else next(
         (r for r in ("dense+exact_prior", "dense", "tfidf+exact_prior")
          if r in report["results"]), None)
@@ -192,7 +190,7 @@ def log_evaluation(tracked, args: argparse.Namespace, report: dict,
         run_id = training_run_id(model_dir)
         if run_id:
             try:
-                TrackedRun(tracked.client, run_id, tracked.config, "").log_metrics(metrics)
+                TrackedRun(tracked.client, run_id, tracked.config).log_metrics(metrics)
             except Exception:  # noqa: BLE001 - another store's run: this run has it anyway
                 log.warning("could not log the evaluation on training run %s", run_id)
 
@@ -374,6 +372,14 @@ def _print_report(report: dict) -> None:
                    for name, found in confidences.items()}))
 
 
+def plot_path(args: argparse.Namespace, with_confidence: bool) -> str:
+    """Where the precision-coverage plot goes: ``--plot``, or beside ``--json-out`` with a
+    .png suffix; "" without a confidence report (no ranker) or a place to write it."""
+    if not with_confidence:
+        return ""
+    return args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else "")
+
+
 def _write_outputs(args: argparse.Namespace, report: dict, confidence: dict | None,
                    context_confidence: dict | None) -> None:
     """Write ``--json-out``, and the precision-coverage plot when a ranker was evaluated
@@ -381,9 +387,8 @@ def _write_outputs(args: argparse.Namespace, report: dict, confidence: dict | No
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(dumps(report) + "\n", encoding="utf-8")
-    plot = args.plot or (str(Path(args.json_out).with_suffix(".png"))
-                         if args.json_out and confidence is not None else "")
-    if plot and confidence is not None:
+    plot = plot_path(args, confidence is not None)
+    if plot:
         curves = {"ranker confidence": confidence["curve"]}
         if context_confidence is not None:
             curves["ranker+context confidence"] = context_confidence["curve"]
