@@ -336,3 +336,24 @@ def test_mlflow_models_serve_answers_a_look_up_on_loopback(pyfunc_model) -> None
                                                          "text": ["dolor torácico"]}))
     assert row["mention_id"] == "m1" and row["code"] == want["code"].item()
     assert row["status"] == want["status"].item()
+
+
+def test_mlflow_sends_no_telemetry_when_the_package_is_imported_first() -> None:
+    """Outside CI MLflow sends usage telemetry unless told not to: importing the package
+    first turns it off (a clean environment: none of the CI variables MLflow looks at)."""
+    code = ("import clinlinker_spark, mlflow\n"
+            "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+            "print(is_telemetry_disabled())")
+    ci_markers = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI",
+                  "JENKINS_URL", "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER",
+                  "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+                  "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
+                  "RUNBOT_WORKER_ID", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {k: v for k, v in os.environ.items() if k not in ci_markers}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == "True"
+    # the check can fail: without the package, the same environment has telemetry on
+    bare = subprocess.run([sys.executable, "-c", code.replace("clinlinker_spark, ", "")],
+                          env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert bare[-1] == "False"
