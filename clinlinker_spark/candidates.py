@@ -35,6 +35,7 @@ class Candidate:
     exact: bool = False  # term equals the mention (normalised)
     lexical_score: float | None = None  # TF-IDF cosine of ``term`` (lexical retriever on)
     ranker_score: float | None = None  # the ranker's score (ranker on)
+    dense_hits: int = 0  # how many of the mention's dense hits (search_k texts) carry the code
 
 
 _GC_LOCK = threading.Lock()

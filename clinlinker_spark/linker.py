@@ -123,6 +123,7 @@ def candidates_from_hits(
             out: list[Candidate] = []
             scores = hits.scores[i].tolist()
             positions = hits.positions[i].tolist()
+            support = hit_support(index, positions)
             exact_position = index.position_of(text) if exact_match_prior else -1
             if exact_position >= 0:
                 if exact_position in positions:
@@ -132,7 +133,8 @@ def candidates_from_hits(
                 for code, key, term in code_rows(exact_position):
                     if key not in seen:
                         seen.add(key)
-                        out.append(Candidate(code, term, exact_score, None, True))
+                        out.append(Candidate(code, term, exact_score, None, True, None, None,
+                                             support.get(key, 0)))
             for score, position in zip(scores, positions):
                 if len(out) >= top_k:
                     break
@@ -141,9 +143,24 @@ def candidates_from_hits(
                 for code, key, term in code_rows(position, exact_match_prior):
                     if key not in seen:
                         seen.add(key)
-                        out.append(Candidate(code, term, score, None, False))
+                        out.append(Candidate(code, term, score, None, False, None, None,
+                                             support[key]))
             results.append(out[:top_k])
     return results
+
+
+def hit_support(index: TerminologyIndex, positions: list[int]) -> dict[str, int]:
+    """code_key -> how many of one query's hits carry the code (position -1: no hit). A code
+    that many near texts carry (the training mentions of one code, its synonyms) is better
+    supported than one that a single near text carries. A count, not a score: it does not
+    change with the last bits of the search's scores, which depend on the batch."""
+    support: dict[str, int] = {}
+    code_rows = index.code_rows
+    for position in positions:
+        if position >= 0:
+            for _, key, _ in code_rows(position):
+                support[key] = support.get(key, 0) + 1
+    return support
 
 
 def _codes_of_hits(index: TerminologyIndex, scores: list[float], positions: list[int],
@@ -194,8 +211,10 @@ def hybrid_candidates(
         raise ConfigError(f"linking.retrievers has lexical, but index {index.path} has no "
                           "lexical model: rebuild it with clinlinker build-index")
     per_query: list[list[tuple[str, str, str, float, int, str]]] = []
+    supports: list[dict[str, int]] = []
     with gc_paused():
         for i, text in enumerate(texts_norm):
+            supports.append(hit_support(index, dense.positions[i].tolist()))
             seen: set[str] = set()
             found: list[tuple[str, str, str, float, int, str]] = []
             exact_position = index.position_of(text) if exact_match_prior else -1
@@ -228,7 +247,7 @@ def hybrid_candidates(
     results: list[list[Candidate]] = []
     at = 0
     with gc_paused():
-        for found in per_query:
+        for found, support in zip(per_query, supports):
             n = len(found)
             d = dense_scores[at:at + n].tolist()
             lx = lexical_scores[at:at + n].tolist()
@@ -244,7 +263,8 @@ def hybrid_candidates(
                                          + 1.0 / (RETRIEVER_RRF_K + lexical_rank[j])),
                                        -d[j], found[j][1]))
             results.append([Candidate(found[j][0], found[j][2], d[j], None, j in exact_set,
-                                      lx[j]) for j in exact + others])
+                                      lx[j], None, support.get(found[j][1], 0))
+                            for j in exact + others])
     return results
 
 
@@ -314,7 +334,7 @@ def score_candidates(
             head = cands[:top_n]
             out.append([
                 Candidate(c.code, c.term, c.retrieval_score, scores[pos + j], c.exact,
-                          c.lexical_score, c.ranker_score)
+                          c.lexical_score, c.ranker_score, c.dense_hits)
                 for j, c in enumerate(head)
             ] + list(cands[top_n:]))
             pos += len(head)

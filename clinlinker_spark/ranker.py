@@ -10,7 +10,10 @@ scores and from the index artifact (rows, codes and hierarchy):
 
 - retrieval: the bi-encoder score of t, its rank among the mention's candidates and its gap to
   the best; the same for the lexical (TF-IDF) score; the cross-encoder logit, rank and gap
-  (missing, NaN, where no re-ranker scored it);
+  (missing, NaN, where no re-ranker scored it); how many of the bi-encoder's hits
+  (``linking.search_k`` texts) carry c, and c's share, and its category's share, of the hits
+  that the mention's candidates carry (a code whose training mentions and synonyms crowd the
+  neighbourhood is better supported than one near text);
 - text: m equals t (exact), the word-token Jaccard of m and t, the length ratio, m's token
   count;
 - training priors: how many training mentions carry (t, c) and c, c's share of the training
@@ -62,6 +65,7 @@ MODEL_TYPES = ("lightgbm", "logistic")
 
 FEATURES: tuple[str, ...] = (
     "dense", "dense_rank", "dense_gap",
+    "dense_hits", "dense_hits_share", "category_hits_share",
     "lexical", "lexical_rank", "lexical_gap",
     "rerank", "rerank_rank", "rerank_gap",
     "exact", "token_jaccard", "length_ratio", "mention_tokens",
@@ -284,6 +288,7 @@ def candidate_features(index: TerminologyIndex, texts_norm: Sequence[str],
     _add_hierarchy_features(out, col, stats, groups, known, code)
     _add_row_and_side_features(out, col, stats, texts_norm, groups, rows)
     _add_score_features(out, col, flat, groups, n_groups)
+    _add_support_features(out, col, stats, flat, groups, n_groups, code)
     return out
 
 
@@ -341,6 +346,28 @@ def _add_hierarchy_features(out: np.ndarray, col: dict[str, int], stats: _IndexS
     out[:, col["has_ancestor"]] = (np.isin(offset + ancestors, in_list) & has_up).any(axis=1)
     above = np.unique((offset + ancestors)[has_up])
     out[:, col["has_descendant"]] = known & np.isin(groups * stats.n_codes + code, above)
+
+
+def _add_support_features(out: np.ndarray, col: dict[str, int], stats: _IndexStats,
+                          flat: Sequence[Candidate], groups: np.ndarray, n_groups: int,
+                          code: np.ndarray) -> None:
+    """The code's support among the bi-encoder's hits: how many carry it, its share of the
+    hits that the mention's candidates carry, and the share of its category (its root in the
+    hierarchy; itself without one)."""
+    n = len(flat)
+    hits = np.fromiter((c.dense_hits for c in flat), np.float64, n)
+    totals = np.bincount(groups, weights=hits, minlength=n_groups)[groups]
+    out[:, col["dense_hits"]] = hits
+    out[:, col["dense_hits_share"]] = np.divide(hits, totals, out=np.zeros(n), where=totals > 0)
+    ancestors = stats.ancestor_ids(code)
+    depth = (ancestors >= 0).sum(axis=1)
+    root = np.where(depth > 0, ancestors[np.arange(n), np.maximum(depth - 1, 0)], code)
+    known = root >= 0
+    family = np.where(known, groups * stats.n_codes + root, -1 - np.arange(n))
+    _, inverse = np.unique(family, return_inverse=True)
+    family_hits = np.bincount(inverse, weights=hits)[inverse]
+    out[:, col["category_hits_share"]] = np.divide(family_hits, totals, out=np.zeros(n),
+                                                   where=totals > 0)
 
 
 def _add_row_and_side_features(out: np.ndarray, col: dict[str, int], stats: _IndexStats,
@@ -557,7 +584,7 @@ class Ranker:
             for start, size in zip(starts.tolist(), sizes.tolist()):
                 picked = ordered[start:start + (size if keep is None else min(size, keep))]
                 ranked.append([Candidate(c.code, c.term, c.retrieval_score, c.rerank_score,
-                                         c.exact, c.lexical_score, values[j])
+                                         c.exact, c.lexical_score, values[j], c.dense_hits)
                                for j in picked for c in (flat[j],)])
         calibrated = self.calibration(raws)
         confidences = [None if not size else float(p)

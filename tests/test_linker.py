@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -207,6 +209,9 @@ def _reference_candidates(index, texts, hits, top_k, prior, self_scores):
     rows_of = index.row_range if prior else index.rows_in_code_order
     results = []
     for i, text in enumerate(texts):
+        hits_of = Counter(index.row(r)[1] for position in hits.positions[i] if position >= 0
+                          for r in index.row_range(int(position)))  # each code's hits
+
         seen, out = set(), []
         exact_position = index.position_of(text) if prior else -1
         if exact_position >= 0:
@@ -216,7 +221,8 @@ def _reference_candidates(index, texts, hits, top_k, prior, self_scores):
                 code, key, term, _ = index.row(r)
                 if key not in seen:
                     seen.add(key)
-                    out.append(Candidate(code, term, score, None, True))
+                    out.append(Candidate(code, term, score, None, True, None, None,
+                                         hits_of[key]))
         for score, position in zip(hits.scores[i], hits.positions[i]):
             if len(out) >= top_k:
                 break
@@ -226,7 +232,8 @@ def _reference_candidates(index, texts, hits, top_k, prior, self_scores):
                 code, key, term, _ = index.row(r)
                 if key not in seen:
                     seen.add(key)
-                    out.append(Candidate(code, term, float(score), None, False))
+                    out.append(Candidate(code, term, float(score), None, False, None, None,
+                                         hits_of[key]))
         results.append(out[:top_k])
     return results
 

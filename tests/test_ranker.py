@@ -343,6 +343,61 @@ def test_features_see_the_index_hierarchy_and_priors(setup):
     assert np.isnan(f[:, col["rerank"]]).all()  # no cross-encoder scored them
 
 
+def test_hit_support_counts_the_dense_hits_of_each_code(setup):
+    """A code carried by several of the mention's dense hits gets their count and its share of
+    the list's hits; the Linker's candidates carry the count, in the dense and the hybrid
+    paths alike."""
+    from clinlinker_spark.candidates import Hits
+    from clinlinker_spark.linker import candidates_from_hits, hybrid_candidates, hit_support
+
+    index = setup.index
+    rows = index.rows
+    many = rows.groupby("code_key").size()
+    code = many[many >= 3].index[0]  # a code with three or more texts
+    other = many[many == 1].index[0]
+    position = index.position_of
+    three = [position(t) for t in rows.loc[rows["code_key"] == code, "term_norm"][:3]]
+    one = position(rows.loc[rows["code_key"] == other, "term_norm"].iloc[0])
+    positions = [three[0], one, three[1], three[2], -1]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.0]
+    support = hit_support(index, positions)
+    assert support[code] == 3
+    assert support[other] == 1
+
+    hits = Hits(np.array([scores], np.float32), np.array([positions], np.int64))
+    dense = candidates_from_hits(index, ["x"], hits, 10, exact_match_prior=False)[0]
+    vectors = setup.encoder.encode(["x"])
+    lexical = Hits(np.full((1, 1), 0.1, np.float32), np.array([[one]], np.int64))
+    hybrid = hybrid_candidates(index, ["x"], hits, lexical, vectors,
+                               index.lexical.transform(["x"]), 10, False)[0]
+    for cands in (dense, hybrid):
+        by_code = {c.code.lower().replace(".", ""): c for c in cands}
+        assert (by_code[code].dense_hits, by_code[other].dense_hits) == (3, 1)
+        f = candidate_features(index, ["x"], [cands])
+        col = {name: j for j, name in enumerate(FEATURES)}
+        j = [c.code for c in cands].index(by_code[code].code)
+        assert f[j, col["dense_hits"]] == 3
+        assert f[j, col["dense_hits_share"]] == pytest.approx(3 / 4)
+
+
+def test_category_hits_share_sums_the_hits_of_one_category(setup):
+    from clinlinker_spark.linker import Candidate
+
+    index = setup.index
+    codes = index.codes.set_index("code_key")
+    child = next(k for k, parent in codes["parent_key"].items() if parent)
+    parent = codes.loc[child, "parent_key"]
+    other = next(k for k in codes.index
+                 if k[:3] != child[:3] and not codes.loc[k, "parent_key"])
+    term_of = dict(zip(index.rows["code_key"], index.rows["term"]))
+    cands = [[Candidate(codes.loc[k, "code"], term_of[k], 0.9, dense_hits=h)
+              for k, h in ((parent, 2), (child, 3), (other, 1))]]
+    f = candidate_features(index, ["x"], cands)
+    col = {name: j for j, name in enumerate(FEATURES)}
+    assert f[:, col["dense_hits_share"]].tolist() == pytest.approx([2 / 6, 3 / 6, 1 / 6])
+    assert f[:, col["category_hits_share"]].tolist() == pytest.approx([5 / 6, 5 / 6, 1 / 6])
+
+
 def test_side_and_description_features(tmp_path):
     """The side a mention names is compared with the side each candidate's description
     names; descriptions' unspecified / other / with / without variants are flagged."""

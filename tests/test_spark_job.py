@@ -1039,6 +1039,36 @@ def as_written_before_the_ranker(spark, source: Path | str, target: Path, key: s
     merge_into_delta(spark, old, str(target), key=key)
 
 
+def test_a_form_cache_written_before_a_candidate_field_existed_is_still_used(
+    spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
+):
+    """A cache whose candidate structs lack a field the stages now carry (``dense_hits``)
+    serves its forms: the field reads as null and the rows equal the core linker's."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.writer import merge_into_delta, read_delta
+
+    small = dev_mentions.iloc[:60]
+    mentions = spark.createDataFrame(small[MENTION_COLUMNS])
+    first = with_ranker(job_config(tmp_path, tiny_encoder_dir, sample_index, *HYBRID,
+                                   "input.passthrough_columns=[]",
+                                   f"output.form_cache_path={tmp_path / 'cache'}"),
+                        hybrid_ranker)
+    n_forms = run_job(spark, first, run_id="first", mentions=mentions)["surface_forms"]
+    older = tmp_path / "cache-older"
+    fields = [f for f in read_delta(spark, str(tmp_path / "cache")).schema["candidates"]
+              .dataType.elementType.names if f != "dense_hits"]
+    merge_into_delta(spark, read_delta(spark, str(tmp_path / "cache")).withColumn(
+        "candidates", F.transform("candidates", lambda c: F.struct(
+            *[c[f].alias(f) for f in fields]))), str(older), key="cache_key")
+
+    config = dataclasses.replace(first, output=dataclasses.replace(
+        first.output, path=str(tmp_path / "table-2"), form_cache_path=str(older)))
+    again = run_job(spark, config, run_id="again", mentions=mentions)
+    assert again["surface_forms"] == 0 and again["form_cache"]["hits"] == n_forms > 0
+    assert_matches_core(read_table(config.output.path), Linker.from_config(config).link(small))
+
+
 def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
     spark, tmp_path, tiny_encoder_dir, sample_index, dev_mentions, hybrid_ranker,
 ):
@@ -1076,7 +1106,7 @@ def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
     assert len(cache) == 2 * n_forms
     fields = next(list(cs[0]) for cs in cache["candidates"] if len(cs))
     assert fields == ["code", "term", "retrieval_score", "rerank_score", "exact",
-                      "lexical_score", "ranker_score"]
+                      "lexical_score", "ranker_score", "dense_hits"]
     assert cache["ranker_version"].isna().sum() == n_forms
 
     # the next night skips every mention; without incremental, every form comes from the cache

@@ -82,10 +82,13 @@ def usable_cache(cache: DataFrame | None) -> DataFrame | None:
                     sorted(needed - set(cache.columns)))
         return None
     # the stage struct's fields by name: a cache whose struct gained fields keeps its older
-    # fields first (the writer appends new ones)
-    fields = schemas.STAGE_CANDIDATE_STRUCT.names
+    # fields first (the writer appends new ones); a field the cache's struct lacks (written
+    # before the stage struct had it) reads as null
+    have = set(cache.schema["candidates"].dataType.elementType.names)
+    wanted = schemas.STAGE_CANDIDATE_STRUCT.fields
     candidates = F.transform(F.col("candidates"), lambda c: F.struct(
-        *[c[f].alias(f) for f in fields])).cast(schemas.STAGE_CANDIDATES_TYPE)
+        *[(c[f.name] if f.name in have else F.lit(None).cast(f.dataType)).alias(f.name)
+          for f in wanted])).cast(schemas.STAGE_CANDIDATES_TYPE)
     return cache.select(CACHE_KEY_COLUMN, *OUTCOME_COLUMNS, candidates.alias("candidates"))
 
 

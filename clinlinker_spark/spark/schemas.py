@@ -78,14 +78,17 @@ ARROW_CANDIDATE_STRUCT = pa.struct(
 ARROW_CANDIDATES_TYPE = pa.list_(pa.field("element", ARROW_CANDIDATE_STRUCT, nullable=False))
 
 # Between the UDF stages a candidate also carries ``exact`` (its term equals the mention), which
-# the re-ranker needs to keep exact matches first and the ranker reads as a feature; the table
-# does not store it. Every field of linker.Candidate, ``exact`` last.
+# the re-ranker needs to keep exact matches first and the ranker reads as a feature, and its
+# support among the dense hits (``dense_hits``, a ranker feature); the table
+# does not store them. Every field of linker.Candidate.
 STAGE_CANDIDATE_STRUCT = StructType(
-    list(CANDIDATE_STRUCT.fields) + [StructField("exact", BooleanType(), True)]
+    list(CANDIDATE_STRUCT.fields) + [StructField("exact", BooleanType(), True),
+                                     StructField("dense_hits", LongType(), True)]
 )
 STAGE_CANDIDATES_TYPE = ArrayType(STAGE_CANDIDATE_STRUCT, containsNull=False)
 ARROW_STAGE_CANDIDATE_STRUCT = pa.struct(
-    list(ARROW_CANDIDATE_STRUCT) + [pa.field("exact", pa.bool_())]
+    list(ARROW_CANDIDATE_STRUCT) + [pa.field("exact", pa.bool_()),
+                                    pa.field("dense_hits", pa.int64())]
 )
 ARROW_STAGE_CANDIDATES_TYPE = pa.list_(
     pa.field("element", ARROW_STAGE_CANDIDATE_STRUCT, nullable=False)

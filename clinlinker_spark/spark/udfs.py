@@ -430,7 +430,8 @@ def _to_batch(keys: list[str], texts: list[str], ranked: list[list[Candidate]],
     # forms of 25 candidates, 5% of a task's encode time
     cands = [[{"code": c.code, "term": c.term, "retrieval_score": c.retrieval_score,
                "rerank_score": c.rerank_score, "lexical_score": c.lexical_score,
-               "ranker_score": c.ranker_score, "exact": c.exact} for c in cs] for cs in ranked]
+               "ranker_score": c.ranker_score, "exact": c.exact, "dense_hits": c.dense_hits}
+              for c in cs] for cs in ranked]
     arrays = [
         pa.array(keys, pa.string()),
         pa.array(texts, pa.string()),
@@ -447,7 +448,8 @@ def _from_arrow(candidates: pa.Array) -> list[list[Candidate]]:
 
     return [[Candidate(code=d["code"], term=d["term"], retrieval_score=d["retrieval_score"],
                        rerank_score=d["rerank_score"], exact=bool(d["exact"]),
-                       lexical_score=d["lexical_score"], ranker_score=d["ranker_score"])
+                       lexical_score=d["lexical_score"], ranker_score=d["ranker_score"],
+                       dense_hits=int(d["dense_hits"] or 0))
              for d in (cs or [])] for cs in candidates.to_pylist()]
 
 
