@@ -212,7 +212,8 @@ def assignment_schema(
 #     cache_key        string   SHA-256 (hex) of text_norm + versions + linking_version (MERGE key)
 #     model_version, index_version, reranker_version, ranker_version, linking_version   string
 #     status, reason, code, term, score, confidence, candidates   the linker's outcome for the
-#                      form (candidates with ``exact``, as between the UDF stages)
+#                      form (candidates with ``exact`` and ``dense_hits``, as between the
+#                      UDF stages)
 #     run_id, run_ts   the run that computed it
 CACHE_KEY_COLUMN = "cache_key"
 CACHE_OUTCOME_COLUMNS = (*OUTCOME_COLUMNS, "candidates")
