@@ -214,12 +214,12 @@ def hybrid_candidates(
     supports: list[dict[str, int]] = []
     with gc_paused():
         for i, text in enumerate(texts_norm):
-            supports.append(hit_support(index, dense.positions[i].tolist()))
+            dense_positions = dense.positions[i].tolist()
+            supports.append(hit_support(index, dense_positions))
             seen: set[str] = set()
             found: list[tuple[str, str, str, float, int, str]] = []
             exact_position = index.position_of(text) if exact_match_prior else -1
             if exact_position >= 0:
-                dense_positions = dense.positions[i].tolist()
                 exact_score = (float(dense.scores[i][dense_positions.index(exact_position)])
                                if exact_position in dense_positions else
                                float(self_scores[i]) if self_scores is not None else 1.0)

@@ -78,9 +78,9 @@ ARROW_CANDIDATE_STRUCT = pa.struct(
 ARROW_CANDIDATES_TYPE = pa.list_(pa.field("element", ARROW_CANDIDATE_STRUCT, nullable=False))
 
 # Between the UDF stages a candidate also carries ``exact`` (its term equals the mention), which
-# the re-ranker needs to keep exact matches first and the ranker reads as a feature, and its
-# support among the dense hits (``dense_hits``, a ranker feature); the table
-# does not store them. Every field of linker.Candidate.
+# the re-ranker needs to keep exact matches first and the ranker reads as a feature, and
+# ``dense_hits`` (how many of the mention's dense hits carry the code, a ranker feature); the
+# table stores neither. Every field of linker.Candidate.
 STAGE_CANDIDATE_STRUCT = StructType(
     list(CANDIDATE_STRUCT.fields) + [StructField("exact", BooleanType(), True),
                                      StructField("dense_hits", LongType(), True)]
