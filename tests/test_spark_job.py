@@ -77,6 +77,25 @@ HYBRID = ("linking.retrievers=[dense, lexical]", "encoder.batch_size=1",
 MENTION_COLUMNS = ["mention_id", "doc_id", "start", "end", "text", "label"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def spark_task_threads():
+    """The core linker of these tests computes with the threads of one Spark task
+    (spark.task.cpus is 1 here; clinlinker_spark.spark.udfs sets a task's torch and FAISS
+    threads to it). torch splits its sums by thread count, so with another count the tiny
+    models' vectors and logits differ in their last bits (up to 9e-8 and 4e-7 measured between
+    1 and 2 threads), and a ranker trained on the tiny models' crowded scores may split between
+    two such values: a mention's ranker score would move."""
+    import faiss
+    import torch
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_before)
+    faiss.omp_set_num_threads(faiss_before)
+
+
 @pytest.fixture(scope="module")
 def sample_terminology() -> pd.DataFrame:
     return load_terminology(SAMPLE_TERMINOLOGY)

@@ -14,17 +14,35 @@ CORPUS = [
 ]
 
 
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789áéíóúüñ"
+PUNCTUATION = ".,;:()[]-/%+'\""
+
+
+def wordpiece_vocab() -> list[str]:
+    """The tiny tokenizer's vocabulary, the same in every process: the special tokens, single
+    characters (word-initial and ``##`` continuations), and every prefix (2+ characters) and
+    ``##`` suffix (2+ characters) of CORPUS's words. A trained WordPiece vocabulary is not
+    fixed: its trainer breaks ties between equally frequent merges in hash order, which
+    changes from one process to the next, and with it every tiny model's weights."""
+    import re
+
+    words = sorted({w for text in CORPUS for w in re.findall(r"\w+", text.lower())})
+    letters = sorted(set(LETTERS) | {c for w in words for c in w})
+    pieces = {w[:i] for w in words for i in range(2, len(w) + 1)}
+    pieces |= {"##" + w[i:] for w in words for i in range(1, len(w) - 1)}
+    return (SPECIAL_TOKENS + letters + list(PUNCTUATION) + ["##" + c for c in letters]
+            + sorted(pieces - set(letters)))
+
+
 def _tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(wordpiece_vocab()))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    )
-    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -49,7 +67,7 @@ def _config(vocab_size: int, **extra):
 
 
 def make_tiny_encoder(out: str | Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-dim BertModel with a WordPiece tokenizer trained on CORPUS."""
+    """A 2-layer, 32-dim BertModel with a WordPiece tokenizer built from CORPUS."""
     import torch
     from transformers import BertModel
 
@@ -70,6 +88,10 @@ def make_tiny_cross_encoder(out: str | Path, seed: int = 1) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(out)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(_config(len(tok), num_labels=1))
+    # weights ten times the default's spread: with the default (0.02) every pair's logit lies
+    # within 1e-4 of every other's, so an order by logit (or a ranker's split on it) would turn
+    # on their last bits; here they spread over ~0.2
+    model = BertForSequenceClassification(_config(len(tok), num_labels=1,
+                                                  initializer_range=0.2))
     model.save_pretrained(out, safe_serialization=True)
     return out
