@@ -183,6 +183,21 @@ def test_unreadable_input_is_one_line_naming_the_file(
     assert not Path(config.output.path).exists()
 
 
+def test_a_broken_delta_log_read_by_delta_rs_is_an_input_error(tmp_path):
+    # the path a session without delta-spark's jars takes: delta-rs opens the input table
+    # (its exceptions live in a native module, not under ``deltalake``)
+    from clinlinker_spark.config import InputConfig
+    from clinlinker_spark.spark.mentions import input_errors
+
+    path, _ = unreadable_inputs(tmp_path)["broken Delta log"]
+    cfg = InputConfig(path=str(path), format="delta")
+    with pytest.raises(InputDataError) as raised, input_errors(cfg):
+        writer._open_table(writer._locate(str(path)))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"input {path} cannot be read: ")
+    assert "json" in message.lower()
+
+
 def test_the_cli_ends_an_unreadable_input_in_one_line_and_status_2(tmp_path):
     path, _ = unreadable_inputs(tmp_path)["not parquet"]
     done = subprocess.run(

@@ -103,7 +103,7 @@ def unreadable_reason(exc: BaseException) -> str | None:
     The line is :func:`~clinlinker_spark.errors.root_cause` (its message names the file, or
     the file is put in front), without the trace."""
     text = str(exc)
-    from_deltalake = type(exc).__module__.startswith("deltalake")
+    from_deltalake = _is_deltalake_error(exc)
     if not from_deltalake and not any(mark in text for mark in _UNREADABLE_MARKS):
         return None
     reason = root_cause(exc)
@@ -111,6 +111,16 @@ def unreadable_reason(exc: BaseException) -> str | None:
     if failed and failed.group(1) not in reason:
         reason = f"{failed.group(1)}: {reason}"
     return reason
+
+
+def _is_deltalake_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a delta-rs error (deltalake 1.x defines its exceptions in a native
+    module named ``_internal``; deltalake.exceptions re-exports them)."""
+    try:
+        from deltalake.exceptions import DeltaError
+    except ImportError:  # pragma: no cover - deltalake is a dependency
+        return type(exc).__module__.startswith("deltalake")
+    return isinstance(exc, DeltaError) or type(exc).__module__.startswith("deltalake")
 
 
 @contextmanager
