@@ -32,14 +32,14 @@ def wordpiece_vocab() -> list[str]:
     pieces = {w[:i] for w in words for i in range(2, len(w) + 1)}
     pieces |= {"##" + w[i:] for w in words for i in range(1, len(w) - 1)}
     return (SPECIAL_TOKENS + letters + list(PUNCTUATION) + ["##" + c for c in letters]
-            + sorted(pieces - set(letters)))
+            + sorted(pieces))
 
 
 def _tokenizer(out: Path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(wordpiece_vocab()))}
+    vocab = {token: i for i, token in enumerate(wordpiece_vocab())}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -116,10 +116,8 @@ def unreadable_reason(exc: BaseException) -> str | None:
 def _is_deltalake_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a delta-rs error (deltalake 1.x defines its exceptions in a native
     module named ``_internal``; deltalake.exceptions re-exports them)."""
-    try:
-        from deltalake.exceptions import DeltaError
-    except ImportError:  # pragma: no cover - deltalake is a dependency
-        return type(exc).__module__.startswith("deltalake")
+    from deltalake.exceptions import DeltaError
+
     return isinstance(exc, DeltaError) or type(exc).__module__.startswith("deltalake")
 
 
