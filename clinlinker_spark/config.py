@@ -407,9 +407,27 @@ class InputConfig:
     text_column: str = "text"
     label_column: str = "label"
     passthrough_columns: tuple[str, ...] = ()
+    # the column holding each mention's context (the sentence around it), read by the
+    # context stage (``context``); "": every mention is linked from its text alone
+    context_column: str = ""
+    # the mention's character offsets inside its context, [start, end); a row whose context
+    # is empty or whose offsets do not fit it is linked from its text alone
+    context_start_column: str = "context_start"
+    context_end_column: str = "context_end"
+    # gold formats: the corpus's folder of {doc_id}.txt documents; each mention then gets its
+    # sentence as context, in columns context, context_start and context_end
+    text_dir: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("input.format", self.format, INPUT_FORMATS)
+        if self.text_dir and self.format not in GOLD_FORMATS:
+            raise ConfigError("input.text_dir is read with a gold format "
+                              f"({', '.join(GOLD_FORMATS)}); a table carries its context in "
+                              "input.context_column")
+        if self.context_column and not (self.context_start_column
+                                        and self.context_end_column):
+            raise ConfigError("input.context_column needs input.context_start_column and "
+                              "input.context_end_column: the mention's offsets in it")
         table_ref(self.path, self.table, "input.path", "input.table", required=False)
         if self.table and self.format in GOLD_FORMATS:
             raise ConfigError(f"input.format {self.format} reads gold files from input.path; "

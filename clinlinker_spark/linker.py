@@ -33,6 +33,8 @@ retrieval score.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
@@ -404,6 +406,42 @@ def mention_contexts(mentions: pd.DataFrame, context: str, start: str, end: str
         usable, mentions[context].tolist(), mentions[start].tolist(), mentions[end].tolist())]
 
 
+def needs_context(codes: Sequence[str], confidence: float | None,
+                  config: ContextConfig) -> bool:
+    """Whether the context stage links a mention again, from the codes of its first
+    candidates (at least the first two, best first) and its context-free confidence: the
+    confidence is below ``context.below``, or the first two codes share
+    ``context.same_category_chars`` leading characters (where the words around it decide
+    between sibling codes). A mention without candidates never goes."""
+    if not len(codes):
+        return False
+    if config.below >= 1.0 or (confidence is not None and confidence < config.below):
+        return True  # below 1: every mention with a context
+    chars = config.same_category_chars
+    if chars and len(codes) > 1:
+        return normalize_code(codes[0])[:chars] == normalize_code(codes[1])[:chars]
+    return False
+
+
+def context_version(reranker_hash: str, ranker_hash: str, config: ContextConfig) -> str:
+    """SHA-256 of what decides the context stage's links: its cross-encoder's and ranker's
+    hashes and the settings that gate and cut its candidate lists."""
+    payload = [reranker_hash, ranker_hash, config.top_n, config.max_length, config.below,
+               config.same_category_chars]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def lineage_versions(versions: dict[str, str], context: str) -> dict[str, str]:
+    """The versions a linked row carries: ``versions`` (``Linker.versions``), whose
+    ``ranker_version`` also covers the context stage when there is one (``context``: its
+    :func:`context_version`; "": none), so that an incremental run links a mention again
+    when the stage is turned on, off or changed."""
+    if not context:
+        return dict(versions)
+    folded = f"{versions['ranker_version']}+context:{context}".encode()
+    return {**versions, "ranker_version": hashlib.sha256(folded).hexdigest()}
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -572,6 +610,15 @@ class Linker:
             "ranker_version": self.ranker.model_hash if self.ranker is not None else "",
         }
 
+    @property
+    def context_version(self) -> str:
+        """:func:`context_version` of the context stage; "" without one."""
+        stage = self.context_stage
+        if stage is None:
+            return ""
+        return context_version(stage.reranker.model_hash, stage.ranker.model_hash,
+                               self.context_config)
+
     def retrieve(self, texts_norm: Sequence[str]) -> list[list[Candidate]]:
         """Candidates of the configured retrievers (no re-ranking) for normalised texts."""
         texts_norm = list(texts_norm)
@@ -687,16 +734,14 @@ class Linker:
         if not gated:
             return out, conf
         started = time.perf_counter()
-        stage = self.context_stage
-        queries = stage.reranker.queries([norms[i] for i in gated],
-                                         [contexts[i] for i in gated])
+        queries = self.context_stage.reranker.queries([norms[i] for i in gated],
+                                                      [contexts[i] for i in gated])
         keys = [(norms[i], q) for i, q in zip(gated, queries)]
         items = list(dict.fromkeys(keys))
         position = {t: j for j, t in enumerate(unique)}
         item_texts = [t for t, _ in items]
-        again, again_conf = stage.rank(item_texts, stage.rerank(
-            item_texts, [retrieved[position[t]] for t in item_texts],
-            queries=[q for _, q in items]))
+        again, again_conf = self.link_in_context(
+            item_texts, [q for _, q in items], [retrieved[position[t]] for t in item_texts])
         result = dict(zip(items, zip(again, again_conf)))
         for i, key in zip(gated, keys):
             out[i], conf[i] = result[key]
@@ -704,20 +749,24 @@ class Linker:
         self.stage_seconds["context"] += time.perf_counter() - started
         return out, conf
 
+    def link_in_context(self, texts_norm: Sequence[str], queries: Sequence[str],
+                        retrieved: list[list[Candidate]] | None = None
+                        ) -> tuple[list[list[Candidate]], list[float | None]]:
+        """The context stage's candidates and confidence for each (form, query): the
+        context-aware cross-encoder scores the form's retrieved candidates (``retrieved``, or
+        this Linker's retrievers when None) against ``queries`` (the mention marked in its
+        context, ``CrossEncoderReranker.queries``), and the context ranker orders them."""
+        stage = self.context_stage
+        if stage is None:
+            raise ConfigError("this Linker has no context stage (context.reranker)")
+        if retrieved is None:
+            retrieved = self.retrieve(list(texts_norm))
+        return stage.rank(texts_norm, stage.rerank(texts_norm, retrieved, queries=queries))
+
     def needs_context(self, candidates: list[Candidate], confidence: float | None) -> bool:
-        """Whether the context stage links a mention again: its context-free confidence is
-        below ``context.below``, or its first two codes share ``context.same_category_chars``
-        leading characters (where the words around it decide between sibling codes)."""
-        if not candidates:
-            return False
-        cfg = self.context_config
-        if cfg.below >= 1.0 or (confidence is not None and confidence < cfg.below):
-            return True  # below 1: every mention with a context
-        chars = cfg.same_category_chars
-        if chars and len(candidates) > 1:
-            first, second = (normalize_code(c.code)[:chars] for c in candidates[:2])
-            return first == second
-        return False
+        """Whether the context stage links a mention again (:func:`needs_context`)."""
+        return needs_context([c.code for c in candidates[:2]], confidence,
+                             self.context_config)
 
     def score_of(self, candidates: list[Candidate]) -> float | None:
         if not candidates:

@@ -58,7 +58,7 @@ class CrossEncoderReranker(LoadedModel):
             raise ModelLoadError("no cross-encoder path given (reranker.path is empty)")
         self.batch_size = int(batch_size)
         self._load(path, "sequence-classification", max_length, device, precision, num_threads)
-        card = _training_card(self.path)
+        card = training_card(self.path)
         context = card.get("context") or {}
         #: characters of context around the mention this model reads; 0: the span alone
         self.context_chars = int(context.get("chars", 0))
@@ -138,7 +138,7 @@ class CrossEncoderReranker(LoadedModel):
                 f"device={self._device})")
 
 
-def _training_card(path: Path) -> dict[str, Any]:
+def training_card(path: Path) -> dict[str, Any]:
     """The model directory's training card (``training_card.json``), or {} without one."""
     from clinlinker_spark.training.common import CARD_NAME
 

@@ -476,7 +476,8 @@ def resolve_model_paths(config: Any) -> tuple[Any, dict[str, dict[str, str]]]:
 
 #: a run summary's text fields that become tags (ids, paths, versions: no mention text)
 _SUMMARY_TAGS = ("run_id", "table", "writer", "model_version", "index_version",
-                 "reranker_version", "ranker_version", "linking_version", "unit_type")
+                 "reranker_version", "ranker_version", "context_version", "linking_version",
+                 "unit_type")
 
 
 def log_link_summary(run: TrackedRun | NoRun, summary: Mapping[str, Any]) -> None:

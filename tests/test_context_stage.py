@@ -256,12 +256,3 @@ def test_context_training_config_is_checked():
         CrossEncoderTrainConfig(index="idx", document_share=0.0)
     with pytest.raises(ConfigError, match="gold formats"):
         TerminologySourceConfig(path="t.csv", format="table", text_dir="docs")
-
-
-def test_the_spark_job_refuses_a_context_stage_it_would_not_run():
-    from clinlinker_spark.config import JobConfig
-    from clinlinker_spark.spark.artifacts import resolve_artifacts
-
-    config = JobConfig(context=ContextConfig(reranker="ce", ranker="ranker"))
-    with pytest.raises(ConfigError, match="context stage runs in the core Linker"):
-        resolve_artifacts(config)

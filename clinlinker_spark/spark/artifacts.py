@@ -49,13 +49,27 @@ class ResolvedArtifacts:
     # the model registry's entries the models came from (models:/ URIs), by role: encoder,
     # reranker, ranker -> {"uri", "name", "version"}
     registered: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # the context stage (``context``): its cross-encoder and ranker directories and
+    # ``linker.context_version`` ("" = no context stage)
+    context_reranker_path: str = ""
+    context_ranker_path: str = ""
+    context_version: str = ""
 
     @property
     def versions(self) -> dict[str, str]:
-        """The lineage versions, as ``Linker.versions`` gives them ("" = none)."""
+        """The versions of the context-free linking, as ``Linker.versions`` gives them
+        ("" = none): the form cache's key."""
         return {"model_version": self.model_version, "index_version": self.index_version,
                 "reranker_version": self.reranker_version,
                 "ranker_version": self.ranker_version}
+
+    @property
+    def row_versions(self) -> dict[str, str]:
+        """The versions written into every row and compared by incremental runs
+        (``linker.lineage_versions``: with a context stage, ranker_version covers it)."""
+        from clinlinker_spark.linker import lineage_versions
+
+        return lineage_versions(self.versions, self.context_version)
 
 
 # Encoder fingerprints this driver process computed, by _encoder_key: a later job in the same
@@ -93,10 +107,7 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
     from clinlinker_spark.tracking import resolve_model_paths
 
     config, registered = resolve_model_paths(config)
-    if config.context.reranker:
-        raise ConfigError("context.reranker is set, but the Spark job links from the mention "
-                          "text alone: the context stage runs in the core Linker and in "
-                          "clinlinker evaluate; leave context empty for the job")
+    context = resolve_context(config)
     encoder_path = Path(config.encoder.path)
     if needs_build(encoder_path, "config.json", "encoder", ModelLoadError) and config.build_missing:
         from clinlinker_spark.base_encoder import ensure_base_encoder
@@ -129,9 +140,41 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
         ranker_version=ranker_version,
         index_manifest=manifest,
         registered=registered,
+        **context,
     )
     _log_artifacts(resolved)
     return resolved
+
+
+def resolve_context(config: JobConfig) -> dict[str, str]:
+    """The context stage's artifacts (ResolvedArtifacts' context fields; empty without
+    ``context.reranker``), checked before any Spark work: the cross-encoder must read
+    context (trained with ``context: true``), the ranker must exist (it is never trained
+    by the job), and the input must name its context column."""
+    if not config.context.reranker:
+        return {}
+    from clinlinker_spark.linker import context_version
+    from clinlinker_spark.modeling import check_model_dir, model_hash
+    from clinlinker_spark.reranker import training_card
+    from clinlinker_spark.ranker import RANKER_FILE, ranker_hash
+
+    if not config.input.context_column:
+        raise ConfigError("context.reranker is set but the input has no context: set "
+                          "input.context_column (and its offset columns), or input.text_dir "
+                          "with input.context_column: context for a gold corpus")
+    reranker = check_model_dir(config.context.reranker).resolve()
+    if not (training_card(reranker).get("context") or {}).get("chars"):
+        raise ConfigError(f"context.reranker {reranker} reads the span alone: the context "
+                          "stage needs a cross-encoder trained with context: true")
+    ranker = Path(config.context.ranker)
+    if not (ranker / RANKER_FILE).is_file():
+        raise ArtifactError(f"no context ranker at {ranker} (no {RANKER_FILE}): train it with "
+                            "clinlinker train-ranker, reranker.path set to the context "
+                            "cross-encoder")
+    return {"context_reranker_path": str(reranker),
+            "context_ranker_path": str(ranker.resolve()),
+            "context_version": context_version(model_hash(reranker), ranker_hash(ranker),
+                                               config.context)}
 
 
 def _index_and_fingerprint(config: JobConfig, registered: dict[str, str] | None = None
@@ -265,5 +308,10 @@ def linker_spec(spark: SparkSession, config: JobConfig, art: ResolvedArtifacts) 
         ranker_version=art.ranker_version,
         mmap_index=config.spark.mmap_index,
         local_master=is_local_master(master),
+        context_reranker=(ref(art.context_reranker_path, art.context_version)
+                          if art.context_version else None),
+        context_ranker=(ref(art.context_ranker_path, art.context_version)
+                        if art.context_version else None),
+        context_version=art.context_version,
     )
 

@@ -116,24 +116,24 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
     from clinlinker_spark.index import MANIFEST_FILE, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
     from clinlinker_spark.ranker import RANKER_FILE
-    from clinlinker_spark.spark.artifacts import check_ranker
+    from clinlinker_spark.spark.artifacts import check_ranker, resolve_context
 
     def missing(what: str, path: str) -> str:
         if not config.build_missing:
             raise ArtifactError(f"no {what} at {path} and build_missing is false")
         return "would build"
 
-    if config.context.reranker:
-        from clinlinker_spark.errors import ConfigError
-
-        raise ConfigError("context.reranker is set, but the Spark job links from the mention "
-                          "text alone; leave context empty for the job")
     from clinlinker_spark.tracking import resolve_model_paths
 
     plan: dict[str, Any] = {}
     config, registered = resolve_model_paths(config)  # models:/ URIs: the registry's files
     if registered:
         plan["registered_models"] = registered
+    context = resolve_context(config)
+    if context:
+        plan["context"] = {"reranker": context["context_reranker_path"],
+                           "ranker": context["context_ranker_path"],
+                           "context_version": context["context_version"]}
     encoder_path, index_path = Path(config.encoder.path), Path(config.index.path)
     model_version = manifest = None
     if not needs_build(encoder_path, "config.json", "encoder", ModelLoadError):

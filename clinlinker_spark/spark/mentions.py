@@ -34,7 +34,7 @@ from clinlinker_spark.config import GOLD_FORMATS, InputConfig
 from clinlinker_spark.errors import ClinLinkerError, ConfigError, InputDataError, root_cause
 from clinlinker_spark.linker import FINAL_STATUSES, STATUS_INVALID
 from clinlinker_spark.spark import schemas
-from clinlinker_spark.spark.schemas import TEXT_NORM_COLUMN
+from clinlinker_spark.spark.schemas import CONTEXT_COLUMNS, TEXT_NORM_COLUMN
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -84,7 +84,8 @@ def read_mentions(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     if cfg.format in GOLD_FORMATS:
         from clinlinker_spark.corpora import read_gold
 
-        table = read_gold(cfg.path, cfg.format).rename(columns=GOLD_RENAMES)
+        table = read_gold(cfg.path, cfg.format,
+                          text_dir=cfg.text_dir or None).rename(columns=GOLD_RENAMES)
         log.info("read %d gold mentions (%s)", len(table), cfg.format)
         return spark.createDataFrame(table)
     raise ConfigError(f"input.format {cfg.format!r} is not supported")
@@ -170,6 +171,9 @@ def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) ->
                if src and src not in present]
     missing += [f"{c!r} (input.passthrough_columns)" for c in cfg.passthrough_columns
                 if c not in present]
+    context = context_mapping(cfg)
+    missing += [f"{src!r} (input.{name}_column)" for name, src in context.items()
+                if src not in present]
     if missing:
         raise InputDataError(
             f"input {cfg.target} is missing required column(s) {', '.join(missing)}; "
@@ -193,7 +197,33 @@ def select_mentions(df: DataFrame, cfg: InputConfig, store_text: bool = True) ->
         else:
             columns.append(quoted_col(src).cast(dtype).alias(name))
     columns += [quoted_col(c).alias(c) for c in cfg.passthrough_columns]
+    if context:
+        columns += [quoted_col(context["context"]).cast("string").alias(CONTEXT_COLUMNS[0]),
+                    *[quoted_col(context[name]).try_cast("long").alias(col)
+                      for name, col in zip(("context_start", "context_end"),
+                                           CONTEXT_COLUMNS[1:])]]
     return df.select(*columns)
+
+
+def context_mapping(cfg: InputConfig) -> dict[str, str]:
+    """The input's context columns by role (context, context_start, context_end); empty
+    without ``input.context_column``."""
+    if not cfg.context_column:
+        return {}
+    return {"context": cfg.context_column, "context_start": cfg.context_start_column,
+            "context_end": cfg.context_end_column}
+
+
+def usable_context() -> Column:
+    """Whether a :func:`select_mentions` row's context can be read: a non-empty string with
+    the mention's offsets inside it, start before end (the rule of
+    :func:`clinlinker_spark.context.has_context`, which the core Linker applies)."""
+    from pyspark.sql import functions as F
+
+    text, start, end = (F.col(c) for c in CONTEXT_COLUMNS)
+    size = F.length(text)
+    return F.coalesce(text.isNotNull() & (size > 0) & (start >= 0) & (start < end)
+                      & (end <= size), F.lit(False))
 
 
 def _check_types(df: DataFrame, mapping: dict[str, str], target: str) -> None:

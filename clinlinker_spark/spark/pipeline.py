@@ -14,7 +14,11 @@ call it with a SparkSession they built. It reads as its data flow:
    action; its counts come from unions of ``tally`` rows.
 3. :func:`link_forms`: the UDF stages over the forms left to compute: candidates, re-rank
    when a re-ranker is set, and the ranker's order, confidence and status.
-4. :func:`assemble_output`: every mention's row with its form's result and lineage.
+   :func:`link_in_context` (with ``context.reranker`` and ``input.context_column``): the
+   context stage links again the mentions whose form's link it gates, once per distinct
+   (form, context); the form cache keeps the context-free results.
+4. :func:`assemble_output`: every mention's row with its form's result (or its context
+   stage result) and lineage.
 5. :func:`write_assignments`: MERGE on mention_id into the output table (``output.path`` or
    ``output.table``)
    (:mod:`clinlinker_spark.spark.writer`).
@@ -68,9 +72,15 @@ from clinlinker_spark.spark.mentions import (
     select_mentions,
     table_keys,
     tally,
+    usable_context,
     validate_mentions,
 )
-from clinlinker_spark.spark.schemas import LINK_KEY_COLUMN, OUTCOME_COLUMNS, TEXT_NORM_COLUMN
+from clinlinker_spark.spark.schemas import (
+    CONTEXT_COLUMNS,
+    LINK_KEY_COLUMN,
+    OUTCOME_COLUMNS,
+    TEXT_NORM_COLUMN,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark import Accumulator
@@ -372,6 +382,98 @@ def compute_forms(prep: Prepared, spec: LinkerSpec, stage_seconds: Accumulator |
 
 
 # --------------------------------------------------------------------------------------------
+# Stage 3b: the context stage (``context.reranker`` and ``input.context_column``)
+
+
+def context_key() -> Column:
+    """SHA-256 of a mention's form and context (text and offsets): the context stage links
+    each distinct key once, as the context-free stages link each form once."""
+    from pyspark.sql import functions as F
+
+    parts = [F.col(TEXT_NORM_COLUMN), *[F.col(c).cast("string") for c in CONTEXT_COLUMNS]]
+    return F.sha2(F.concat_ws("\u001f", *parts), 256)
+
+
+def gate_context(validated: DataFrame, results: DataFrame, spec: LinkerSpec,
+                 config: JobConfig) -> DataFrame:
+    """The mentions to link whose context is usable (``mentions.usable_context``), one row
+    each, with ``_gated``: their form's context-free link is one the context stage links
+    again (``linker.needs_context``, decided once per form)."""
+    from pyspark.sql import functions as F
+
+    from clinlinker_spark.spark.udfs import make_context_gate_udf
+
+    gate = make_context_gate_udf(spec.config["context"])
+    codes = [F.get(F.col("candidates"), i)["code"] for i in (0, 1)]
+    gated = (results.select(F.col(LINK_KEY_COLUMN).alias("_gate_key"),
+                            gate(*codes, F.col("confidence")).alias("_gate"))
+             .filter(F.col("_gate")).drop("_gate"))
+    key = TEXT_NORM_COLUMN if config.spark.dedupe_surface_forms else "mention_id"
+    mentions = validated.filter(F.col("reason").isNull() & usable_context())
+    marked = mentions.join(gated, mentions[key] == gated["_gate_key"], "left")
+    return marked.select(TEXT_NORM_COLUMN, *CONTEXT_COLUMNS,
+                         F.col("_gate_key").isNotNull().alias("_gated"))
+
+
+def context_lists(marked: DataFrame, partitions: int | None) -> DataFrame:
+    """The distinct (form, context) lists the context stage links, from :func:`gate_context`
+    rows: (link_key = :func:`context_key`, text_norm, CONTEXT_COLUMNS), in ``partitions``
+    partitions (None: as they come)."""
+    from pyspark.sql import functions as F
+
+    lists = (marked.filter(F.col("_gated"))
+             .select(context_key().alias(LINK_KEY_COLUMN), TEXT_NORM_COLUMN, *CONTEXT_COLUMNS)
+             .dropDuplicates([LINK_KEY_COLUMN]))
+    return lists if partitions is None else lists.repartition(partitions)
+
+
+def context_stage(lists: DataFrame, spec: LinkerSpec,
+                  stage_seconds: Accumulator | None = None) -> DataFrame:
+    """The context stage's UDF over :func:`context_lists` rows: STAGE_SCHEMA rows keyed by
+    the (form, context) key, outcome filled; lazily."""
+    from clinlinker_spark.spark.udfs import make_context_fn
+
+    return lists.mapInArrow(make_context_fn(spec, stage_seconds), schemas.STAGE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class InContext:
+    """What :func:`link_in_context` gives: the context stage's results (STAGE_SCHEMA keyed by
+    (form, context); None: no stage or nothing to link) and its counts: mentions to link
+    with a usable context (``with_context``), those the stage linked again (``mentions``)
+    and the distinct (form, context) lists it ranked (``lists``)."""
+
+    results: DataFrame | None
+    counts: dict[str, int]
+
+
+def link_in_context(prep: Prepared, linked: Linked, spec: LinkerSpec, config: JobConfig,
+                    slots: int | None, stage_seconds: Accumulator | None, clock: StageClock,
+                    persist: Persist) -> InContext:
+    """The context stage of a run: gate, count, and link the gated (form, context) lists,
+    persisted (two Spark actions, under the clock's ``context`` entry)."""
+    from pyspark.sql import functions as F
+
+    counts = {"with_context": 0, "mentions": 0, "lists": 0}
+    if not spec.context_version or linked.results is None:
+        return InContext(None, counts)
+    clock.start("context")
+    marked = persist(gate_context(prep.validated, linked.results, spec, config))
+    row = marked.agg(F.count(F.lit(1)).alias("n"),
+                     F.sum(F.col("_gated").cast("long")).alias("gated")).first()
+    counts.update(with_context=int(row["n"]), mentions=int(row["gated"] or 0))
+    results = None
+    if counts["mentions"]:
+        lists = context_lists(marked, form_tasks(counts["mentions"], config.spark, slots))
+        results = persist(context_stage(lists, spec, stage_seconds))
+        counts["lists"] = results.count()
+    clock.stop()
+    log.info("context stage: %d mentions with a context, %d linked again as %d (form, "
+             "context) lists", counts["with_context"], counts["mentions"], counts["lists"])
+    return InContext(results, counts)
+
+
+# --------------------------------------------------------------------------------------------
 # Stage 4: assemble
 
 
@@ -393,11 +495,14 @@ def assemble_output(
     run_id: str,
     run_ts: datetime,
     broadcast_results: bool = False,
+    context_results: DataFrame | None = None,
 ) -> DataFrame:
     """One output row per ``validated`` row, with lineage, in the code-assignment schema's
     order: invalid rows as invalid_input, the others with the result of their form (or
-    mention, without ``spark.dedupe_surface_forms``) from ``results``.
-    ``broadcast_results``: the results are few enough to broadcast.
+    mention, without ``spark.dedupe_surface_forms``) from ``results``, or where
+    ``context_results`` (:func:`context_stage`) holds their (form, context) key, with that.
+    ``broadcast_results``: the results (and the context results) are few enough to
+    broadcast.
 
     One left join of every row with the results, not a union of the invalid and the linked
     rows: the writer coalesces its input into files by ranges of partitions, and a union puts
@@ -424,6 +529,9 @@ def assemble_output(
         # rows to link have results
         validated = validated.join(res, validated[key] == res["_key"], "left")
         outcome = _linked_outcome(validated, res)
+        if context_results is not None:
+            validated, outcome = _in_context(validated, outcome, context_results,
+                                             broadcast_results)
     out = validated.select(
         *mention, *outcome,
         *[F.lit(v).alias(k) for k, v in versions.items()],
@@ -467,6 +575,28 @@ def _linked_outcome(joined: DataFrame, res: DataFrame) -> list[Column]:
         F.when(valid, res["_r_candidates"])
         .otherwise(F.array().cast(schemas.CANDIDATES_TYPE)).alias("candidates"),
     ]
+
+
+def _in_context(joined: DataFrame, outcome: list[Column], context_results: DataFrame,
+                broadcast: bool) -> tuple[DataFrame, list[Column]]:
+    """``joined`` left-joined with the context stage's results on each mention's (form,
+    context) key, and ``outcome`` taken from them where a mention has one."""
+    from pyspark.sql import functions as F
+
+    ctx = context_results.select(
+        F.col(LINK_KEY_COLUMN).alias("_ckey"),
+        *[F.col(c).alias(f"_c_{c}") for c in OUTCOME_COLUMNS],
+        table_candidates().alias("_c_candidates"),
+    )
+    if broadcast:
+        ctx = F.broadcast(ctx)
+    key = F.when(F.col("reason").isNull() & usable_context(), context_key())
+    joined = joined.withColumn("_mkey", key)
+    joined = joined.join(ctx, joined["_mkey"] == ctx["_ckey"], "left")
+    found = ctx["_ckey"].isNotNull()
+    names = [*OUTCOME_COLUMNS, "candidates"]
+    return joined, [F.when(found, ctx[f"_c_{name}"]).otherwise(column).alias(name)
+                    for name, column in zip(names, outcome)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +652,8 @@ class LinkSummary:
     linking stage inside the UDFs, summed over tasks (not wall time); ``vectors``: forms
     embedded by the bi-encoder and forms that took an index term's vector
     (``linking.reuse_index_vectors``), summed over task attempts, so a retried task counts
-    twice (None: no accumulator, e.g. Spark Connect)."""
+    twice (None: no accumulator, e.g. Spark Connect). ``ranker_version`` is the one the rows
+    carry (with a context stage it covers the stage, ``linker.lineage_versions``)."""
 
     run_id: str
     run_ts: str
@@ -551,6 +682,11 @@ class LinkSummary:
     # the model registry's entries the models came from (models:/ URIs), by role
     registered_models: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     mlflow_run_id: str = ""  # the MLflow run that logged this summary ("": tracking off)
+    context_version: str = ""  # linker.context_version ("": no context stage)
+    # mentions to link with a usable context, those the context stage linked again, and the
+    # distinct (form, context) lists it ranked
+    context_stage: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"with_context": 0, "mentions": 0, "lists": 0})
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -564,7 +700,7 @@ class LinkSummary:
 def _summary(run_id: str, run_ts: datetime, config: JobConfig, art: ResolvedArtifacts,
              cache_versions: dict[str, str], prep: Prepared, linked: Linked, written: Written,
              form_cache: dict[str, Any], timings: dict[str, float],
-             stage_seconds: Accumulator | None) -> LinkSummary:
+             stage_seconds: Accumulator | None, in_context: InContext) -> LinkSummary:
     """The run's :class:`LinkSummary`."""
     from clinlinker_spark.linker import VECTOR_COUNTS
 
@@ -578,7 +714,7 @@ def _summary(run_id: str, run_ts: datetime, config: JobConfig, art: ResolvedArti
         skipped_unchanged_invalid=prep.counts["unchanged_invalid"],
         to_link=prep.to_link, surface_forms=linked.n_computed, form_cache=form_cache,
         dedupe_surface_forms=config.spark.dedupe_surface_forms,
-        index_recall=index_recall(art.index_manifest), **art.versions,
+        index_recall=index_recall(art.index_manifest), **art.row_versions,
         linking_version=cache_versions["linking_version"],
         timings_s={k: round(v, 3) for k, v in timings.items()},
         udf_task_seconds={k: round(v, 3) for k, v in udf_totals.items()
@@ -586,6 +722,8 @@ def _summary(run_id: str, run_ts: datetime, config: JobConfig, art: ResolvedArti
         vectors=({k: int(udf_totals.get(k, 0)) for k in VECTOR_COUNTS}
                  if stage_seconds is not None else None),
         registered_models=art.registered,
+        context_version=art.context_version,
+        context_stage=in_context.counts,
     )
 
 
@@ -693,18 +831,22 @@ def _run_link_job(
         # enough to broadcast; Parquet answers it from its file footers
         with input_errors(config.input):
             input_rows = selected.count()
+        slots = task_slots(spark, config.spark.task_cpus)
         with input_errors(config.input, files_under=True):
-            prep = prepare(spark, selected, config, art.versions, cache_versions, input_rows,
-                           task_slots(spark, config.spark.task_cpus), persisted)
+            prep = prepare(spark, selected, config, art.row_versions, cache_versions,
+                           input_rows, slots, persisted)
         clock.stop()
         linked = compute_forms(prep, spec, stage_seconds, clock, persisted)
         _log_counts(run_id, prep, linked)
+        in_context = link_in_context(prep, linked, spec, config, slots, stage_seconds, clock,
+                                     persisted)
 
         clock.start("write")
-        few = prep.counts.get("cache_hits", 0) + linked.n_computed
-        out = assemble_output(prep.validated, linked.results, config, art.versions, run_id,
-                              run_ts, config.spark.dedupe_surface_forms
-                              and few <= config.spark.broadcast_result_forms)
+        few = prep.counts.get("cache_hits", 0) + linked.n_computed + in_context.counts["lists"]
+        out = assemble_output(prep.validated, linked.results, config, art.row_versions,
+                              run_id, run_ts, config.spark.dedupe_surface_forms
+                              and few <= config.spark.broadcast_result_forms,
+                              in_context.results)
         written = write_assignments(spark, out, prep.counts["invalid"] + prep.to_link, config,
                                     prep.new_keys_at)
         clock.stop()
@@ -715,7 +857,7 @@ def _run_link_job(
         persisted.release()
     clock.seconds["total"] = time.perf_counter() - t_start
     summary = _summary(run_id, run_ts, config, art, cache_versions, prep, linked, written,
-                       form_cache, clock.seconds, stage_seconds)
+                       form_cache, clock.seconds, stage_seconds, in_context)
     log.info("link job %s done: %s rows written (table version %s), status counts %s, "
              "%.1f s", run_id, summary.rows_written, summary.table_version,
              summary.counts_by_status, clock.seconds["total"])
@@ -758,7 +900,8 @@ def link_mentions(mentions: DataFrame, config: JobConfig,
 
     The artifacts are resolved and shipped on the call (the driver's only work); the models
     run when an action asks for rows, e.g. ``link_mentions(df, config).limit(20).show()`` in
-    a notebook, or a write of the caller's own.
+    a notebook, or a write of the caller's own. With a context stage (``context.reranker``
+    and ``input.context_column``) the forms' results are cached by the first action.
     """
     spark = mentions.sparkSession
     run_id = run_id or uuid.uuid4().hex
@@ -768,5 +911,13 @@ def link_mentions(mentions: DataFrame, config: JobConfig,
     validated = validate_mentions(selected, config.linking.max_text_length)
     forms = surface_forms(validated.filter(validated["reason"].isNull()),
                           config.spark.dedupe_surface_forms, config.spark.shuffle_partitions)
-    return assemble_output(validated, link_forms(forms, spec), config, art.versions, run_id,
-                           datetime.now(timezone.utc))
+    results = link_forms(forms, spec)
+    in_context = None
+    if spec.context_version:
+        # the forms' results feed the gate and the rows: cached on first use, not linked twice
+        results = results.cache()
+        lists = context_lists(gate_context(validated, results, spec, config),
+                              config.spark.shuffle_partitions)
+        in_context = context_stage(lists, spec)
+    return assemble_output(validated, results, config, art.row_versions, run_id,
+                           datetime.now(timezone.utc), context_results=in_context)

@@ -104,6 +104,9 @@ MENTION_COLUMNS: tuple[tuple[str, DataType], ...] = (
     ("label", StringType()),
 )
 REQUIRED_MENTION_COLUMNS = ("mention_id", "text")
+# A mention's context (``input.context_column`` and its offsets), carried under these names
+# from select_mentions to the context stage; never written to the table
+CONTEXT_COLUMNS = ("_context", "_context_start", "_context_end")
 
 # What the UDF stages take and return per surface form (or per mention when de-duplication is
 # off): ``link_key`` is the normalised text (or the mention_id). The outcome columns (status ...

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 # to them: another ``linking`` (top_k, search_k, reuse_index_vectors, ...) builds a Linker
 # around the encoder, index, re-ranker and ranker the worker holds instead of loading them
 # again.
-MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker", "ranker")
+MODEL_CONFIG_SECTIONS = ("encoder", "index", "reranker", "ranker", "context")
 LINKING_SECTION = "linking"
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
@@ -145,6 +145,10 @@ class LinkerSpec:
     ranker_version: str
     mmap_index: bool = False
     local_master: bool = True
+    # the context stage's cross-encoder and ranker, and its version (None, "": no stage)
+    context_reranker: ArtifactRef | None = None
+    context_ranker: ArtifactRef | None = None
+    context_version: str = ""
 
     @property
     def has_reranker(self) -> bool:
@@ -168,7 +172,8 @@ class LinkerSpec:
         models = {k: self.config.get(k) for k in MODEL_CONFIG_SECTIONS}
         return (
             (self.index_version, self.model_version, self.reranker_version,
-             self.ranker_version, json.dumps(models, sort_keys=True, default=str),
+             self.ranker_version, self.context_version,
+             json.dumps(models, sort_keys=True, default=str),
              str(self.mmap_index), device),
             json.dumps(self.config.get(LINKING_SECTION), sort_keys=True, default=str),
         )
@@ -343,14 +348,20 @@ def _build_linker(spec: LinkerSpec, device: str, cpus: int) -> Linker:
         ),
         ranker=dataclasses.replace(
             config.ranker, path=spec.ranker.local_path() if spec.ranker is not None else ""),
+        context=dataclasses.replace(
+            config.context,
+            reranker=(spec.context_reranker.local_path()
+                      if spec.context_reranker is not None else ""),
+            ranker=spec.context_ranker.local_path() if spec.context_ranker is not None else ""),
     )
     linker = Linker.from_config(config, index_path, mmap=spec.mmap_index)
-    expected = spec.versions
-    if linker.versions != expected:
+    expected = {**spec.versions, "context_version": spec.context_version}
+    loaded = {**linker.versions, "context_version": linker.context_version}
+    if loaded != expected:
         raise ArtifactError(
             "the artifacts an executor loaded differ from the driver's: "
-            + ", ".join(f"{k} {linker.versions[k][:12]} != {v[:12]}"
-                        for k, v in expected.items() if linker.versions[k] != v)
+            + ", ".join(f"{k} {loaded[k][:12]} != {v[:12]}"
+                        for k, v in expected.items() if loaded[k] != v)
         )
     log.info("executor linker ready: model %s, index %s, ranker %s, device %s, %d threads",
              spec.model_version[:12], spec.index_version[:12],
@@ -508,3 +519,64 @@ def make_rerank_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -
                      lambda linker, texts, batch: linker.rerank(
                          texts, _from_arrow(batch.column("candidates"))),
                      finalize=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The context stage
+
+
+def make_context_gate_udf(context: dict[str, Any]) -> Any:
+    """A pandas UDF: (first code, second code, confidence) of a form's context-free link ->
+    whether the context stage links its mentions again (``linker.needs_context`` with the
+    ``context`` config section)."""
+    from pyspark.sql.functions import pandas_udf
+    from pyspark.sql.types import BooleanType
+
+    from clinlinker_spark.config import ContextConfig, from_dict
+    from clinlinker_spark.linker import needs_context
+
+    config = from_dict(ContextConfig, context, "context")
+
+    @pandas_udf(BooleanType())  # type: ignore[call-overload]
+    def gate(first: pd.Series, second: pd.Series, confidence: pd.Series) -> pd.Series:
+        out = []
+        for a, b, p in zip(first.tolist(), second.tolist(), confidence.tolist()):
+            codes = [c for c in (a, b) if isinstance(c, str)]
+            p = None if p is None or pd.isna(p) else float(p)
+            out.append(needs_context(codes, p, config) if isinstance(a, str) else False)
+        return pd.Series(out, dtype=bool)
+
+    return gate
+
+
+def make_context_fn(spec: LinkerSpec, stage_seconds: Accumulator | None = None) -> ArrowFn:
+    """mapInArrow function: (link_key, text_norm, context, context start, context end) rows
+    (``schemas.CONTEXT_COLUMNS``; link_key: the (form, context) key) -> STAGE_SCHEMA rows of
+    the context stage (``Linker.link_in_context``), outcome filled."""
+    if not spec.context_version:
+        raise ValueError("make_context_fn needs a spec with a context stage")
+    import time
+
+    from clinlinker_spark.spark.schemas import CONTEXT_COLUMNS
+
+    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        linker: Linker | None = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if linker is None:
+                linker = get_linker(spec)
+            started = time.perf_counter()
+            keys = batch.column(LINK_KEY_COLUMN).to_pylist()
+            texts = batch.column(TEXT_NORM_COLUMN).to_pylist()
+            contexts = list(zip(*(batch.column(c).to_pylist() for c in CONTEXT_COLUMNS)))
+            queries = linker.context_stage.reranker.queries(texts, contexts)
+            ranked, confidences = linker.link_in_context(texts, queries)
+            out = _to_batch(keys, texts, ranked, linker, confidences)
+            if stage_seconds is not None:
+                linker.take_stage_seconds()  # the retrieval's seconds count as the stage's
+                linker.take_counts()
+                stage_seconds.add({"context": time.perf_counter() - started})
+            yield out
+
+    return run_partition
