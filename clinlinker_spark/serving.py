@@ -7,7 +7,9 @@ model object is built by importing this file, never unpickled). Loaded with
 ``mlflow.pyfunc.load_model``, or served with ``mlflow models serve``, ``predict`` takes a
 pandas DataFrame of mentions (``mention_id`` and ``text``) and returns what
 ``Linker.link`` returns for them: the same columns, one row per mention, invalid texts
-with status ``invalid_input`` and a reason.
+with status ``invalid_input`` and a reason. A model exported with a context stage also
+bundles its cross-encoder and ranker; mentions that come with ``context``,
+``context_start`` and ``context_end`` columns then go through it as in the job.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ log = logging.getLogger(__name__)
 CONFIG_ARTIFACT = "linker_config"
 CONFIG_FILE = "linker_config.json"
 # the JobConfig sections a pyfunc model's Linker is built from
-LINKER_SECTIONS = ("encoder", "index", "reranker", "ranker", "linking")
+LINKER_SECTIONS = ("encoder", "index", "reranker", "ranker", "linking", "context")
 # the sections whose path is a bundled artifact (the artifact's key is the section's name)
 ARTIFACT_SECTIONS = ("encoder", "index", "reranker", "ranker")
+# the context stage's bundled artifacts: artifact key -> key of the context section
+CONTEXT_ARTIFACTS = {"context_reranker": "reranker", "context_ranker": "ranker"}
+# the columns predict reads a mention's context from, when the input has them
+CONTEXT_INPUT = ("context", "context_start", "context_end")
 
 
 def linker_config(config: Any, paths: dict[str, str]) -> dict[str, Any]:
@@ -35,6 +41,8 @@ def linker_config(config: Any, paths: dict[str, str]) -> dict[str, Any]:
     sections = {name: to_dict(getattr(config, name)) for name in LINKER_SECTIONS}
     for section in ARTIFACT_SECTIONS:
         sections[section]["path"] = paths.get(section, "")
+    for artifact, key in CONTEXT_ARTIFACTS.items():
+        sections["context"][key] = paths.get(artifact, "")
     return sections
 
 
@@ -46,6 +54,8 @@ def load_linker(config_file: str | Path, artifacts: dict[str, str]) -> Any:
     sections = json.loads(Path(config_file).read_text(encoding="utf-8"))
     for section in ARTIFACT_SECTIONS:
         sections[section]["path"] = artifacts.get(section, "")
+    for artifact, key in CONTEXT_ARTIFACTS.items():
+        sections.setdefault("context", {})[key] = artifacts.get(artifact, "")
     sections["mlflow"] = {"tracking_uri": ""}  # nothing to resolve: the files are bundled
     return Linker.from_config(from_dict(JobConfig, sections))
 
@@ -89,7 +99,8 @@ def _define_model() -> None:
 
     class LinkerModel(mlflow.pyfunc.PythonModel):
         """``predict``: ``Linker.link`` of a DataFrame of mentions (``mention_id``, ``text``;
-        a DataFrame without ``mention_id`` gets its row positions)."""
+        a DataFrame without ``mention_id`` gets its row positions), with the context columns
+        (CONTEXT_INPUT) when the model has a context stage and the input has them."""
 
         def load_context(self, context: Any) -> None:
             self.linker = load_linker(context.artifacts[CONFIG_ARTIFACT], context.artifacts)
@@ -99,7 +110,10 @@ def _define_model() -> None:
                      else pd.DataFrame(model_input))
             if "mention_id" not in frame.columns:
                 frame = frame.assign(mention_id=[str(i) for i in range(len(frame))])
-            return self.linker.link(frame)
+            with_context = (self.linker.context_stage is not None
+                            and all(c in frame.columns for c in CONTEXT_INPUT))
+            return self.linker.link(frame, context_columns=CONTEXT_INPUT if with_context
+                                    else None)
 
     set_model(LinkerModel())
 

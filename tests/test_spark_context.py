@@ -208,3 +208,39 @@ def test_the_context_stage_is_checked_before_any_work(
     with pytest.raises(ConfigError, match="text_dir"):
         dataclasses.replace(config.input, format="parquet")
     assert not (Path(config.output.path) / "_delta_log").exists()  # nothing written
+
+
+def test_a_pyfunc_model_bundles_the_context_stage(
+    tmp_path, tiny_encoder_dir, sample_index, hybrid_ranker, context_models,  # noqa: F811
+):
+    import mlflow.pyfunc
+    import yaml
+
+    from clinlinker_spark.cli import main
+    from clinlinker_spark.config import to_dict
+
+    config = context_config(tmp_path, tiny_encoder_dir, sample_index, hybrid_ranker,
+                            context_models, "context.below=1.0")
+    data = to_dict(config)
+    data["input"]["context_column"] = ""  # a served model reads each request's columns
+    data["mlflow"] = {"tracking_uri": ""}
+    conf = tmp_path / "job.yaml"
+    conf.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["export-pyfunc", "--config", str(conf), "--out",
+                 str(tmp_path / "pyfunc")]) == 0
+    model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    mentions = read_gold(sample_path("codiesp_dev_sample.tsv"), "codiesp",
+                         text_dir=context_models.dev_texts).head(40)
+    mentions = mentions[["mention_id", "text", *CONTEXT]]
+    core = Linker.from_config(config)
+    want = core.link(mentions, context_columns=CONTEXT)
+    assert core.take_context_counts()["context_stage"] > 0
+    got = model.predict(mentions)
+    pd.testing.assert_frame_equal(got.drop(columns=["candidates"]),
+                                  want.drop(columns=["candidates"]))
+    assert got["candidates"].tolist() == want["candidates"].tolist()
+    # without the context columns: the context-free links
+    plain = model.predict(mentions[["mention_id", "text"]])
+    assert plain["candidates"].tolist() == core.link(mentions[["mention_id", "text"]])[
+        "candidates"].tolist()
+    assert plain["candidates"].tolist() != want["candidates"].tolist()

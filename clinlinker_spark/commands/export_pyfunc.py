@@ -38,13 +38,17 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.tracking import log_trained_model, tracked_run
 
     config = load_config(args.config, args.set)
-    if config.context.reranker:
-        raise ConfigError("export-pyfunc bundles the job's linker, which links from the "
-                          "mention text alone: leave context empty")
+    if config.context.reranker and not config.input.context_column:
+        # the served model reads each request's context columns, not the job's input
+        config = dataclasses.replace(config, input=dataclasses.replace(
+            config.input, context_column="context"))
     art = resolve_artifacts(config)
     artifacts = {"encoder": art.encoder_path, "index": art.index_path,
                  **({"reranker": art.reranker_path} if art.reranker_path else {}),
-                 **({"ranker": art.ranker_path} if art.ranker_path else {})}
+                 **({"ranker": art.ranker_path} if art.ranker_path else {}),
+                 **({"context_reranker": art.context_reranker_path,
+                     "context_ranker": art.context_ranker_path} if art.context_version
+                    else {})}
     out = save_pyfunc(config, args.out, artifacts)
     run_id = ""
     if args.register:
@@ -56,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
             tracked.log_params(to_dict(config))
             log_trained_model(tracked, out, {}, {}, {"clinlinker.model_kind": "pyfunc-linker",
                                                     **{f"clinlinker.{k}": v
-                                                       for k, v in art.versions.items()}})
+                                                       for k, v in art.versions.items()},
+                                                    **({"clinlinker.context_version":
+                                                        art.context_version}
+                                                       if art.context_version else {})})
         run_id = tracked.run_id
     print(json.dumps({"pyfunc_model": str(out), **art.versions,
+                      "context_version": art.context_version,
                       "registered_models": art.registered, "mlflow_run": run_id or None}))
     return 0
