@@ -38,10 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from clinlinker_spark.tracking import log_trained_model, tracked_run
 
     config = load_config(args.config, args.set)
-    if config.context.reranker and not config.input.context_column:
-        # the served model reads each request's context columns, not the job's input
-        config = dataclasses.replace(config, input=dataclasses.replace(
-            config.input, context_column="context"))
     art = resolve_artifacts(config)
     artifacts = {"encoder": art.encoder_path, "index": art.index_path,
                  **({"reranker": art.reranker_path} if art.reranker_path else {}),

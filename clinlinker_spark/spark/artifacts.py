@@ -149,8 +149,8 @@ def resolve_artifacts(config: JobConfig) -> ResolvedArtifacts:
 def resolve_context(config: JobConfig) -> dict[str, str]:
     """The context stage's artifacts (ResolvedArtifacts' context fields; empty without
     ``context.reranker``), checked before any Spark work: the cross-encoder must read
-    context (trained with ``context: true``), the ranker must exist (it is never trained
-    by the job), and the input must name its context column."""
+    context (trained with ``context: true``) and the ranker must exist (it is never trained
+    by the job). Whether a job's input has the context is :func:`check_context_input`."""
     if not config.context.reranker:
         return {}
     from clinlinker_spark.linker import context_version
@@ -158,10 +158,6 @@ def resolve_context(config: JobConfig) -> dict[str, str]:
     from clinlinker_spark.reranker import training_card
     from clinlinker_spark.ranker import RANKER_FILE, ranker_hash
 
-    if not config.input.context_column:
-        raise ConfigError("context.reranker is set but the input has no context: set "
-                          "input.context_column (and its offset columns), or input.text_dir "
-                          "with input.context_column: context for a gold corpus")
     reranker = check_model_dir(config.context.reranker).resolve()
     if not (training_card(reranker).get("context") or {}).get("chars"):
         raise ConfigError(f"context.reranker {reranker} reads the span alone: the context "
@@ -175,6 +171,15 @@ def resolve_context(config: JobConfig) -> dict[str, str]:
             "context_ranker_path": str(ranker.resolve()),
             "context_version": context_version(model_hash(reranker), ranker_hash(ranker),
                                                config.context)}
+
+
+def check_context_input(config: JobConfig) -> None:
+    """Refuse a link job with a context stage whose input names no context column: the
+    stage would never run. (A served model reads each request's columns instead.)"""
+    if config.context.reranker and not config.input.context_column:
+        raise ConfigError("context.reranker is set but the input has no context: set "
+                          "input.context_column (and its offset columns), or input.text_dir "
+                          "with input.context_column: context for a gold corpus")
 
 
 def _index_and_fingerprint(config: JobConfig, registered: dict[str, str] | None = None

@@ -116,7 +116,11 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
     from clinlinker_spark.index import MANIFEST_FILE, read_manifest
     from clinlinker_spark.modeling import check_model_dir, model_hash
     from clinlinker_spark.ranker import RANKER_FILE
-    from clinlinker_spark.spark.artifacts import check_ranker, resolve_context
+    from clinlinker_spark.spark.artifacts import (
+        check_context_input,
+        check_ranker,
+        resolve_context,
+    )
 
     def missing(what: str, path: str) -> str:
         if not config.build_missing:
@@ -129,6 +133,7 @@ def plan_artifacts(config: JobConfig) -> dict[str, Any]:
     config, registered = resolve_model_paths(config)  # models:/ URIs: the registry's files
     if registered:
         plan["registered_models"] = registered
+    check_context_input(config)
     context = resolve_context(config)
     if context:
         plan["context"] = {"reranker": context["context_reranker_path"],

@@ -50,6 +50,7 @@ from clinlinker_spark.linker import STATUS_INVALID, STATUSES
 from clinlinker_spark.spark import schemas
 from clinlinker_spark.spark.artifacts import (
     ResolvedArtifacts,
+    check_context_input,
     index_recall,
     linker_spec,
     resolve_artifacts,
@@ -518,16 +519,10 @@ def assemble_output(
         outcome = _unlinked_outcome(validated)
     else:
         key = TEXT_NORM_COLUMN if config.spark.dedupe_surface_forms else "mention_id"
-        res = results.select(
-            F.col(LINK_KEY_COLUMN).alias("_key"),
-            *[F.col(c).alias(f"_r_{c}") for c in OUTCOME_COLUMNS],
-            table_candidates().alias("_r_candidates"),
-        )
-        if broadcast_results:
-            res = F.broadcast(res)
+        res = _joinable(results, "_r_", broadcast_results)
         # an invalid row's text_norm is null (no match); without de-duplication only the
         # rows to link have results
-        validated = validated.join(res, validated[key] == res["_key"], "left")
+        validated = validated.join(res, validated[key] == res["_r_key"], "left")
         outcome = _linked_outcome(validated, res)
         if context_results is not None:
             validated, outcome = _in_context(validated, outcome, context_results,
@@ -540,6 +535,20 @@ def assemble_output(
     )
     names = schemas.assignment_columns(config.output.store_text, passthrough)
     return out.select(*[quoted_col(c) for c in names])
+
+
+def _joinable(results: DataFrame, prefix: str, broadcast: bool) -> DataFrame:
+    """STAGE_SCHEMA ``results`` as the right side of the output join: ``{prefix}key``, the
+    outcome columns and the table's candidates, each under ``prefix``; broadcast when
+    ``broadcast``."""
+    from pyspark.sql import functions as F
+
+    res = results.select(
+        F.col(LINK_KEY_COLUMN).alias(f"{prefix}key"),
+        *[F.col(c).alias(f"{prefix}{c}") for c in OUTCOME_COLUMNS],
+        table_candidates().alias(f"{prefix}candidates"),
+    )
+    return F.broadcast(res) if broadcast else res
 
 
 def _unlinked_outcome(validated: DataFrame) -> list[Column]:
@@ -565,7 +574,7 @@ def _linked_outcome(joined: DataFrame, res: DataFrame) -> list[Column]:
     from pyspark.sql import functions as F
 
     valid = joined["reason"].isNull()
-    missing = valid & res["_key"].isNull()
+    missing = valid & res["_r_key"].isNull()
     return [
         F.when(~valid, F.lit(STATUS_INVALID))
         .when(missing, F.raise_error(F.lit(NO_RESULT)))
@@ -583,17 +592,11 @@ def _in_context(joined: DataFrame, outcome: list[Column], context_results: DataF
     context) key, and ``outcome`` taken from them where a mention has one."""
     from pyspark.sql import functions as F
 
-    ctx = context_results.select(
-        F.col(LINK_KEY_COLUMN).alias("_ckey"),
-        *[F.col(c).alias(f"_c_{c}") for c in OUTCOME_COLUMNS],
-        table_candidates().alias("_c_candidates"),
-    )
-    if broadcast:
-        ctx = F.broadcast(ctx)
+    ctx = _joinable(context_results, "_c_", broadcast)
     key = F.when(F.col("reason").isNull() & usable_context(), context_key())
     joined = joined.withColumn("_mkey", key)
-    joined = joined.join(ctx, joined["_mkey"] == ctx["_ckey"], "left")
-    found = ctx["_ckey"].isNotNull()
+    joined = joined.join(ctx, joined["_mkey"] == ctx["_c_key"], "left")
+    found = ctx["_c_key"].isNotNull()
     names = [*OUTCOME_COLUMNS, "candidates"]
     return joined, [F.when(found, ctx[f"_c_{name}"]).otherwise(column).alias(name)
                     for name, column in zip(names, outcome)]
@@ -806,6 +809,7 @@ def _run_link_job(
     from clinlinker_spark.spark.udfs import stage_seconds_accumulator
 
     config.output.target  # noqa: B018 - no output table: a ConfigError before any work
+    check_context_input(config)
     if config.output.form_cache is not None and not config.spark.dedupe_surface_forms:
         raise ConfigError("a form cache (output.form_cache_path / form_cache_table) needs "
                           "spark.dedupe_surface_forms: true (the cache holds surface forms)")
@@ -905,6 +909,7 @@ def link_mentions(mentions: DataFrame, config: JobConfig,
     """
     spark = mentions.sparkSession
     run_id = run_id or uuid.uuid4().hex
+    check_context_input(config)
     art = resolve_artifacts(config)
     spec = linker_spec(spark, config, art)
     selected = select_mentions(mentions, config.input, config.output.store_text)
