@@ -1141,15 +1141,24 @@ def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
 def test_mark_linked_broadcast_and_shuffle_agree(spark):
     from clinlinker_spark.spark.mentions import mark_linked, match_table
 
+    import hashlib
+
+    def h(text):  # the input's hex digest, as identify_mentions gives it
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def b(text):  # the table's digest, as table_keys gives it
+        return hashlib.sha256(text.encode()).digest()
+
     identified = spark.createDataFrame(
-        [("a", "h1", 1, None), ("b", "h2", 1, None), ("c", "h3", 2, None),
-         ("d", "h4", 1, None), ("e", "h6", 1, None), ("null:x", "h5", 1, "null mention_id")],
+        [("a", h("1"), 1, None), ("b", h("2"), 1, None), ("c", h("3"), 2, None),
+         ("d", h("4"), 1, None), ("e", h("6"), 1, None),
+         ("null:x", h("5"), 1, "null mention_id")],
         "mention_id string, text_sha256 string, _rows long, _bad_id string")
     table = spark.createDataFrame(
-        [("a", "h1", True, None), ("b", "other", True, None), ("c", "h3", True, None),
-         ("e", "h6", False, "empty text"), ("null:x", "h5", False, "null mention_id"),
-         ("z", "h9", True, None)],
-        "mention_id string, text_sha256 string, _done boolean, _invalid_reason string")
+        [("a", b("1"), True, None), ("b", b("other"), True, None), ("c", b("3"), True, None),
+         ("e", b("6"), False, "empty text"), ("null:x", b("5"), False, "null mention_id"),
+         ("z", b("9"), True, None)],
+        "mention_id string, text_sha256 binary, _done boolean, _invalid_reason string")
     # a: skipped; b: text changed; c: duplicated id; d: new; e: invalid before (same text);
     # null id: never skipped, invalid before; z: not in the input
     for broadcast in (False, True):  # shuffle join / broadcast of the input's keys

@@ -24,7 +24,6 @@ from clinlinker_spark.spark.schemas import (
     CACHE_KEY_COLUMN,
     CACHE_OUTCOME_COLUMNS,
     LINK_KEY_COLUMN,
-    OUTCOME_COLUMNS,
     TEXT_NORM_COLUMN,
     VERSION_COLUMNS,
 )
@@ -70,26 +69,34 @@ def cache_key_of(text_norm: str, versions: dict[str, str]) -> str:
 
 
 def usable_cache(cache: DataFrame | None) -> DataFrame | None:
-    """The form cache's key and outcome columns; None without a cache, or when it lacks
-    them (warning: a damaged cache costs time, never wrong rows)."""
+    """The form cache's key and outcome columns, as stored; None without a cache, or when it
+    lacks them (warning: a damaged cache costs time, never wrong rows). :func:`stage_results`
+    turns the rows a night takes from it into STAGE_SCHEMA."""
     if cache is None:
         return None
-    from pyspark.sql import functions as F
-
     needed = {CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS}
     if not needed.issubset(cache.columns):
         log.warning("form cache lacks columns %s: not used in this run",
                     sorted(needed - set(cache.columns)))
         return None
-    # the stage struct's fields by name: a cache whose struct gained fields keeps its older
-    # fields first (the writer appends new ones); a field the cache's struct lacks (written
-    # before the stage struct had it) reads as null
-    have = set(cache.schema["candidates"].dataType.elementType.names)
+    return cache.select(CACHE_KEY_COLUMN, *CACHE_OUTCOME_COLUMNS)
+
+
+def stage_results(hits: DataFrame) -> DataFrame:
+    """Cache rows joined with a night's forms -> STAGE_SCHEMA. The candidates' struct is
+    rebuilt field by field, by name: a cache whose struct gained fields keeps its older
+    fields first (the writer appends new ones), and a field the cache's struct lacks
+    (written before the stage struct had it) reads as null. Applied after the join, so a
+    night rebuilds the candidates of the forms it takes, not of the whole cache."""
+    from pyspark.sql import functions as F
+
+    have = set(hits.schema["candidates"].dataType.elementType.names)
     wanted = schemas.STAGE_CANDIDATE_STRUCT.fields
     candidates = F.transform(F.col("candidates"), lambda c: F.struct(
         *[(c[f.name] if f.name in have else F.lit(None).cast(f.dataType)).alias(f.name)
           for f in wanted])).cast(schemas.STAGE_CANDIDATES_TYPE)
-    return cache.select(CACHE_KEY_COLUMN, *OUTCOME_COLUMNS, candidates.alias("candidates"))
+    return hits.withColumn("candidates", candidates).select(
+        *schemas.STAGE_SCHEMA.fieldNames())
 
 
 def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str, str],
@@ -121,12 +128,11 @@ def split_by_cache(forms: DataFrame, cache: DataFrame | None, versions: dict[str
                              "left_anti")
         counts = tally(keyed, forms=F.lit(True)).unionByName(
             tally(found, cache_hits=F.lit(True)))
-        hits = found.select(*schemas.STAGE_SCHEMA.fieldNames())
-        return hits, missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN), counts
+        return stage_results(found), missing.select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN), counts
     joined = persist(keyed.join(cache.withColumn("_hit", F.lit(True)), CACHE_KEY_COLUMN,
                                 "left"))
     counts = tally(joined, forms=F.lit(True), cache_hits=F.col("_hit").isNotNull())
-    hits = joined.filter(F.col("_hit")).select(*schemas.STAGE_SCHEMA.fieldNames())
+    hits = stage_results(joined.filter(F.col("_hit")))
     misses = joined.filter(F.col("_hit").isNull()).select(LINK_KEY_COLUMN, TEXT_NORM_COLUMN)
     return hits, misses, counts
 

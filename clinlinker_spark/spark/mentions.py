@@ -276,12 +276,16 @@ def identify_mentions(mentions: DataFrame) -> DataFrame:
     from pyspark.sql import functions as F
 
     df = keyed_mentions(mentions)
-    by_id = Window.partitionBy("mention_id")
-    first = by_id.orderBy(*[F.col(c).asc_nulls_first() for c in FIRST_ROW_ORDER])
+    first = (Window.partitionBy("mention_id")
+             .orderBy(*[F.col(c).asc_nulls_first() for c in FIRST_ROW_ORDER]))
+    # both windows share one ordering, so the rows are sorted once (an unordered count
+    # window would sort them by id first, then again for the first row); the frame of the
+    # count is the whole id
+    every_row = first.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     # the SHA-256 is taken after the shuffle of the window: its 64 characters a row would
     # otherwise make up most of the bytes a whole history shuffles
     return (
-        df.withColumn("_rows", F.count(F.lit(1)).over(by_id))
+        df.withColumn("_rows", F.count(F.lit(1)).over(every_row))
         .withColumn("_rank", F.row_number().over(first))
         .filter(F.col("_rank") == 1)
         .drop("_rank")
@@ -349,7 +353,8 @@ def _marks(single: Column, input_sha: Column, table_sha: Column) -> list[Column]
     its :func:`table_keys` row."""
     from pyspark.sql import functions as F
 
-    same_text = table_sha.eqNullSafe(input_sha)  # a null text has a null hash
+    # the table's digest comes as bytes (table_keys); a null text has a null hash
+    same_text = table_sha.eqNullSafe(F.unhex(input_sha))
     skip = F.col("_done") & single & same_text
     return [F.coalesce(skip, F.lit(False)).alias("_skip"),
             F.when(same_text, F.col("_invalid_reason")).alias("_was_invalid")]
@@ -381,10 +386,10 @@ def mark_linked(identified: DataFrame, keys: DataFrame, broadcast: bool = False)
 
 
 def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFrame | None:
-    """(mention_id, text_sha256, ``_done``, ``_invalid_reason``) of every output table row;
-    ``_done``: final with these versions; ``_invalid_reason``: the reason of an invalid_input
-    row with these versions (else null). None without a table or when it lacks the
-    columns."""
+    """(mention_id, text_sha256 as binary, ``_done``, ``_invalid_reason``) of every output
+    table row; ``_done``: final with these versions; ``_invalid_reason``: the reason of an
+    invalid_input row with these versions (else null). None without a table or when it lacks
+    the columns."""
     from pyspark.sql import functions as F
 
     if existing is None:
@@ -399,8 +404,11 @@ def table_keys(existing: DataFrame | None, versions: dict[str, str]) -> DataFram
         same_versions = same_versions & (F.col(name) == F.lit(value))
     done = F.col("status").isin(*FINAL_STATUSES) & same_versions
     reason = F.col("reason") if "reason" in existing.columns else F.lit(None).cast("string")
+    # the digest as its 32 bytes, not 64 hex characters: a whole history shuffles one per
+    # table row to meet its input
     return existing.select(
-        "mention_id", "text_sha256", F.coalesce(done, F.lit(False)).alias("_done"),
+        "mention_id", F.unhex("text_sha256").alias("text_sha256"),
+        F.coalesce(done, F.lit(False)).alias("_done"),
         F.when((F.col("status") == STATUS_INVALID) & same_versions, reason)
         .alias("_invalid_reason"))
 

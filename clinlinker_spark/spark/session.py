@@ -53,6 +53,10 @@ def spark_conf_pairs(cfg: SparkConfig) -> dict[str, str]:
         # in the JVM (a stack walk and three py4j round trips each; ~0.3 s of a nightly run's
         # plan building); errors still name the failing expression
         "spark.python.sql.dataFrameDebugging.enabled": "false",
+        # adaptive execution may join on a hash table of each shuffled partition up to this
+        # size instead of sorting both sides: an incremental night's input is sorted by id
+        # already (its de-duplication window), the table it is matched with is not
+        "spark.sql.adaptive.maxShuffledHashJoinLocalMapThreshold": "64MB",
     }
     if cfg.executor_gpus > 0:
         conf["spark.executor.resource.gpu.amount"] = str(cfg.executor_gpus)
