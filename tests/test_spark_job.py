@@ -1678,6 +1678,7 @@ def test_session_settings_and_notebook_overrides():
     assert conf["spark.sql.session.timeZone"] == "UTC"
     assert conf["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
     assert conf["spark.python.sql.dataFrameDebugging.enabled"] == "false"
+    assert conf["spark.sql.codegen.cache.maxEntries"] == "1000"
     assert spark_conf_pairs(SparkConfig(conf={"spark.python.sql.dataFrameDebugging.enabled":
                                               "true"}))[
         "spark.python.sql.dataFrameDebugging.enabled"] == "true"

@@ -57,6 +57,11 @@ def spark_conf_pairs(cfg: SparkConfig) -> dict[str, str]:
         # size instead of sorting both sides: an incremental night's input is sorted by id
         # already (its de-duplication window), the table it is matched with is not
         "spark.sql.adaptive.maxShuffledHashJoinLocalMapThreshold": "64MB",
+        # one run of the job uses more generated classes than Spark's default cache of 100
+        # holds, so a session that runs it again (a notebook, a service, the benchmarks)
+        # compiled every class again each run, and the JIT started over on each; a static
+        # setting: it applies to a session this function starts
+        "spark.sql.codegen.cache.maxEntries": "1000",
     }
     if cfg.executor_gpus > 0:
         conf["spark.executor.resource.gpu.amount"] = str(cfg.executor_gpus)
