@@ -1140,14 +1140,10 @@ def test_a_table_and_form_cache_written_before_the_ranker_columns_are_relinked(
 
 def test_mark_linked_broadcast_and_shuffle_agree(spark):
     from clinlinker_spark.spark.mentions import mark_linked, match_table
-
-    import hashlib
-
-    def h(text):  # the input's hex digest, as identify_mentions gives it
-        return hashlib.sha256(text.encode()).hexdigest()
+    from clinlinker_spark.text import text_hash as h  # the input's hex digest
 
     def b(text):  # the table's digest, as table_keys gives it
-        return hashlib.sha256(text.encode()).digest()
+        return bytes.fromhex(h(text))
 
     identified = spark.createDataFrame(
         [("a", h("1"), 1, None), ("b", h("2"), 1, None), ("c", h("3"), 2, None),

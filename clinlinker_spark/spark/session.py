@@ -58,9 +58,9 @@ def spark_conf_pairs(cfg: SparkConfig) -> dict[str, str]:
         # already (its de-duplication window), the table it is matched with is not
         "spark.sql.adaptive.maxShuffledHashJoinLocalMapThreshold": "64MB",
         # one run of the job uses more generated classes than Spark's default cache of 100
-        # holds, so a session that runs it again (a notebook, a service, the benchmarks)
-        # compiled every class again each run, and the JIT started over on each; a static
-        # setting: it applies to a session this function starts
+        # holds: with that default a session that runs it again (a notebook, a service, the
+        # benchmarks) compiles every class again each run, and the JIT starts over on each;
+        # a static setting: it applies to a session this function starts
         "spark.sql.codegen.cache.maxEntries": "1000",
     }
     if cfg.executor_gpus > 0:
