@@ -256,18 +256,25 @@ def hybrid_candidates(
             at += n
             exact = [j for j in range(n) if found[j][5] == "exact"]
             exact_set = set(exact)
-            others = [j for j in range(n) if found[j][5] != "exact"]
-            dense_rank = {j: r for r, j in enumerate(
-                sorted(others, key=lambda j: (-d[j], found[j][1])), start=1)}
-            lexical_rank = {j: r for r, j in enumerate(
-                sorted(others, key=lambda j: (-lx[j], found[j][1])), start=1)}
-            others.sort(key=lambda j: (-(1.0 / (RETRIEVER_RRF_K + dense_rank[j])
-                                         + 1.0 / (RETRIEVER_RRF_K + lexical_rank[j])),
-                                       -d[j], found[j][1]))
+            order = exact + _fused_order(
+                [j for j in range(n) if found[j][5] != "exact"], [f[1] for f in found], d, lx)
             results.append([Candidate(found[j][0], found[j][2], d[j], None, j in exact_set,
                                       lx[j], None, support.get(found[j][1], 0))
-                            for j in exact + others])
+                            for j in order])
     return results
+
+
+def _fused_order(others: list[int], keys: list[str], d: list[float],
+                 lx: list[float]) -> list[int]:
+    """``others`` (positions in one query's candidate list) ordered by reciprocal-rank fusion
+    of their dense scores ``d`` and lexical scores ``lx``; ties: dense score, then code key."""
+    dense_rank = {j: r for r, j in enumerate(
+        sorted(others, key=lambda j: (-d[j], keys[j])), start=1)}
+    lexical_rank = {j: r for r, j in enumerate(
+        sorted(others, key=lambda j: (-lx[j], keys[j])), start=1)}
+    return sorted(others, key=lambda j: (-(1.0 / (RETRIEVER_RRF_K + dense_rank[j])
+                                           + 1.0 / (RETRIEVER_RRF_K + lexical_rank[j])),
+                                         -d[j], keys[j]))
 
 
 def expand_to_leaves(

@@ -1160,16 +1160,8 @@ def _merge_deltalake(
             "clinlinker.rows_written": rows,
         }
         if table is None:
-            adds = _publish(loc, staged_new, write_id, merged, moved)
-            try:
-                _commit(loc, None, merged, adds, [], "error",
-                        {**metadata, "clinlinker.operation": "CREATE"})
-            except Exception as exc:
-                if _open_table(loc) is None:
-                    raise
-                raise ConcurrentWriteError(
-                    f"Delta table {loc.uri}: another write created the table first; this run "
-                    "committed nothing, and a rerun is safe") from exc
+            _create_deltalake(loc, _publish(loc, staged_new, write_id, merged, moved), merged,
+                              metadata)
             return WriteResult(WRITER_DELTALAKE, _committed_version(loc, write_id), rows, 0,
                                counts)
         assert table_schema is not None
@@ -1206,6 +1198,21 @@ def _merge_deltalake(
         raise
     finally:
         _cleanup_staging(loc, staging)
+
+
+def _create_deltalake(loc: _Location, adds: list[Any], merged: StructType,
+                      metadata: dict[str, Any]) -> None:
+    """Commit version 0 of a new table from the published ``adds``; when another write
+    created the table first, :class:`ConcurrentWriteError` (this write committed nothing)."""
+    try:
+        _commit(loc, None, merged, adds, [], "error",
+                {**metadata, "clinlinker.operation": "CREATE"})
+    except Exception as exc:
+        if _open_table(loc) is None:
+            raise
+        raise ConcurrentWriteError(
+            f"Delta table {loc.uri}: another write created the table first; this run "
+            "committed nothing, and a rerun is safe") from exc
 
 
 def _keys_to_replace(written: DataFrame, merged: StructType, key: str,
