@@ -291,6 +291,27 @@ def test_calibration_is_monotone_and_its_threshold_holds_on_held_out_data():
     assert held_out["coverage"] == pytest.approx(picked["coverage"], abs=0.05)
 
 
+def test_the_cards_calibration_error_is_measured_on_folds_the_calibration_did_not_see():
+    rng = np.random.default_rng(11)
+    n = 4000
+    p = rng.uniform(0.0, 1.0, n)
+    raw = p ** 3
+    right = rng.uniform(0.0, 1.0, n) < p
+    folds = np.arange(n) % 5
+    crossed = training.cross_fitted_confidence(raw, right, folds)
+    in_sample = Calibration.fit(raw, right)(raw)
+    # isotonic regression fits its own data bin by bin: an error near 0 that says nothing
+    assert expected_calibration_error(in_sample, right) < 0.01
+    crossed_error = expected_calibration_error(crossed, right)
+    assert expected_calibration_error(in_sample, right) < crossed_error < 0.05
+    # a fold's confidence does not move when its own answers change
+    flipped = right.copy()
+    flipped[folds == 2] = ~flipped[folds == 2]
+    again = training.cross_fitted_confidence(raw, flipped, folds)
+    assert np.array_equal(again[folds == 2], crossed[folds == 2])
+    assert not np.array_equal(again[folds != 2], crossed[folds != 2])
+
+
 def test_a_trained_rankers_calibration_is_monotone(trained):
     ranker = Ranker.load(trained("logistic").path)
     spec = ranker.spec

@@ -16,7 +16,8 @@ of fold (:func:`out_of_fold_examples`):
 The model is then cross-fitted over the same folds: each fold is scored by a model trained on
 the others; those out-of-fold scores fit the calibration (isotonic regression of "the top code
 is right" on the top candidate's softmax share) and pick the review thresholds that reach the
-target precisions. The model written is trained on every fold.
+target precisions. The model written is trained on every fold. The card's ``oof_ece`` is
+cross-fitted too (each fold calibrated by the others, :func:`cross_fitted_confidence`).
 """
 
 from __future__ import annotations
@@ -332,6 +333,21 @@ def list_outcomes(examples: Examples, scores: np.ndarray, mentions: np.ndarray
     return np.asarray(raws), np.asarray(right, bool), np.asarray(ranks, np.int64)
 
 
+def cross_fitted_confidence(raws: np.ndarray, right: np.ndarray,
+                            folds: np.ndarray) -> np.ndarray:
+    """Each fold's confidence from a calibration fitted on the other folds' ``raws`` and
+    ``right``: an honest estimate of the calibration error, which the calibration fitted on
+    every fold (the one a ranker ships) cannot give on its own data, where isotonic
+    regression fits each bin exactly."""
+    confidence = np.zeros(len(raws), np.float64)
+    for fold in np.unique(folds).tolist():
+        held = folds == fold
+        if held.all():
+            return Calibration.fit(raws, right)(raws)
+        confidence[held] = Calibration.fit(raws[~held], right[~held])(raws[held])
+    return confidence
+
+
 def cross_fitted_scores(examples: Examples, names: Sequence[str],
                         settings: RankerConfig) -> np.ndarray:
     """Each fold's candidate scores from a model trained on the other folds."""
@@ -443,7 +459,10 @@ def _ranker_metrics(examples: Examples, raws: np.ndarray, confidence: np.ndarray
         "oof_acc@5": round(float(((ranks > 0) & (ranks <= 5)).mean()), 4),
         "retrieval_order_acc@1": round(float(base_right.mean()), 4),
         "retrieval_order_acc@5": round(float(((base_ranks > 0) & (base_ranks <= 5)).mean()), 4),
-        "oof_ece": round(expected_calibration_error(confidence, right), 4),
+        # the calibration error of a calibration fitted without the fold it is measured on
+        "oof_ece": round(expected_calibration_error(
+            cross_fitted_confidence(raws, right, examples.fold), right), 4),
+        "oof_ece_in_sample": round(expected_calibration_error(confidence, right), 4),
         "oof_ece_uncalibrated": round(expected_calibration_error(raws, right), 4),
     }
 
