@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import Callable
 
 import numpy as np
 
@@ -26,16 +27,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p)).reshape(-1, 1)
 
 
-def platt_cross_fitted(raws: np.ndarray, right: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Each fold's Platt-scaled confidence, the scaling fitted on the other folds."""
+def platt_fit(raws: np.ndarray, right: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Platt scaling fitted on (``raws``, ``right``): raw confidence -> probability."""
     from sklearn.linear_model import LogisticRegression
 
-    out = np.zeros(len(raws), np.float64)
-    for fold in np.unique(folds).tolist():
-        held = folds == fold
-        model = LogisticRegression(C=1e6).fit(_logit(raws[~held]), right[~held])
-        out[held] = model.predict_proba(_logit(raws[held]))[:, 1]
-    return out
+    model = LogisticRegression(C=1e6).fit(_logit(raws), right)
+    return lambda raw: model.predict_proba(_logit(raw))[:, 1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "ece_isotonic": round(expected_calibration_error(
             training.cross_fitted_confidence(raws, right, folds), right), 4),
         "ece_platt": round(expected_calibration_error(
-            platt_cross_fitted(raws, right, folds), right), 4),
+            training.cross_fitted_confidence(raws, right, folds, fit=platt_fit), right), 4),
     }
     print(json.dumps(result))
     return 0

@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -333,18 +333,18 @@ def list_outcomes(examples: Examples, scores: np.ndarray, mentions: np.ndarray
     return np.asarray(raws), np.asarray(right, bool), np.asarray(ranks, np.int64)
 
 
-def cross_fitted_confidence(raws: np.ndarray, right: np.ndarray,
-                            folds: np.ndarray) -> np.ndarray:
-    """Each fold's confidence from a calibration fitted on the other folds' ``raws`` and
-    ``right``: an honest estimate of the calibration error, which the calibration fitted on
-    every fold (the one a ranker ships) cannot give on its own data, where isotonic
-    regression fits each bin exactly."""
+def cross_fitted_confidence(
+    raws: np.ndarray, right: np.ndarray, folds: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]] = Calibration.fit,
+) -> np.ndarray:
+    """Each fold's confidence from a calibration ``fit`` on the other folds' ``raws`` and
+    ``right`` (isotonic, as a ranker ships, unless another map is given): an honest estimate
+    of the calibration error, which the calibration fitted on every fold cannot give on its
+    own data, where isotonic regression fits each bin exactly."""
     confidence = np.zeros(len(raws), np.float64)
     for fold in np.unique(folds).tolist():
         held = folds == fold
-        if held.all():
-            return Calibration.fit(raws, right)(raws)
-        confidence[held] = Calibration.fit(raws[~held], right[~held])(raws[held])
+        confidence[held] = fit(raws[~held], right[~held])(raws[held])
     return confidence
 
 
