@@ -261,7 +261,10 @@ class LinkingConfig:
     expand_leaves: int = 0
     exact_match_prior: bool = True  # codes whose term equals the mention come first
     max_text_length: int = 256  # characters; longer mentions get status invalid_input
-    min_score: float = -1.0  # best score below this: status no_candidate
+    # best score below this: status no_candidate (code null). The score is the ranker's
+    # (unbounded) with a ranker, so the default sets no floor: a ranker's uncertain links
+    # keep their code and go to review (review_below) instead
+    min_score: float | None = None
     # a link whose calibrated confidence (needs a ranker) is below this gets status
     # needs_review: it keeps its code and candidates; 0 = every link is trusted
     review_below: float = 0.0

@@ -791,7 +791,8 @@ class Linker:
         candidates. A link whose confidence is below ``linking.review_below`` is
         ``needs_review``: it keeps its code."""
         score = self.score_of(candidates)
-        if not candidates or score is None or score < self.linking.min_score:
+        floor = self.linking.min_score
+        if not candidates or score is None or (floor is not None and score < floor):
             why = "no candidate" if not candidates else (
                 f"best score below linking.min_score={self.linking.min_score}")
             return STATUS_NO_CANDIDATE, why, None, None, score, confidence

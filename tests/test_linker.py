@@ -111,6 +111,22 @@ def test_link_min_score_gives_no_candidate(toy_index):
     assert "min_score" in out.loc[1, "reason"]
 
 
+def test_default_has_no_score_floor_so_a_low_ranker_score_keeps_its_code(toy_index):
+    # a ranker's score is unbounded (LightGBM lambdarank gives -3 as readily as 3): without a
+    # configured min_score, the link keeps its code, and review_below decides its status
+    low = [Candidate(code="J18", term="neumonía", retrieval_score=0.4, ranker_score=-7.5)]
+    trusted = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3))
+    assert trusted.outcome(low, 0.2)[:3] == (STATUS_LINKED, None, "J18")
+    review = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3,
+                                                            review_below=0.5))
+    status, _, code, _, score, confidence = review.outcome(low, 0.2)
+    assert (status, code, score, confidence) == ("needs_review", "J18", -7.5, 0.2)
+    floored = Linker(FakeEncoder(), toy_index, LinkingConfig(search_k=8, top_k=3,
+                                                             min_score=-1.0))
+    assert floored.outcome(low, 0.2)[:3] == (STATUS_NO_CANDIDATE,
+                                             "best score below linking.min_score=-1.0", None)
+
+
 def test_link_missing_column_is_a_clear_error(toy_index):
     linker = Linker(FakeEncoder(), toy_index)
     with pytest.raises(InputDataError, match=r"missing column\(s\) \['text'\]"):
