@@ -23,7 +23,14 @@ one signal, for each weight of ``--weights``:
 Weight 0 is the linker as it is. The weights are scanned on the gold mentions themselves, so
 the best row is an upper bound of what each signal can give there, not a tuned result.
 Prints one JSON line per signal: per weight, acc@1 and the count of errors whose code shares
-the gold code's category (``--category-chars``). Nothing is written.
+the gold code's category (``--category-chars``).
+
+A last line (``"signal": "ambiguity"``) says how much the corpora can teach a model about
+context at all: for the training and the gold mentions, the (normalised) texts whose code
+varies inside one category, and the mentions that do not carry their text's most frequent
+code there (what no reading of the span alone gets right); and for the linker's
+same-category errors, how many are texts no training mention has, and how many pick a code
+that training mentions of the same text carry. Nothing is written.
 """
 
 from __future__ import annotations
@@ -88,6 +95,20 @@ class SentenceWords:
                       / (self.code_total.get(code, 0) + a))
             out += math.log(p_code / p_cat)
         return out
+
+
+def ambiguity(texts: Sequence[str], codes: Sequence[str], chars: int) -> dict[str, int]:
+    """Texts whose code varies inside one category (its first ``chars`` characters), their
+    mentions, and the mentions that do not carry their text's most frequent code of that
+    category."""
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for text, code in zip(texts, codes):
+        counts[text, code[:chars]][code] += 1
+    varying = [c for c in counts.values() if len(c) > 1]
+    return {"mentions": len(texts), "texts": len({t for t, _ in counts}),
+            "varying_texts": len(varying),
+            "varying_mentions": sum(sum(c.values()) for c in varying),
+            "minority_mentions": sum(sum(c.values()) - max(c.values()) for c in varying)}
 
 
 def scan(gold_keys: list[str], lists: list[list[tuple[str, float]]],
@@ -183,6 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"signal": "document", **common, "rows": scan(
         keys, lists, lambda i, c: float(bool(firsts[docs[i]].get(c, set()) - {texts[i]})),
         weights, args.top, args.category_chars)}), flush=True)
+
+    chars = args.category_chars
+    train_texts = train["text"].fillna("").map(normalize_text).tolist()
+    train_codes = train["code"].map(normalize_code).tolist()
+    seen: dict[str, set[str]] = defaultdict(set)
+    for text, code in zip(train_texts, train_codes):
+        seen[text].add(code)
+    errors = [(text, cands[0][0]) for text, key, cands in zip(texts, keys, lists)
+              if cands and cands[0][0] != key and cands[0][0][:chars] == key[:chars]]
+    print(json.dumps({"signal": "ambiguity", **common, "category_chars": chars,
+                      "train": ambiguity(train_texts, train_codes, chars),
+                      "gold": ambiguity(texts, keys, chars),
+                      "same_category_errors": {
+                          "errors": len(errors),
+                          "text_unseen_in_training": sum(t not in seen for t, _ in errors),
+                          "code_given_to_text_in_training": sum(c in seen.get(t, ())
+                                                                for t, c in errors)}}),
+          flush=True)
     return 0
 
 
