@@ -260,6 +260,25 @@ def _fixed_mined() -> list:
             for i, t in enumerate(CORPUS)]
 
 
+def test_same_category_first_puts_the_gold_codes_siblings_first_in_mined_order() -> None:
+    from clinlinker_spark.training.negatives import MinedNegative, MinedQuery, \
+        same_category_first
+
+    negatives = tuple(MinedNegative(code, code, score) for code, score in (
+        ("f1720", 0.9), ("z720", 0.85), ("f1710", 0.8), ("f1010", 0.7), ("f17200", 0.6)))
+    mined = [MinedQuery("fumadora", "f17210", "tabaquismo", 0.9, negatives)]
+    [reordered] = same_category_first(mined, 3)
+    assert [n.code for n in reordered.negatives] == ["f1720", "f1710", "f17200", "z720",
+                                                      "f1010"]
+    # the query, its positive and the set of negatives are unchanged
+    assert (reordered.query, reordered.positive_term) == ("fumadora", "tabaquismo")
+    assert sorted(reordered.negatives, key=lambda n: -n.score) == list(negatives)
+    # 4 characters: only the f172 subcategory's codes are siblings; 0 leaves the order
+    [four] = same_category_first(mined, 4)
+    assert [n.code for n in four.negatives] == ["f1720", "f17200", "z720", "f1710", "f1010"]
+    assert same_category_first(mined, 0)[0].negatives == negatives
+
+
 @pytest.mark.parametrize("loss", ["bce", "listwise"])
 def test_crossencoder_learns_the_positive_with_either_loss(tiny_encoder_dir, tiny_index,
                                                           tmp_path, loss) -> None:

@@ -175,12 +175,17 @@ class NegativesConfig:
     pool: int = 32  # negatives are sampled from the first `pool` mined codes
     per_query: int = 7  # negatives per query in each epoch
     batch_size: int = 128  # queries embedded per batch while mining
+    # > 0: the mined codes that share this many leading characters with the gold code (its
+    # ICD-10 category for 3) come first, each group best first, so that the pool is mostly
+    # the gold code's siblings; 0: best first alone
+    same_category_first: int = 0
 
     def __post_init__(self) -> None:
         for name in ("top_n", "pool", "per_query", "batch_size"):
             _check_positive(f"negatives.{name}", getattr(self, name))
-        if self.search_k < 0:
-            raise ConfigError("negatives.search_k must be >= 0")
+        if self.search_k < 0 or self.same_category_first < 0:
+            raise ConfigError("negatives.search_k and negatives.same_category_first must be "
+                              ">= 0")
 
 
 @dataclass(frozen=True)

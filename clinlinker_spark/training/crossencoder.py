@@ -62,7 +62,8 @@ from clinlinker_spark.training.common import (
 )
 from clinlinker_spark.training.config import CrossEncoderTrainConfig
 from clinlinker_spark.training.losses import bce_loss, listwise_loss
-from clinlinker_spark.training.negatives import MinedQuery, mine_hard_negatives, mining_stats
+from clinlinker_spark.training.negatives import MinedQuery, mine_hard_negatives, mining_stats, \
+    same_category_first
 from clinlinker_spark.training.pairs import clean_mention_rows, load_training_data
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def mine_for_config(cfg: CrossEncoderTrainConfig) -> tuple[list[MinedQuery], dic
     mined = mine_hard_negatives(
         encoder, index, rows["term_norm"].tolist(), rows["code_key"].tolist(), neg.top_n,
         neg.min_similarity, neg.search_k, neg.exclude_query_text, neg.batch_size)
+    mined = same_category_first(mined, neg.same_category_first)
     documents = _documents(data.mentions)
     if cfg.context:
         mined, documents = contextual_queries(data.mentions, mined, cfg.context_chars)

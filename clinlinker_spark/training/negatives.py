@@ -21,6 +21,7 @@ that samples a positive each epoch (dictionary descriptions as well as other men
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -143,6 +144,20 @@ def mine_hard_negatives(
     return out
 
 
+def same_category_first(mined: Sequence[MinedQuery], chars: int) -> list[MinedQuery]:
+    """Each query's negatives with the codes that share ``chars`` leading characters with its
+    gold code first, each group in its mined order (best first); ``chars`` 0: unchanged."""
+    if chars <= 0:
+        return list(mined)
+    out = []
+    for m in mined:
+        category = m.gold_code[:chars]
+        siblings = [n for n in m.negatives if n.code[:chars] == category]
+        others = [n for n in m.negatives if n.code[:chars] != category]
+        out.append(dataclasses.replace(m, negatives=tuple(siblings + others)))
+    return out
+
+
 def mining_stats(mined: Sequence[MinedQuery]) -> dict[str, float]:
     """Counts of a mining result (JSON-serialisable; no text)."""
     counts = np.array([len(m.negatives) for m in mined]) if mined else np.zeros(0)
@@ -159,4 +174,5 @@ def mining_stats(mined: Sequence[MinedQuery]) -> dict[str, float]:
     }
 
 
-__all__ = ["MinedNegative", "MinedQuery", "mine_hard_negatives", "mining_stats"]
+__all__ = ["MinedNegative", "MinedQuery", "mine_hard_negatives", "mining_stats",
+           "same_category_first"]
