@@ -109,15 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-count", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from clinlinker_spark.commands.evaluate import load_gold
+    from clinlinker_spark.commands.evaluate import read_gold_corpus
     from clinlinker_spark.config import load_config
     from clinlinker_spark.linker import Linker
     from clinlinker_spark.text import normalize_code
 
-    gold = load_gold(argparse.Namespace(
-        gold=args.gold, gold_format=args.gold_format, gold_text="", labels=args.labels,
-        gold_split=args.gold_split, test_fraction=args.test_fraction,
-        split_seed=args.split_seed))
+    gold = read_gold_corpus(args.gold, args.gold_format, "", args.labels, args.gold_split,
+                            args.test_fraction, args.split_seed)
     exclude = set(gold["doc_id"].astype(str))
     if args.exclude_docs:
         exclude |= {p.stem for p in Path(args.exclude_docs).glob("*.txt")}

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="0,0.05,0.1,0.2,0.5,1,2,4,8")
     args = parser.parse_args(argv)
 
-    from clinlinker_spark.commands.evaluate import load_gold
+    from clinlinker_spark.commands.evaluate import read_gold_corpus
     from clinlinker_spark.config import load_config
     from clinlinker_spark.linker import Linker
     from clinlinker_spark.text import normalize_code, normalize_text
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     def read(path: str, text_dir: str):
         """The mentions of ``path`` with their sentences, read as ``clinlinker evaluate``
         reads its gold corpus."""
-        return load_gold(argparse.Namespace(gold=path, gold_format=args.gold_format,
-                                            gold_text=text_dir, labels=args.labels,
-                                            gold_split="all"))
+        return read_gold_corpus(path, args.gold_format, text_dir, args.labels)
 
     config = load_config(args.config, args.set)
     linker = Linker.from_config(config)

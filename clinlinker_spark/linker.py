@@ -794,7 +794,7 @@ class Linker:
         floor = self.linking.min_score
         if not candidates or score is None or (floor is not None and score < floor):
             why = "no candidate" if not candidates else (
-                f"best score below linking.min_score={self.linking.min_score}")
+                f"best score below linking.min_score={floor}")
             return STATUS_NO_CANDIDATE, why, None, None, score, confidence
         best = candidates[0]
         if confidence is not None and confidence < self.linking.review_below:

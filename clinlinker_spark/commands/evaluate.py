@@ -132,16 +132,27 @@ def resolve_model_args(args: argparse.Namespace, mlflow) -> dict[str, dict[str, 
     return registered
 
 
-def load_gold(args: argparse.Namespace):
+def read_gold_corpus(path: str, gold_format: str, text_dir: str = "", labels: str = "",
+                     split: str = "all", test_fraction: float = 0.2, split_seed: int = 13):
+    """The gold mentions ``clinlinker evaluate`` scores: ``path`` read in ``gold_format``
+    (with each mention's sentence when ``text_dir`` holds the documents), only the
+    comma-separated ``labels`` when given, and one side of the document split (``split``
+    ``train`` or ``test``) unless ``all``."""
     from clinlinker_spark.corpora import read_gold, split_by_document
 
-    gold = read_gold(args.gold, args.gold_format, text_dir=args.gold_text or None)
-    if args.labels:
-        gold = gold[gold["label"].isin([s.strip() for s in args.labels.split(",")])]
-    if args.gold_split != "all":
-        train, test = split_by_document(gold, args.test_fraction, args.split_seed)
-        gold = train if args.gold_split == "train" else test
+    gold = read_gold(path, gold_format, text_dir=text_dir or None)
+    if labels:
+        gold = gold[gold["label"].isin([s.strip() for s in labels.split(",")])]
+    if split != "all":
+        train, test = split_by_document(gold, test_fraction, split_seed)
+        gold = train if split == "train" else test
     return gold.reset_index(drop=True)
+
+
+def load_gold(args: argparse.Namespace):
+    """:func:`read_gold_corpus` of the command's arguments."""
+    return read_gold_corpus(args.gold, args.gold_format, args.gold_text, args.labels,
+                            args.gold_split, args.test_fraction, args.split_seed)
 
 
 def run(args: argparse.Namespace) -> int:
